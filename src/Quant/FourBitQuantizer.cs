@@ -1,0 +1,74 @@
+using System.Runtime.InteropServices;
+
+namespace QLora.Quant;
+
+/// <summary>
+/// Blockwise 4-bit quantization (bitsandbytes <c>quantize_4bit</c>): per block absmax, one float32 reciprocal, a
+/// multiply per element, the nearest code, two codes per byte with the even element in the high nibble.
+/// </summary>
+public static class FourBitQuantizer
+{
+    /// <summary>
+    /// Quantizes raw elements of <paramref name="dtype"/> (little-endian bytes) with the given shape.
+    /// An all-zero block gets code 0.0 everywhere (bitsandbytes' CUDA kernel writes code 0 there via 0·∞ = NaN; its
+    /// CPU backend and this project write the zero code, so such a block decodes to exact zeros).
+    /// </summary>
+    public static QuantizedTensor Quantize(ReadOnlySpan<byte> data, FloatType dtype, long[] shape,
+        QuantType quantType = QuantType.Nf4, int blocksize = 64, bool doubleQuant = true)
+    {
+        QuantTypes.ValidateBlocksize(blocksize);
+        long n = 1;
+        foreach (var d in shape) n = checked(n * d);
+        if (data.Length != n * dtype.Size())
+            throw new ArgumentException($"data has {data.Length} bytes, expected {n * dtype.Size()} for shape [{string.Join(", ", shape)}] of {dtype.Name()}");
+
+        long nBlocks = (n + blocksize - 1) / blocksize;
+        var packed = new byte[(n + 1) / 2];
+        var absmax = new float[nBlocks];
+        var buffer = new float[blocksize];
+        int elementSize = dtype.Size();
+        for (long b = 0; b < nBlocks; b++)
+        {
+            long start = b * blocksize;
+            int len = (int)Math.Min(blocksize, n - start);
+            var block = buffer.AsSpan(0, len);
+            FloatTypes.ToFloat32(data.Slice((int)(start * elementSize), len * elementSize), dtype, block);
+            absmax[b] = QuantizeBlock(block, quantType, packed, start);
+        }
+        if ((n & 1) == 1) packed[^1] = (byte)((packed[^1] & 0xF0) | quantType.ZeroCode());
+
+        var state = new QuantState
+        {
+            QuantType = quantType, Blocksize = blocksize, DType = dtype, Shape = (long[])shape.Clone(),
+            Absmax = doubleQuant ? null : absmax,
+            Nested = doubleQuant ? DoubleQuantizer.Quantize(absmax) : null,
+        };
+        return new QuantizedTensor(packed, state);
+    }
+
+    /// <summary>Quantizes float32 values with the given shape.</summary>
+    public static QuantizedTensor Quantize(ReadOnlySpan<float> values, long[] shape,
+        QuantType quantType = QuantType.Nf4, int blocksize = 64, bool doubleQuant = true) =>
+        Quantize(MemoryMarshal.AsBytes(values), FloatType.Float32, shape, quantType, blocksize, doubleQuant);
+
+    /// <summary>Quantizes one block whose first element is element <paramref name="start"/> (even); returns its absmax.</summary>
+    private static float QuantizeBlock(ReadOnlySpan<float> block, QuantType type, byte[] packed, long start)
+    {
+        float m = 0f;
+        foreach (var x in block)
+        {
+            float a = MathF.Abs(x);
+            if (a > m) m = a; // NaN is ignored, like fmaxf
+        }
+        byte zero = type.ZeroCode();
+        float inv = 1.0f / m;
+        long byteIndex = start >> 1;
+        for (int i = 0; i < block.Length; i += 2)
+        {
+            byte hi = m == 0f ? zero : type.Encode(block[i] * inv);
+            byte lo = i + 1 < block.Length ? (m == 0f ? zero : type.Encode(block[i + 1] * inv)) : zero;
+            packed[byteIndex + (i >> 1)] = (byte)(hi << 4 | lo);
+        }
+        return m;
+    }
+}
