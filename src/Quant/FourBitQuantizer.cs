@@ -25,15 +25,30 @@ public static class FourBitQuantizer
         long nBlocks = (n + blocksize - 1) / blocksize;
         var packed = new byte[(n + 1) / 2];
         var absmax = new float[nBlocks];
-        var buffer = new float[blocksize];
         int elementSize = dtype.Size();
-        for (long b = 0; b < nBlocks; b++)
+        long blocksPerChunk = Math.Max(1, (1 << 16) / blocksize);
+        long chunks = (nBlocks + blocksPerChunk - 1) / blocksPerChunk;
+        unsafe
         {
-            long start = b * blocksize;
-            int len = (int)Math.Min(blocksize, n - start);
-            var block = buffer.AsSpan(0, len);
-            FloatTypes.ToFloat32(data.Slice((int)(start * elementSize), len * elementSize), dtype, block);
-            absmax[b] = QuantizeBlock(block, quantType, packed, start);
+            fixed (byte* dataPtr = data)
+            {
+                byte* p = dataPtr; // captured by the workers; the span stays pinned for the loop
+                void Chunk(long c)
+                {
+                    var buffer = new float[blocksize];
+                    long end = Math.Min(nBlocks, (c + 1) * blocksPerChunk);
+                    for (long b = c * blocksPerChunk; b < end; b++)
+                    {
+                        long start = b * blocksize;
+                        int len = (int)Math.Min(blocksize, n - start);
+                        var block = buffer.AsSpan(0, len);
+                        FloatTypes.ToFloat32(new ReadOnlySpan<byte>(p + start * elementSize, len * elementSize), dtype, block);
+                        absmax[b] = QuantizeBlock(block, quantType, packed, start);
+                    }
+                }
+                if (chunks == 1) Chunk(0);
+                else Parallel.For(0L, chunks, Chunk);
+            }
         }
         if ((n & 1) == 1) packed[^1] = (byte)((packed[^1] & 0xF0) | quantType.ZeroCode());
 
