@@ -1,12 +1,38 @@
+using System.CommandLine;
+
 namespace QLora.Cli;
 
-/// <summary>Entry point of the <c>qlora</c> command.</summary>
+/// <summary>Entry point of the <c>qlora</c> command: one verb per job, errors as one line on stderr.</summary>
 public static class Program
 {
-    /// <summary>Runs one verb and returns the process exit code.</summary>
-    public static int Main(string[] args)
+    /// <summary>Runs one verb and returns the process exit code (0 success, 1 failure, 2 usage error).</summary>
+    public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
+
+    /// <summary>Runs with explicit output streams (used by tests).</summary>
+    public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
-        Console.Error.WriteLine("qlora: no verbs yet");
-        return args.Length == 0 ? 1 : 2;
+        var root = new RootCommand("QLora.NET: QLoRA fine-tuning of Llama-family models with NF4 base weights, in .NET.")
+        {
+            //QuantizeVerb.Create(stdout),
+            //DequantizeVerb.Create(stdout),
+            //InspectVerb.Create(stdout),
+            BenchVerb.Create(stdout),
+        };
+        var parse = root.Parse(args);
+        if (parse.Errors.Count > 0)
+        {
+            var verb = parse.CommandResult.Command == root ? "qlora" : $"qlora {parse.CommandResult.Command.Name}";
+            stderr.WriteLine($"{verb}: {parse.Errors[0].Message} (see '{verb} --help')");
+            return 2;
+        }
+        try
+        {
+            return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false });
+        }
+        catch (Exception e) when (CliErrors.IsUserFacing(e))
+        {
+            stderr.WriteLine($"qlora {parse.CommandResult.Command.Name}: {CliErrors.Describe(e)}");
+            return 1;
+        }
     }
 }

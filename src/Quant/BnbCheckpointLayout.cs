@@ -26,29 +26,58 @@ public static class BnbCheckpointLayout
         name.EndsWith(".nested_absmax", StringComparison.Ordinal) || name.EndsWith(".nested_quant_map", StringComparison.Ordinal) ||
         name.Contains(".quant_state.bitsandbytes__", StringComparison.Ordinal);
 
+    /// <summary>The name, dtype and shape of one stored tensor.</summary>
+    public sealed record Slot(string Name, TensorDType DType, long[] Shape)
+    {
+        /// <summary>Bytes the tensor occupies.</summary>
+        public long ByteLength => Shape.Aggregate((long)DType.Size(), (a, d) => a * d);
+    }
+
+    /// <summary>
+    /// The tensors bitsandbytes writes for a weight with this state, in its order, without their data: lets a streaming
+    /// writer lay out a file before quantizing (the JSON's length depends only on the state's scalars).
+    /// </summary>
+    public static IReadOnlyList<Slot> Describe(string weightKey, QuantState state, out byte[] quantStateJson)
+    {
+        quantStateJson = Encoding.UTF8.GetBytes(BnbQuantStateJson.Serialize(state));
+        long n = state.Count, blocks = state.BlockCount;
+        var slots = new List<Slot> { new(weightKey, TensorDType.U8, [(n + 1) / 2, 1]) };
+        if (state.Nested is { } nested)
+        {
+            slots.Add(new($"{weightKey}.absmax", TensorDType.U8, [blocks]));
+            slots.Add(new($"{weightKey}.quant_map", TensorDType.F32, [16]));
+            slots.Add(new($"{weightKey}.nested_absmax", TensorDType.F32, [(blocks + nested.Blocksize - 1) / nested.Blocksize]));
+            slots.Add(new($"{weightKey}.nested_quant_map", TensorDType.F32, [256]));
+        }
+        else
+        {
+            slots.Add(new($"{weightKey}.absmax", TensorDType.F32, [blocks]));
+            slots.Add(new($"{weightKey}.quant_map", TensorDType.F32, [16]));
+        }
+        slots.Add(new(QuantStateKey(weightKey, state.QuantType), TensorDType.U8, [quantStateJson.LongLength]));
+        return slots;
+    }
+
     /// <summary>The tensors bitsandbytes writes for <paramref name="weightKey"/>, in its order.</summary>
     public static IReadOnlyList<Entry> ToEntries(string weightKey, QuantizedTensor tensor)
     {
         var s = tensor.State;
-        var entries = new List<Entry>
-        {
-            new(weightKey, TensorDType.U8, [tensor.Packed.LongLength, 1], tensor.Packed),
-        };
+        var slots = Describe(weightKey, s, out var json);
+        var data = new List<byte[]> { tensor.Packed };
         if (s.Nested is { } nested)
         {
-            entries.Add(new($"{weightKey}.absmax", TensorDType.U8, [nested.Codes.LongLength], nested.Codes));
-            entries.Add(new($"{weightKey}.quant_map", TensorDType.F32, [16], FloatBytes(s.QuantType.Table())));
-            entries.Add(new($"{weightKey}.nested_absmax", TensorDType.F32, [nested.Absmax.LongLength], FloatBytes(nested.Absmax)));
-            entries.Add(new($"{weightKey}.nested_quant_map", TensorDType.F32, [nested.Map.Length], FloatBytes(nested.Map)));
+            data.Add(nested.Codes);
+            data.Add(FloatBytes(s.QuantType.Table()));
+            data.Add(FloatBytes(nested.Absmax));
+            data.Add(FloatBytes(nested.Map));
         }
         else
         {
-            entries.Add(new($"{weightKey}.absmax", TensorDType.F32, [s.Absmax!.LongLength], FloatBytes(s.Absmax)));
-            entries.Add(new($"{weightKey}.quant_map", TensorDType.F32, [16], FloatBytes(s.QuantType.Table())));
+            data.Add(FloatBytes(s.Absmax!));
+            data.Add(FloatBytes(s.QuantType.Table()));
         }
-        var json = Encoding.UTF8.GetBytes(BnbQuantStateJson.Serialize(s));
-        entries.Add(new(QuantStateKey(weightKey, s.QuantType), TensorDType.U8, [json.LongLength], json));
-        return entries;
+        data.Add(json);
+        return slots.Select((slot, i) => new Entry(slot.Name, slot.DType, slot.Shape, data[i])).ToList();
     }
 
     /// <summary>
@@ -57,17 +86,7 @@ public static class BnbCheckpointLayout
     /// </summary>
     public static QuantizedTensor Read(ITensorSource source, string weightKey)
     {
-        string? stateKey = null;
-        foreach (var t in new[] { QuantType.Nf4, QuantType.Fp4 })
-            if (source.Contains(QuantStateKey(weightKey, t))) stateKey = QuantStateKey(weightKey, t);
-        if (stateKey is null) throw new FormatException($"{weightKey}: no quant_state.bitsandbytes__nf4/fp4 tensor, so it is not a bnb 4-bit weight");
-
-        BnbQuantStateJson.Fields f;
-        try { f = BnbQuantStateJson.Parse(source.ReadBytes(stateKey)); }
-        catch (FormatException e) { throw new FormatException($"{stateKey}: {e.Message}", e); }
-        if (!stateKey.EndsWith(f.QuantType.Name(), StringComparison.Ordinal))
-            throw new FormatException($"{stateKey}: its JSON says quant_type {f.QuantType.Name()}");
-
+        var f = ReadFields(source, weightKey, out var stateKey);
         long n = 1;
         foreach (var d in f.Shape) n = checked(n * d);
         long packedBytes = (n + 1) / 2;
@@ -114,6 +133,21 @@ public static class BnbCheckpointLayout
         {
             throw new FormatException($"{weightKey}: {e.Message}", e);
         }
+    }
+
+    /// <summary>The parsed quant-state JSON of <paramref name="weightKey"/>; throws <see cref="FormatException"/> naming the key.</summary>
+    public static BnbQuantStateJson.Fields ReadFields(ITensorSource source, string weightKey, out string stateKey)
+    {
+        string? key = null;
+        foreach (var t in new[] { QuantType.Nf4, QuantType.Fp4 })
+            if (source.Contains(QuantStateKey(weightKey, t))) key = QuantStateKey(weightKey, t);
+        stateKey = key ?? throw new FormatException($"{weightKey}: no quant_state.bitsandbytes__nf4/fp4 tensor, so it is not a bnb 4-bit weight");
+        BnbQuantStateJson.Fields f;
+        try { f = BnbQuantStateJson.Parse(source.ReadBytes(key)); }
+        catch (FormatException e) { throw new FormatException($"{key}: {e.Message}", e); }
+        if (!key.EndsWith(f.QuantType.Name(), StringComparison.Ordinal))
+            throw new FormatException($"{key}: its JSON says quant_type {f.QuantType.Name()}");
+        return f;
     }
 
     private static float[] ReadFloats(ITensorSource source, string key)

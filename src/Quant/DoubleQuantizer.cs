@@ -9,12 +9,18 @@ public static class DoubleQuantizer
     /// <summary>The nested blocksize every bitsandbytes checkpoint uses.</summary>
     public const int NestedBlocksize = 256;
 
-    /// <summary>Quantizes <paramref name="absmax"/> into a <see cref="NestedAbsmax"/> using the canonical signed map.</summary>
-    public static NestedAbsmax Quantize(ReadOnlySpan<float> absmax)
+    /// <summary>The offset double quantization subtracts: the mean of the absmax, summed in double, rounded to float32.</summary>
+    public static float Offset(ReadOnlySpan<float> absmax)
     {
         double sum = 0;
         foreach (var a in absmax) sum += a;
-        float offset = absmax.Length == 0 ? 0f : (float)(sum / absmax.Length);
+        return absmax.Length == 0 ? 0f : (float)(sum / absmax.Length);
+    }
+
+    /// <summary>Quantizes <paramref name="absmax"/> into a <see cref="NestedAbsmax"/> using the canonical signed map.</summary>
+    public static NestedAbsmax Quantize(ReadOnlySpan<float> absmax)
+    {
+        float offset = Offset(absmax);
 
         var map = DynamicMap.Signed;
         int nBlocks = (absmax.Length + NestedBlocksize - 1) / NestedBlocksize;

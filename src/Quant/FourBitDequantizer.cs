@@ -109,18 +109,28 @@ public static unsafe class FourBitDequantizer
         float* absmax = stackalloc float[blocks];
         if (s.IsDoubleQuantized)
         {
-            byte* codes = (byte*)s.AbsmaxCodes;
+            byte* codes = (byte*)s.AbsmaxCodes + firstBlock;
             float* absmax2 = (float*)s.NestedAbsmax, map = (float*)s.NestedMap;
+            long nested = firstBlock / s.NestedBlocksize;
+            int left = (int)(s.NestedBlocksize - firstBlock % s.NestedBlocksize); // blocks left in this nested block
+            float scale = absmax2[nested], offset = s.Offset;
             for (int i = 0; i < blocks; i++)
             {
-                long b = firstBlock + i;
-                float a = map[codes[b]] * absmax2[b / s.NestedBlocksize]; // two float32 roundings; .NET never fuses these
-                absmax[i] = a + s.Offset;
+                if (left == 0) { scale = absmax2[++nested]; left = s.NestedBlocksize; }
+                left--;
+                float a = map[codes[i]] * scale; // two float32 roundings; .NET never fuses these
+                absmax[i] = a + offset;
             }
         }
         else
         {
             new ReadOnlySpan<float>((float*)s.Absmax + firstBlock, blocks).CopyTo(new Span<float>(absmax, blocks));
+        }
+
+        if (path == Path.Avx512 && outputType == FloatType.BFloat16)
+        {
+            ChunkBf16Avx512(s, absmax, firstBlock, blocks, (ushort*)destination);
+            return;
         }
 
         ReadOnlySpan<float> table = s.QuantType.Table();
@@ -139,6 +149,63 @@ public static unsafe class FourBitDequantizer
                 default: Block16(table, absmax[i], p, (ushort*)d, len, path, bf16: false); break;
             }
         }
+    }
+
+    /// <summary>
+    /// The hot path (bf16 on AVX-512): per block, the 16 products are rounded to bf16 in one register and each 16 bytes of
+    /// codes become 32 outputs through one word permute. Large aligned outputs use non-temporal stores, as memcpy does.
+    /// </summary>
+    private static void ChunkBf16Avx512(in FourBitPointers s, float* absmax, long firstBlock, int blocks, ushort* destination)
+    {
+        var tableF = Vector512.Create(s.QuantType.Table());
+        var one = Vector512<uint>.One;
+        var bias = Vector512.Create(0x7FFFu);
+        var nanBits = Vector512.Create((uint)BFloat16.NaN);
+        var low = Vector512.Create(0xFu);
+        byte* packed = (byte*)s.Packed;
+        ushort* t = stackalloc ushort[32];
+        bool streaming = s.Count * 2 >= (1 << 22) && ((nint)destination & 63) == 0; // blocksize >= 32 keeps every 64-byte store aligned
+        for (int i = 0; i < blocks; i++)
+        {
+            long start = (firstBlock + i) * s.Blocksize;
+            int len = (int)Math.Min(s.Blocksize, s.Count - start);
+            var v = tableF * Vector512.Create(absmax[i]);
+            var bits = v.AsUInt32();
+            var rounded = (bits + bias + ((bits >> 16) & one)) >> 16;
+            rounded = Vector512.ConditionalSelect(Vector512.Equals(v, v).AsUInt32(), rounded, nanBits);
+            var tv = Avx512F.ConvertToVector256UInt16(rounded).ToVector512Unsafe(); // lanes 16..31 are never indexed
+            byte* p = packed + (start >> 1);
+            ushort* d = destination + start;
+            int e = 0;
+            if (streaming)
+            {
+                for (; e + 32 <= len; e += 32)
+                {
+                    var x = Avx512F.ConvertToVector512UInt32(Vector128.Load(p + (e >> 1)));
+                    var idx = ((x >> 4) | ((x & low) << 16)).AsUInt16();
+                    Avx512F.StoreAlignedNonTemporal(d + e, Avx512BW.PermuteVar32x16(tv, idx));
+                }
+            }
+            else
+            {
+                for (; e + 32 <= len; e += 32)
+                {
+                    var x = Avx512F.ConvertToVector512UInt32(Vector128.Load(p + (e >> 1)));
+                    var idx = ((x >> 4) | ((x & low) << 16)).AsUInt16();
+                    Avx512BW.PermuteVar32x16(tv, idx).Store(d + e);
+                }
+            }
+            if (e < len)
+            {
+                tv.Store(t);
+                for (; e < len; e++)
+                {
+                    byte b = p[e >> 1];
+                    d[e] = t[(e & 1) == 0 ? b >> 4 : b & 0xF];
+                }
+            }
+        }
+        if (streaming) Sse.StoreFence();
     }
 
     /// <summary>bf16 or fp16 output: a 16-entry table of 16-bit results per block, then lookups.</summary>

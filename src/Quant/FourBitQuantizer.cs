@@ -66,8 +66,29 @@ public static class FourBitQuantizer
         QuantType quantType = QuantType.Nf4, int blocksize = 64, bool doubleQuant = true) =>
         Quantize(MemoryMarshal.AsBytes(values), FloatType.Float32, shape, quantType, blocksize, doubleQuant);
 
-    /// <summary>Quantizes one block whose first element is element <paramref name="start"/> (even); returns its absmax.</summary>
-    private static float QuantizeBlock(ReadOnlySpan<float> block, QuantType type, byte[] packed, long start)
+    /// <summary>
+    /// The float32 absmax of every block (max |x|, NaN ignored) exactly as <see cref="Quantize(ReadOnlySpan{byte}, FloatType, long[], QuantType, int, bool)"/>
+    /// computes it — cheap, so a writer can know the double-quantization offset (and so the quant-state JSON) before quantizing.
+    /// </summary>
+    public static float[] ComputeAbsmax(ReadOnlySpan<byte> data, FloatType dtype, int blocksize)
+    {
+        QuantTypes.ValidateBlocksize(blocksize);
+        int elementSize = dtype.Size();
+        long n = data.Length / elementSize;
+        var absmax = new float[(n + blocksize - 1) / blocksize];
+        var buffer = new float[blocksize];
+        for (long b = 0; b < absmax.LongLength; b++)
+        {
+            long start = b * blocksize;
+            int len = (int)Math.Min(blocksize, n - start);
+            var block = buffer.AsSpan(0, len);
+            FloatTypes.ToFloat32(data.Slice((int)(start * elementSize), len * elementSize), dtype, block);
+            absmax[b] = BlockAbsmax(block);
+        }
+        return absmax;
+    }
+
+    private static float BlockAbsmax(ReadOnlySpan<float> block)
     {
         float m = 0f;
         foreach (var x in block)
@@ -75,6 +96,13 @@ public static class FourBitQuantizer
             float a = MathF.Abs(x);
             if (a > m) m = a; // NaN is ignored, like fmaxf
         }
+        return m;
+    }
+
+    /// <summary>Quantizes one block whose first element is element <paramref name="start"/> (even); returns its absmax.</summary>
+    private static float QuantizeBlock(ReadOnlySpan<float> block, QuantType type, byte[] packed, long start)
+    {
+        float m = BlockAbsmax(block);
         byte zero = type.ZeroCode();
         float inv = 1.0f / m;
         long byteIndex = start >> 1;

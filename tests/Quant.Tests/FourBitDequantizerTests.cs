@@ -57,6 +57,33 @@ public class FourBitDequantizerTests
     }
 
     [Fact]
+    public unsafe void LargeAlignedOutputsTakeTheStreamingStoresAndStayIdentical()
+    {
+        const int n = (1 << 22) + 33; // past the non-temporal threshold, with a partial last block
+        var q = FourBitQuantizer.Quantize(Awkward(n, 77), [n], QuantType.Nf4, 64, doubleQuant: true);
+        var expected = new byte[n * 2];
+        FourBitReferenceDequantizer.Dequantize(q, FloatType.BFloat16, expected);
+        byte* aligned = (byte*)NativeMemory.AlignedAlloc((nuint)(n * 2), 64);
+        try
+        {
+            fixed (byte* packed = q.Packed)
+            fixed (byte* codes = q.State.Nested!.Codes)
+            fixed (float* absmax2 = q.State.Nested.Absmax)
+            fixed (float* map = q.State.Nested.Map)
+            {
+                FourBitDequantizer.Dequantize(new FourBitPointers
+                {
+                    Packed = (nint)packed, Count = n, Blocksize = 64, QuantType = QuantType.Nf4,
+                    AbsmaxCodes = (nint)codes, NestedAbsmax = (nint)absmax2, NestedMap = (nint)map,
+                    Offset = q.State.Nested.Offset, NestedBlocksize = 256,
+                }, FloatType.BFloat16, (nint)aligned);
+            }
+            Assert.True(new ReadOnlySpan<byte>(aligned, n * 2).SequenceEqual(expected));
+        }
+        finally { NativeMemory.AlignedFree(aligned); }
+    }
+
+    [Fact]
     public void WritesNothingPastTheEndOfTheDestination()
     {
         var q = FourBitQuantizer.Quantize(TestData.Randn(33, 1), [33], QuantType.Nf4, 32);
