@@ -60,27 +60,10 @@ public sealed class SafetensorsWriter : IDisposable
         ArgumentNullException.ThrowIfNull(name);
         ArgumentNullException.ThrowIfNull(shape);
         if (_dataStart >= 0) throw new InvalidOperationException($"{_path}: cannot declare '{name}' after the first Write fixed the layout");
-        if (name == SafetensorsHeader.MetadataKey) throw new ArgumentException($"'{name}' is reserved for metadata", nameof(name));
-        CheckEncodable(name, nameof(name));
         if (_entries.ContainsKey(name)) throw new ArgumentException($"tensor '{name}' is already declared", nameof(name));
-        if (!Enum.IsDefined(dtype)) throw new ArgumentOutOfRangeException(nameof(dtype), dtype, "unknown dtype");
-        if (shape.Length > SafetensorsHeader.MaxRank) throw new ArgumentException($"tensor '{name}' has more than {SafetensorsHeader.MaxRank} dimensions", nameof(shape));
-        long bytes;
-        try
-        {
-            long count = 1;
-            foreach (long d in shape)
-            {
-                if (d < 0) throw new ArgumentException($"tensor '{name}' has a negative dimension", nameof(shape));
-                count = checked(count * d);
-            }
-            bytes = checked(count * dtype.Size());
-            DataBytes = checked(DataBytes + bytes);
-        }
-        catch (OverflowException)
-        {
-            throw new ArgumentException($"tensor '{name}' shape [{string.Join(", ", shape)}] is too large", nameof(shape));
-        }
+        long bytes = CheckDeclaration(name, dtype, shape);
+        try { DataBytes = checked(DataBytes + bytes); }
+        catch (OverflowException) { throw new ArgumentException($"tensor '{name}' makes the file too large", nameof(shape)); }
         _entries.Add(name, new Entry(name, dtype, (long[])shape.Clone(), bytes));
     }
 
@@ -148,6 +131,33 @@ public sealed class SafetensorsWriter : IDisposable
             catch (IOException) { }
             catch (UnauthorizedAccessException) { }
         }
+    }
+
+    /// <summary>Checks a declaration against the format's rules (reserved name, valid UTF-16, known dtype, bounded non-negative shape) and returns its byte length.</summary>
+    internal static long CheckDeclaration(string name, TensorDType dtype, long[] shape)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        ArgumentNullException.ThrowIfNull(shape);
+        if (name == SafetensorsHeader.MetadataKey) throw new ArgumentException($"'{name}' is reserved for metadata", nameof(name));
+        CheckEncodable(name, nameof(name));
+        if (!Enum.IsDefined(dtype)) throw new ArgumentOutOfRangeException(nameof(dtype), dtype, "unknown dtype");
+        if (shape.Length > SafetensorsHeader.MaxRank) throw new ArgumentException($"tensor '{name}' has more than {SafetensorsHeader.MaxRank} dimensions", nameof(shape));
+        long bytes;
+        try
+        {
+            long count = 1;
+            foreach (long d in shape)
+            {
+                if (d < 0) throw new ArgumentException($"tensor '{name}' has a negative dimension", nameof(shape));
+                count = checked(count * d);
+            }
+            bytes = checked(count * dtype.Size());
+        }
+        catch (OverflowException)
+        {
+            throw new ArgumentException($"tensor '{name}' shape [{string.Join(", ", shape)}] is too large", nameof(shape));
+        }
+        return bytes;
     }
 
     /// <summary>
