@@ -13,9 +13,9 @@ public static class Program
     {
         var root = new RootCommand("QLora.NET: QLoRA fine-tuning of Llama-family models with NF4 base weights, in .NET.")
         {
-            //QuantizeVerb.Create(stdout),
-            //DequantizeVerb.Create(stdout),
-            //InspectVerb.Create(stdout),
+            QuantizeVerb.Create(stdout),
+            DequantizeVerb.Create(stdout),
+            InspectVerb.Create(stdout),
             BenchVerb.Create(stdout),
         };
         var parse = root.Parse(args);

@@ -9,7 +9,7 @@ namespace QLora.Quant;
 /// shard it is mapped to, no tensor is in two shards. Tensors present in a shard but missing from the weight map are
 /// still served, as transformers loads them too.
 /// </summary>
-public sealed class SafetensorsCheckpoint : IDisposable
+public sealed class SafetensorsCheckpoint : ITensorSource, IDisposable
 {
     /// <summary>File name of a single-file checkpoint.</summary>
     public const string SingleFileName = "model.safetensors";

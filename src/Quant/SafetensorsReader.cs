@@ -8,7 +8,7 @@ namespace QLora.Quant;
 /// only the pages a caller touches are loaded. The header is fully validated by <see cref="Open"/>; any problem is a
 /// <see cref="SafetensorsFormatException"/>. Spans and pointers handed out stay valid until <see cref="Dispose"/>.
 /// </summary>
-public sealed unsafe class SafetensorsReader : IDisposable
+public sealed unsafe class SafetensorsReader : ITensorSource, IDisposable
 {
     private readonly MemoryMappedFile _map;
     private readonly MemoryMappedViewAccessor _view;

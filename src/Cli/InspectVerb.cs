@@ -1,0 +1,65 @@
+using System.CommandLine;
+using System.Globalization;
+using QLora.Quant;
+
+namespace QLora.Cli;
+
+/// <summary><c>qlora inspect</c>: what a safetensors file or model folder holds, with 4-bit weights shown as one row each.</summary>
+internal static class InspectVerb
+{
+    public static Command Create(TextWriter stdout)
+    {
+        var path = new Argument<string>("path") { Description = "a .safetensors file or a model folder" };
+        var cmd = new Command("inspect", "List tensors: name, dtype, shape, bytes, and for 4-bit weights their quantization.") { path };
+        cmd.SetAction(r =>
+        {
+            var p = r.GetValue(path)!;
+            if (!File.Exists(p) && !Directory.Exists(p)) throw new FileNotFoundException($"{p}: no such file or folder");
+            using var source = SafetensorsCheckpoint.Open(p);
+            Print(source, stdout);
+            return 0;
+        });
+        return cmd;
+    }
+
+    private sealed record Row(string Name, string DType, string Shape, long Bytes, long Elements, string Quant);
+
+    internal static void Print(ITensorSource source, TextWriter o)
+    {
+        var byName = source.Tensors.ToDictionary(t => t.Name);
+        var rows = new List<Row>();
+        long quantBytes = 0, quantElements = 0, totalBytes = 0, totalElements = 0;
+        foreach (var t in source.Tensors.OrderBy(t => t.Name, StringComparer.Ordinal))
+        {
+            if (BnbCheckpointLayout.IsAuxiliaryKey(t.Name)) continue;
+            if (BnbCheckpointLayout.IsQuantized(source, t.Name))
+            {
+                var f = BnbCheckpointLayout.ReadFields(source, t.Name, out _);
+                long bytes = byName.Values.Where(x => x.Name == t.Name || x.Name.StartsWith(t.Name + ".", StringComparison.Ordinal)).Sum(x => x.ByteLength);
+                long n = f.Shape.Aggregate(1L, (a, d) => a * d);
+                var quant = $"{f.QuantType.Name()} bs{f.Blocksize}{(f.NestedOffset is null ? "" : " dq")} from {f.DType.Name()}";
+                rows.Add(new Row(t.Name, "4-bit", Shape(f.Shape), bytes, n, quant));
+                quantBytes += bytes; quantElements += n;
+                totalBytes += bytes; totalElements += n;
+            }
+            else
+            {
+                rows.Add(new Row(t.Name, t.DType.ToString(), Shape(t.Shape), t.ByteLength, t.ElementCount, ""));
+                totalBytes += t.ByteLength; totalElements += t.ElementCount;
+            }
+        }
+        int w = Math.Max(4, rows.Count == 0 ? 4 : rows.Max(r => r.Name.Length));
+        o.WriteLine($"{"name".PadRight(w)}  {"dtype",-6}  {"shape",-16}  {"bytes",14}  quantization");
+        foreach (var r in rows)
+            o.WriteLine($"{r.Name.PadRight(w)}  {r.DType,-6}  {r.Shape,-16}  {r.Bytes,14:N0}  {r.Quant}");
+        o.WriteLine();
+        o.WriteLine($"{rows.Count} tensors, {totalElements:N0} parameters, {totalBytes:N0} bytes ({Bits(totalBytes, totalElements)} bits per parameter)");
+        if (quantElements > 0)
+            o.WriteLine($"4-bit weights: {quantElements:N0} parameters in {quantBytes:N0} bytes = {Bits(quantBytes, quantElements)} bits per weight");
+    }
+
+    private static string Shape(long[] shape) => "[" + string.Join(", ", shape) + "]";
+
+    private static string Bits(long bytes, long elements) =>
+        elements == 0 ? "-" : (8.0 * bytes / elements).ToString("F3", CultureInfo.InvariantCulture);
+}

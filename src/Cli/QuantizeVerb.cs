@@ -1,0 +1,61 @@
+using System.CommandLine;
+using System.Diagnostics;
+using QLora.Quant;
+
+namespace QLora.Cli;
+
+/// <summary><c>qlora quantize</c>: a safetensors file or HF model folder → a bitsandbytes 4-bit checkpoint.</summary>
+internal static class QuantizeVerb
+{
+    public static Command Create(TextWriter stdout)
+    {
+        var input = new Option<string>("--input") { Description = "a .safetensors file or a Hugging Face model folder", Required = true };
+        var output = new Option<string>("--output") { Description = "the .safetensors file or folder to write", Required = true };
+        var quantType = new Option<string>("--quant-type") { Description = "nf4 or fp4", DefaultValueFactory = _ => "nf4" };
+        quantType.AcceptOnlyFromAmong("nf4", "fp4");
+        var blocksize = new Option<int>("--blocksize") { Description = "elements per absmax block: 32, 64, ..., 4096", DefaultValueFactory = _ => 64 };
+        var doubleQuant = new Option<bool>("--double-quant") { Description = "double-quantize the absmax (true|false)", DefaultValueFactory = _ => true };
+        var overwrite = new Option<bool>("--overwrite") { Description = "replace an existing output (atomically, once the new one is complete)" };
+        var include = new Option<string>("--include") { Description = "regex of tensor names to quantize (2-D float tensors only)", DefaultValueFactory = _ => QuantizeOptions.DefaultInclude };
+        var cmd = new Command("quantize", "Quantize Linear weights to NF4/FP4 in the bitsandbytes layout, tensor by tensor.")
+        {
+            input, output, quantType, blocksize, doubleQuant, include, overwrite,
+        };
+        cmd.SetAction(r =>
+        {
+            var options = new QuantizeOptions
+            {
+                QuantType = QuantTypes.Parse(r.GetValue(quantType)!),
+                Blocksize = r.GetValue(blocksize),
+                DoubleQuant = r.GetValue(doubleQuant),
+                Include = r.GetValue(include)!,
+            };
+            try { QuantTypes.ValidateBlocksize(options.Blocksize); }
+            catch (ArgumentOutOfRangeException) { throw new ArgumentException($"--blocksize {options.Blocksize}: must be a power of two from 32 to 4096"); }
+            options.IncludeRegex();
+            string inPath = r.GetValue(input)!, outPath = r.GetValue(output)!;
+            var sw = Stopwatch.StartNew();
+            CheckpointQuantizer.Report report;
+            bool replace = r.GetValue(overwrite);
+            if (Directory.Exists(inPath)) report = CheckpointQuantizer.QuantizeFolder(inPath, outPath, options, stdout.WriteLine, replace);
+            else if (File.Exists(inPath))
+            {
+                if (!replace && File.Exists(outPath)) throw new IOException($"--output {outPath}: file exists; pass --overwrite to replace it");
+                if (Directory.Exists(outPath)) throw new IOException($"--output {outPath}: is a folder; the output of a file must be a file");
+                report = CheckpointQuantizer.QuantizeFile(inPath, outPath, options, stdout.WriteLine);
+            }
+            else throw new FileNotFoundException($"--input {inPath}: no such file or folder");
+            sw.Stop();
+            stdout.WriteLine($"quantized {report.QuantizedTensors} tensors ({report.QuantizedElements:N0} weights, {options.QuantType.Name()}, blocksize {options.Blocksize}, double quant {(options.DoubleQuant ? "on" : "off")}), copied {report.CopiedTensors}; {report.InputBytes:N0} -> {report.OutputBytes:N0} bytes in {sw.Elapsed.TotalSeconds:F1} s");
+            stdout.WriteLine(Json.Line(new
+            {
+                verb = "quantize", input = inPath, output = outPath, quant_type = options.QuantType.Name(), blocksize = options.Blocksize,
+                double_quant = options.DoubleQuant, quantized_tensors = report.QuantizedTensors, copied_tensors = report.CopiedTensors,
+                quantized_weights = report.QuantizedElements, input_bytes = report.InputBytes, output_bytes = report.OutputBytes,
+                wall_s = Math.Round(sw.Elapsed.TotalSeconds, 3),
+            }));
+            return 0;
+        });
+        return cmd;
+    }
+}

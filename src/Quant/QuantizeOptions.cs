@@ -1,0 +1,26 @@
+using System.Text.RegularExpressions;
+
+namespace QLora.Quant;
+
+/// <summary>How <see cref="CheckpointQuantizer"/> quantizes: the bitsandbytes defaults unless told otherwise.</summary>
+public sealed record QuantizeOptions
+{
+    /// <summary>The Linear weights inside decoder layers (q/k/v/o and gate/up/down projections).</summary>
+    public const string DefaultInclude = @"\.(q|k|v|o|gate|up|down)_proj\.weight$";
+
+    /// <summary>nf4 (default) or fp4.</summary>
+    public QuantType QuantType { get; init; } = QuantType.Nf4;
+    /// <summary>Elements per absmax block (default 64).</summary>
+    public int Blocksize { get; init; } = 64;
+    /// <summary>Double-quantize the absmax (default on).</summary>
+    public bool DoubleQuant { get; init; } = true;
+    /// <summary>Regex over tensor names; matching 2-D floating-point tensors are quantized, all others copied.</summary>
+    public string Include { get; init; } = DefaultInclude;
+
+    /// <summary>The compiled <see cref="Include"/>; throws <see cref="ArgumentException"/> with the pattern for an invalid regex.</summary>
+    public Regex IncludeRegex()
+    {
+        try { return new Regex(Include, RegexOptions.CultureInvariant, TimeSpan.FromSeconds(1)); }
+        catch (ArgumentException e) { throw new ArgumentException($"--include '{Include}' is not a valid regular expression: {e.Message}"); }
+    }
+}
