@@ -4,39 +4,46 @@ using QLora.Quant;
 
 namespace QLora.Cli;
 
-/// <summary><c>qlora quantize</c>: a safetensors file or HF model folder → a bitsandbytes 4-bit checkpoint.</summary>
+/// <summary>
+/// <c>qlora quantize</c>: a safetensors file or HF model folder → a bitsandbytes 4-bit checkpoint. Each option not given
+/// on the command line comes from the <c>Quantize</c> section of the job file (<c>--config</c>, default ./appsettings.json).
+/// </summary>
 internal static class QuantizeVerb
 {
     public static Command Create(TextWriter stdout)
     {
-        var input = new Option<string>("--input") { Description = "a .safetensors file or a Hugging Face model folder", Required = true };
-        var output = new Option<string>("--output") { Description = "the .safetensors file or folder to write", Required = true };
-        var quantType = new Option<string>("--quant-type") { Description = "nf4 or fp4", DefaultValueFactory = _ => "nf4" };
+        var config = new Option<string?>("--config") { Description = "job file whose Quantize section supplies defaults (default: ./appsettings.json)" };
+        var input = new Option<string?>("--input") { Description = "a .safetensors file or a Hugging Face model folder" };
+        var output = new Option<string?>("--output") { Description = "the .safetensors file or folder to write" };
+        var quantType = new Option<string?>("--quant-type") { Description = "nf4 (default) or fp4" };
         quantType.AcceptOnlyFromAmong("nf4", "fp4");
-        var blocksize = new Option<int>("--blocksize") { Description = "elements per absmax block: 32, 64, ..., 4096", DefaultValueFactory = _ => 64 };
-        var doubleQuant = new Option<bool>("--double-quant") { Description = "double-quantize the absmax (true|false)", DefaultValueFactory = _ => true };
-        var overwrite = new Option<bool>("--overwrite") { Description = "replace an existing output (atomically, once the new one is complete)" };
-        var include = new Option<string>("--include") { Description = "regex of tensor names to quantize (2-D float tensors only)", DefaultValueFactory = _ => QuantizeOptions.DefaultInclude };
+        var blocksize = new Option<int?>("--blocksize") { Description = "elements per absmax block: 32, 64 (default), ..., 4096" };
+        var doubleQuant = new Option<bool?>("--double-quant") { Description = "double-quantize the absmax: true (default) or false" };
+        var include = new Option<string?>("--include") { Description = "regex of tensor names to quantize (2-D float tensors only; default: the q/k/v/o/gate/up/down projections)" };
+        var overwrite = new Option<bool?>("--overwrite") { Description = "replace an existing output (atomically, once the new one is complete)" };
         var cmd = new Command("quantize", "Quantize Linear weights to NF4/FP4 in the bitsandbytes layout, tensor by tensor.")
         {
-            input, output, quantType, blocksize, doubleQuant, include, overwrite,
+            config, input, output, quantType, blocksize, doubleQuant, include, overwrite,
         };
         cmd.SetAction(r =>
         {
+            var job = QuantizeJob.Load(r.GetValue(config));
             var options = new QuantizeOptions
             {
-                QuantType = QuantTypes.Parse(r.GetValue(quantType)!),
-                Blocksize = r.GetValue(blocksize),
-                DoubleQuant = r.GetValue(doubleQuant),
-                Include = r.GetValue(include)!,
+                QuantType = QuantTypes.Parse(r.GetValue(quantType) ?? job.QuantType ?? "nf4"),
+                Blocksize = r.GetValue(blocksize) ?? job.Blocksize ?? 64,
+                DoubleQuant = r.GetValue(doubleQuant) ?? job.DoubleQuant ?? true,
+                Include = r.GetValue(include) ?? job.Include ?? QuantizeOptions.DefaultInclude,
             };
             try { QuantTypes.ValidateBlocksize(options.Blocksize); }
             catch (ArgumentOutOfRangeException) { throw new ArgumentException($"--blocksize {options.Blocksize}: must be a power of two from 32 to 4096"); }
             options.IncludeRegex();
-            string inPath = r.GetValue(input)!, outPath = r.GetValue(output)!;
+            string inPath = r.GetValue(input) ?? job.Input ?? throw new ArgumentException("--input is required (or set Quantize:Input in the job file)");
+            string outPath = r.GetValue(output) ?? job.Output ?? throw new ArgumentException("--output is required (or set Quantize:Output in the job file)");
+            bool replace = r.GetValue(overwrite) ?? job.Overwrite ?? false;
+
             var sw = Stopwatch.StartNew();
             CheckpointQuantizer.Report report;
-            bool replace = r.GetValue(overwrite);
             if (Directory.Exists(inPath)) report = CheckpointQuantizer.QuantizeFolder(inPath, outPath, options, stdout.WriteLine, replace);
             else if (File.Exists(inPath))
             {
@@ -46,7 +53,7 @@ internal static class QuantizeVerb
             }
             else throw new FileNotFoundException($"--input {inPath}: no such file or folder");
             sw.Stop();
-            stdout.WriteLine($"quantized {report.QuantizedTensors} tensors ({report.QuantizedElements:N0} weights, {options.QuantType.Name()}, blocksize {options.Blocksize}, double quant {(options.DoubleQuant ? "on" : "off")}), copied {report.CopiedTensors}; {report.InputBytes:N0} -> {report.OutputBytes:N0} bytes in {sw.Elapsed.TotalSeconds:F1} s");
+            stdout.WriteLine($"quantized {report.QuantizedTensors} tensors ({report.QuantizedElements:N0} weights, {options.QuantType.Name()}, blocksize {options.Blocksize}, double quant {(options.DoubleQuant ? "on" : "off")}), copied {report.CopiedTensors}; {report.InputBytes:N0} -> {report.OutputBytes:N0} bytes in {sw.Elapsed.TotalSeconds:F1} s -> {outPath}");
             stdout.WriteLine(Json.Line(new
             {
                 verb = "quantize", input = inPath, output = outPath, quant_type = options.QuantType.Name(), blocksize = options.Blocksize,

@@ -179,6 +179,39 @@ public class QuantizeVerbTests
     }
 
     [Fact]
+    public void AJobFileSuppliesDefaultsAndTheCommandLineOverridesThem()
+    {
+        using var tmp = new TempDir();
+        TinyHfFolder.Write(tmp["model"]);
+        File.WriteAllText(tmp["job.json"], """
+            { "Quantize": { "Input": "model", "Output": "from-job", "QuantType": "fp4", "Blocksize": 128, "DoubleQuant": false } }
+            """);
+        var r = CliRunner.Run("quantize", "--config", tmp["job.json"], "--blocksize", "256");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var json = System.Text.Json.Nodes.JsonNode.Parse(r.LastLine)!;
+        Assert.Equal("fp4", json["quant_type"]!.GetValue<string>());
+        Assert.Equal(256, json["blocksize"]!.GetValue<int>());
+        Assert.False(json["double_quant"]!.GetValue<bool>());
+        Assert.True(File.Exists(Path.Combine(tmp["from-job"], "model.safetensors"))); // relative to the job file
+
+        File.WriteAllText(tmp["bad.json"], """{ "Quantize": { "Input": "model", "Blocksise": 128 } }""");
+        var unknown = CliRunner.Run("quantize", "--config", tmp["bad.json"]);
+        Assert.Equal(1, unknown.ExitCode);
+        Assert.Contains("Quantize:Blocksise", unknown.Stderr);
+        Assert.Contains("Blocksize", unknown.Stderr);
+
+        File.WriteAllText(tmp["type.json"], """{ "Quantize": { "Input": "model", "Output": "x", "Blocksize": "big" } }""");
+        var wrongType = CliRunner.Run("quantize", "--config", tmp["type.json"]);
+        Assert.Equal(1, wrongType.ExitCode);
+        Assert.Contains("Blocksize", wrongType.Stderr);
+        Assert.Single(wrongType.Stderr.TrimEnd().Split('\n'));
+
+        var missing = CliRunner.Run("quantize", "--config", tmp["nope.json"]);
+        Assert.Equal(1, missing.ExitCode);
+        Assert.Contains("nope.json", missing.Stderr);
+    }
+
+    [Fact]
     public void BenchDequantEndsWithAJsonLineOfItsFigures()
     {
         var r = CliRunner.Run("bench", "dequant", "--weights", "1048576", "--repeats", "1");
