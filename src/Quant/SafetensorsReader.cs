@@ -109,6 +109,18 @@ public sealed unsafe class SafetensorsReader : IDisposable
         return new ReadOnlySpan<byte>(Base() + info.DataOffset, (int)info.ByteLength);
     }
 
+    /// <summary>
+    /// Zero-copy view of <paramref name="length"/> bytes of a tensor starting <paramref name="offset"/> bytes into it:
+    /// how to walk a tensor too large for one span.
+    /// </summary>
+    public ReadOnlySpan<byte> GetSpan(string name, long offset, int length)
+    {
+        var info = GetInfo(name);
+        if (offset < 0 || length < 0 || offset > info.ByteLength - length)
+            throw new ArgumentOutOfRangeException(nameof(offset), $"{Path}: bytes [{offset}, {offset + length}) are outside tensor '{name}' of {info.ByteLength} bytes");
+        return new ReadOnlySpan<byte>(Base() + info.DataOffset + offset, length);
+    }
+
     /// <summary>Address of a tensor's first byte inside the memory map, for tensors of any size; valid until <see cref="Dispose"/>.</summary>
     public nint GetPointer(string name)
     {

@@ -81,7 +81,16 @@ public sealed class ShardedSafetensorsWriter : IDisposable
         EnsureShards();
         if (!_writerOf.TryGetValue(name, out var writer)) throw new ArgumentException($"{_directory}: tensor '{name}' was not declared", nameof(name));
         writer.Write(name, data);
-        _written.Add(name);
+    }
+
+    /// <summary>Appends the next part of a declared tensor's bytes; see <see cref="SafetensorsWriter.Append"/>.</summary>
+    public void Append(string name, ReadOnlySpan<byte> chunk)
+    {
+        ThrowIfClosed();
+        ArgumentNullException.ThrowIfNull(name);
+        EnsureShards();
+        if (!_writerOf.TryGetValue(name, out var writer)) throw new ArgumentException($"{_directory}: tensor '{name}' was not declared", nameof(name));
+        writer.Append(name, chunk);
     }
 
     /// <summary>
@@ -92,7 +101,7 @@ public sealed class ShardedSafetensorsWriter : IDisposable
     {
         ThrowIfClosed();
         EnsureShards();
-        var missing = _declared.Where(t => !_written.Contains(t.Name)).Select(t => t.Name).ToList();
+        var missing = _declared.Where(t => !_writerOf[t.Name].IsWritten(t.Name)).Select(t => t.Name).ToList();
         if (missing.Count > 0)
             throw new InvalidOperationException($"{_directory}: {missing.Count} declared tensor(s) not written: {string.Join(", ", missing.Take(5))}{(missing.Count > 5 ? ", ..." : "")}");
         foreach (var shard in _shards!) shard.Commit();
@@ -149,8 +158,6 @@ public sealed class ShardedSafetensorsWriter : IDisposable
         }
         return [.. buffer.WrittenSpan, (byte)'\n'];
     }
-
-    private readonly HashSet<string> _written = new(StringComparer.Ordinal);
 
     private void EnsureShards()
     {
