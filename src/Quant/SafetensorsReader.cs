@@ -7,6 +7,8 @@ namespace QLora.Quant;
 /// Read-only, memory-mapped access to one safetensors file, tensor by tensor, so a file larger than RAM can be read:
 /// only the pages a caller touches are loaded. The header is fully validated by <see cref="Open"/>; any problem is a
 /// <see cref="SafetensorsFormatException"/>. Spans and pointers handed out stay valid until <see cref="Dispose"/>.
+/// The file must not be truncated in place while open (replacing it by rename, as the writers do, is safe); bytes are
+/// little-endian as stored. Lookups and reads may run on several threads at once.
 /// </summary>
 public sealed unsafe class SafetensorsReader : IDisposable
 {

@@ -255,7 +255,11 @@ public sealed class SafetensorsWriter : IDisposable
 
     private void EnsureLayout()
     {
-        if (_dataStart >= 0) return;
+        if (_dataStart >= 0)
+        {
+            if (_stream is null) throw new InvalidOperationException($"{_path}: an earlier Commit failed; start a new writer");
+            return;
+        }
         var ordered = _entries.Values.ToList();
         ordered.Sort((a, b) => LayoutOrder(a.DType, a.Name, b.DType, b.Name));
         long offset = 0;

@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Text.Encodings.Web;
 using System.Text.Json;
+using System.Text.RegularExpressions;
 
 namespace QLora.Quant;
 
@@ -201,9 +202,11 @@ public sealed class ShardedSafetensorsWriter : IDisposable
         string single = $"{_baseName}.safetensors";
         if (!kept.Contains(single)) stale.Add(Path.Combine(_directory, single));
         if (!kept.Contains(IndexFileName)) stale.Add(Path.Combine(_directory, IndexFileName));
-        foreach (string path in Directory.EnumerateFiles(_directory, $"{_baseName}-?????-of-?????.safetensors"))
+        var shardName = new Regex($"^{Regex.Escape(_baseName)}-[0-9]{{5}}-of-[0-9]{{5}}\\.safetensors$", RegexOptions.CultureInvariant);
+        foreach (string path in Directory.EnumerateFiles(_directory))
         {
-            if (!kept.Contains(Path.GetFileName(path))) stale.Add(path);
+            string file = Path.GetFileName(path);
+            if (shardName.IsMatch(file) && !kept.Contains(file)) stale.Add(path);
         }
         foreach (string path in stale)
         {

@@ -273,6 +273,21 @@ public sealed class SafetensorsWriterTests : IDisposable
     }
 
     [Fact]
+    public void FailedRenameLeavesNoTempFileAndRefusesToContinue()
+    {
+        string path = _dir.File("occupied");
+        Directory.CreateDirectory(path); // a folder where the file should go: the rename fails
+        var w = new SafetensorsWriter(path);
+        w.Declare("a", TensorDType.U8, [1]);
+        w.Write("a", [1]);
+        Assert.ThrowsAny<IOException>(() => w.Commit());
+        Assert.Throws<InvalidOperationException>(() => w.Commit());
+        w.Dispose();
+        Assert.Equal([path], Directory.GetFileSystemEntries(_dir.Path));
+        Assert.Empty(Directory.GetFileSystemEntries(path));
+    }
+
+    [Fact]
     public void CommitReplacesExistingFile()
     {
         string path = _dir.File("model.safetensors");
