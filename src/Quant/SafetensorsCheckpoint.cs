@@ -85,8 +85,11 @@ public sealed class SafetensorsCheckpoint : ITensorSource, IDisposable
     /// <summary>Looks up a tensor; throws <see cref="KeyNotFoundException"/> naming the checkpoint and the tensor when it is absent.</summary>
     public TensorInfo GetInfo(string name) => GetShard(name).GetInfo(name);
 
-    /// <summary>Zero-copy view of a tensor's bytes; see <see cref="SafetensorsReader.GetSpan"/>.</summary>
+    /// <summary>Zero-copy view of a tensor's bytes; see <see cref="SafetensorsReader.GetSpan(string)"/>.</summary>
     public ReadOnlySpan<byte> GetSpan(string name) => GetShard(name).GetSpan(name);
+
+    /// <summary>Zero-copy view of part of a tensor; see <see cref="SafetensorsReader.GetSpan(string, long, int)"/>.</summary>
+    public ReadOnlySpan<byte> GetSpan(string name, long offset, int length) => GetShard(name).GetSpan(name, offset, length);
 
     /// <summary>Address of a tensor's first byte in its shard's memory map; see <see cref="SafetensorsReader.GetPointer"/>.</summary>
     public nint GetPointer(string name) => GetShard(name).GetPointer(name);

@@ -34,7 +34,7 @@ internal static class SafetensorsHeader
         bool sawMetadata = false;
         try
         {
-            var reader = new Utf8JsonReader(json, new JsonReaderOptions { CommentHandling = JsonCommentHandling.Disallow, MaxDepth = 16 });
+            var reader = new Utf8JsonReader(json, new JsonReaderOptions { CommentHandling = JsonCommentHandling.Disallow, MaxDepth = 64 });
             Expect(ref reader, JsonTokenType.StartObject, path, "header is not a JSON object");
             while (true)
             {

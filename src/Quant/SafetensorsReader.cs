@@ -7,6 +7,8 @@ namespace QLora.Quant;
 /// Read-only, memory-mapped access to one safetensors file, tensor by tensor, so a file larger than RAM can be read:
 /// only the pages a caller touches are loaded. The header is fully validated by <see cref="Open"/>; any problem is a
 /// <see cref="SafetensorsFormatException"/>. Spans and pointers handed out stay valid until <see cref="Dispose"/>.
+/// The file must not be truncated in place while open (replacing it by rename, as the writers do, is safe); bytes are
+/// little-endian as stored. Lookups and reads may run on several threads at once.
 /// </summary>
 public sealed unsafe class SafetensorsReader : ITensorSource, IDisposable
 {
@@ -107,6 +109,18 @@ public sealed unsafe class SafetensorsReader : ITensorSource, IDisposable
         if (info.ByteLength > int.MaxValue)
             throw new InvalidOperationException($"{Path}: tensor '{name}' has {info.ByteLength} bytes, too many for a span; use GetPointer");
         return new ReadOnlySpan<byte>(Base() + info.DataOffset, (int)info.ByteLength);
+    }
+
+    /// <summary>
+    /// Zero-copy view of <paramref name="length"/> bytes of a tensor starting <paramref name="offset"/> bytes into it:
+    /// how to walk a tensor too large for one span.
+    /// </summary>
+    public ReadOnlySpan<byte> GetSpan(string name, long offset, int length)
+    {
+        var info = GetInfo(name);
+        if (offset < 0 || length < 0 || offset > info.ByteLength - length)
+            throw new ArgumentOutOfRangeException(nameof(offset), $"{Path}: bytes [{offset}, {offset + length}) are outside tensor '{name}' of {info.ByteLength} bytes");
+        return new ReadOnlySpan<byte>(Base() + info.DataOffset + offset, length);
     }
 
     /// <summary>Address of a tensor's first byte inside the memory map, for tensors of any size; valid until <see cref="Dispose"/>.</summary>

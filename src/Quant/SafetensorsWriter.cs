@@ -73,16 +73,47 @@ public sealed class SafetensorsWriter : IDisposable
     /// </summary>
     public void Write(string name, ReadOnlySpan<byte> data)
     {
-        ThrowIfClosed();
-        ArgumentNullException.ThrowIfNull(name);
-        if (!_entries.TryGetValue(name, out var entry)) throw new ArgumentException($"{_path}: tensor '{name}' was not declared", nameof(name));
-        if (entry.Written) throw new InvalidOperationException($"{_path}: tensor '{name}' was already written");
+        var entry = Find(name);
+        if (entry.WrittenBytes > 0 || entry.Done) throw new InvalidOperationException($"{_path}: tensor '{name}' was already written");
         if (data.Length != entry.ByteLength)
             throw new ArgumentException($"{_path}: tensor '{name}' needs {entry.ByteLength} bytes, got {data.Length}", nameof(data));
+        WriteAt(entry, data);
+        entry.Done = true;
+    }
+
+    /// <summary>
+    /// Appends the next part of a declared tensor's bytes, for tensors over 2 GB (which no span can hold) or bytes
+    /// produced piece by piece; the tensor is complete once all its bytes were appended. Parts of different tensors
+    /// may be interleaved.
+    /// </summary>
+    public void Append(string name, ReadOnlySpan<byte> chunk)
+    {
+        var entry = Find(name);
+        if (entry.Done) throw new InvalidOperationException($"{_path}: tensor '{name}' was already written");
+        if (chunk.Length > entry.ByteLength - entry.WrittenBytes)
+            throw new ArgumentException($"{_path}: tensor '{name}' has {entry.ByteLength - entry.WrittenBytes} bytes left to write, got {chunk.Length}", nameof(chunk));
+        WriteAt(entry, chunk);
+        if (entry.WrittenBytes == entry.ByteLength) entry.Done = true;
+    }
+
+    /// <summary>True once every byte of a declared tensor was written.</summary>
+    internal bool IsWritten(string name) => _entries[name].Done;
+
+    private Entry Find(string name)
+    {
+        ThrowIfClosed();
+        ArgumentNullException.ThrowIfNull(name);
+        return _entries.TryGetValue(name, out var entry)
+            ? entry
+            : throw new ArgumentException($"{_path}: tensor '{name}' was not declared", nameof(name));
+    }
+
+    private void WriteAt(Entry entry, ReadOnlySpan<byte> data)
+    {
         EnsureLayout();
-        _stream!.Position = _dataStart + entry.Offset;
+        _stream!.Position = _dataStart + entry.Offset + entry.WrittenBytes;
         _stream.Write(data);
-        entry.Written = true;
+        entry.WrittenBytes += data.Length;
     }
 
     /// <summary>
@@ -92,7 +123,7 @@ public sealed class SafetensorsWriter : IDisposable
     public void Commit()
     {
         ThrowIfClosed();
-        var missing = _entries.Values.Where(e => !e.Written).Select(e => e.Name).Order(StringComparer.Ordinal).ToList();
+        var missing = _entries.Values.Where(e => !e.Done).Select(e => e.Name).Order(StringComparer.Ordinal).ToList();
         if (missing.Count > 0)
             throw new InvalidOperationException($"{_path}: {missing.Count} declared tensor(s) not written: {string.Join(", ", missing.Take(5))}{(missing.Count > 5 ? ", ..." : "")}");
         EnsureLayout();
@@ -224,7 +255,11 @@ public sealed class SafetensorsWriter : IDisposable
 
     private void EnsureLayout()
     {
-        if (_dataStart >= 0) return;
+        if (_dataStart >= 0)
+        {
+            if (_stream is null) throw new InvalidOperationException($"{_path}: an earlier Commit failed; start a new writer");
+            return;
+        }
         var ordered = _entries.Values.ToList();
         ordered.Sort((a, b) => LayoutOrder(a.DType, a.Name, b.DType, b.Name));
         long offset = 0;
@@ -277,6 +312,7 @@ public sealed class SafetensorsWriter : IDisposable
         public long[] Shape { get; } = shape;
         public long ByteLength { get; } = byteLength;
         public long Offset { get; set; }
-        public bool Written { get; set; }
+        public long WrittenBytes { get; set; }
+        public bool Done { get; set; }
     }
 }

@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Text.Encodings.Web;
 using System.Text.Json;
+using System.Text.RegularExpressions;
 
 namespace QLora.Quant;
 
@@ -81,7 +82,16 @@ public sealed class ShardedSafetensorsWriter : IDisposable
         EnsureShards();
         if (!_writerOf.TryGetValue(name, out var writer)) throw new ArgumentException($"{_directory}: tensor '{name}' was not declared", nameof(name));
         writer.Write(name, data);
-        _written.Add(name);
+    }
+
+    /// <summary>Appends the next part of a declared tensor's bytes; see <see cref="SafetensorsWriter.Append"/>.</summary>
+    public void Append(string name, ReadOnlySpan<byte> chunk)
+    {
+        ThrowIfClosed();
+        ArgumentNullException.ThrowIfNull(name);
+        EnsureShards();
+        if (!_writerOf.TryGetValue(name, out var writer)) throw new ArgumentException($"{_directory}: tensor '{name}' was not declared", nameof(name));
+        writer.Append(name, chunk);
     }
 
     /// <summary>
@@ -92,7 +102,7 @@ public sealed class ShardedSafetensorsWriter : IDisposable
     {
         ThrowIfClosed();
         EnsureShards();
-        var missing = _declared.Where(t => !_written.Contains(t.Name)).Select(t => t.Name).ToList();
+        var missing = _declared.Where(t => !_writerOf[t.Name].IsWritten(t.Name)).Select(t => t.Name).ToList();
         if (missing.Count > 0)
             throw new InvalidOperationException($"{_directory}: {missing.Count} declared tensor(s) not written: {string.Join(", ", missing.Take(5))}{(missing.Count > 5 ? ", ..." : "")}");
         foreach (var shard in _shards!) shard.Commit();
@@ -150,8 +160,6 @@ public sealed class ShardedSafetensorsWriter : IDisposable
         return [.. buffer.WrittenSpan, (byte)'\n'];
     }
 
-    private readonly HashSet<string> _written = new(StringComparer.Ordinal);
-
     private void EnsureShards()
     {
         if (_shards is not null) return;
@@ -194,9 +202,11 @@ public sealed class ShardedSafetensorsWriter : IDisposable
         string single = $"{_baseName}.safetensors";
         if (!kept.Contains(single)) stale.Add(Path.Combine(_directory, single));
         if (!kept.Contains(IndexFileName)) stale.Add(Path.Combine(_directory, IndexFileName));
-        foreach (string path in Directory.EnumerateFiles(_directory, $"{_baseName}-?????-of-?????.safetensors"))
+        var shardName = new Regex($"^{Regex.Escape(_baseName)}-[0-9]{{5}}-of-[0-9]{{5}}\\.safetensors$", RegexOptions.CultureInvariant);
+        foreach (string path in Directory.EnumerateFiles(_directory))
         {
-            if (!kept.Contains(Path.GetFileName(path))) stale.Add(path);
+            string file = Path.GetFileName(path);
+            if (shardName.IsMatch(file) && !kept.Contains(file)) stale.Add(path);
         }
         foreach (string path in stale)
         {

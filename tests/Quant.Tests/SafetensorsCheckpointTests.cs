@@ -129,17 +129,34 @@ public sealed class SafetensorsCheckpointTests : IDisposable
     {
         var tensors = Tensors(12);
         File.WriteAllText(_dir.File("config.json"), "{}");
+        File.WriteAllText(_dir.File("other-00001-of-00002.safetensors"), "");
+        File.WriteAllText(_dir.File("model-1-of-2.safetensors"), "");
         ShardedSafetensorsWriter.WriteCheckpoint(_dir.Path, tensors, maxShardBytes: 200);
         Assert.True(File.Exists(_dir.File("model.safetensors.index.json")));
         ShardedSafetensorsWriter.WriteCheckpoint(_dir.Path, tensors, maxShardBytes: 400);
-        var files = Directory.GetFiles(_dir.Path).Select(Path.GetFileName).Order().ToList();
-        int k = files.Count - 2;
-        Assert.Equal([.. new[] { "config.json" }, .. Enumerable.Range(1, k).Select(i => $"model-{i:D5}-of-{k:D5}.safetensors"), "model.safetensors.index.json"], files);
+        var files = Directory.GetFiles(_dir.Path).Select(Path.GetFileName).Order(StringComparer.Ordinal).ToList();
+        int k = files.Count - 4;
+        string[] expected = [.. new[] { "config.json", "model-1-of-2.safetensors" }, .. Enumerable.Range(1, k).Select(i => $"model-{i:D5}-of-{k:D5}.safetensors"), "model.safetensors.index.json", "other-00001-of-00002.safetensors"];
+        Assert.Equal(expected.Order(StringComparer.Ordinal), files);
         ShardedSafetensorsWriter.WriteCheckpoint(_dir.Path, tensors);
-        Assert.Equal(["config.json", "model.safetensors"], Directory.GetFiles(_dir.Path).Select(Path.GetFileName).Order());
+        Assert.Equal(["config.json", "model-1-of-2.safetensors", "model.safetensors", "other-00001-of-00002.safetensors"], Directory.GetFiles(_dir.Path).Select(Path.GetFileName).Order(StringComparer.Ordinal));
         ShardedSafetensorsWriter.WriteCheckpoint(_dir.Path, tensors, maxShardBytes: 200);
         Assert.False(File.Exists(_dir.File("model.safetensors")));
         using var checkpoint = SafetensorsCheckpoint.Open(_dir.Path);
+        foreach (var t in tensors) Assert.Equal(t.Data, checkpoint.ReadBytes(t.Name));
+    }
+
+    [Fact]
+    public void BaseNameNamesTheFiles()
+    {
+        var tensors = Tensors(6);
+        ShardedSafetensorsWriter.WriteCheckpoint(_dir.Path, tensors, baseName: "adapter_model");
+        Assert.Equal([_dir.File("adapter_model.safetensors")], Directory.GetFiles(_dir.Path));
+        ShardedSafetensorsWriter.WriteCheckpoint(_dir.Path, tensors, maxShardBytes: 100, baseName: "adapter_model");
+        Assert.True(File.Exists(_dir.File("adapter_model.safetensors.index.json")));
+        Assert.Single(Directory.GetFiles(_dir.Path, "adapter_model-00001-of-000*.safetensors"));
+        Assert.False(File.Exists(_dir.File("adapter_model.safetensors")));
+        using var checkpoint = SafetensorsCheckpoint.Open(_dir.File("adapter_model.safetensors.index.json"));
         foreach (var t in tensors) Assert.Equal(t.Data, checkpoint.ReadBytes(t.Name));
     }
 

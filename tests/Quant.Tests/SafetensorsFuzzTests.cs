@@ -83,7 +83,7 @@ public sealed class SafetensorsFuzzTests(ITestOutputHelper output) : IDisposable
         for (int i = 0; i < count; i++)
         {
             int at = random.Next(json.Length);
-            switch (random.Next(7))
+            switch (random.Next(8))
             {
                 case 0: json = json.Remove(at, 1); break;
                 case 1: json = json.Insert(at, JsonFragments[random.Next(JsonFragments.Length)]); break;
@@ -111,6 +111,7 @@ public sealed class SafetensorsFuzzTests(ITestOutputHelper output) : IDisposable
                 case 4: // swap a dtype
                 {
                     var m = System.Text.RegularExpressions.Regex.Matches(json, "\"dtype\":\"([A-Z0-9_]+)\"");
+                    if (m.Count == 0) goto case 0;
                     var g = m[random.Next(m.Count)].Groups[1];
                     json = json[..g.Index] + DTypeNames[random.Next(DTypeNames.Length)] + json[(g.Index + g.Length)..];
                     break;
@@ -118,9 +119,19 @@ public sealed class SafetensorsFuzzTests(ITestOutputHelper output) : IDisposable
                 case 5: // rename a tensor to another one's name (duplicate) or to the metadata key
                 {
                     var m = System.Text.RegularExpressions.Regex.Matches(json, "\"(model\\.layers\\.[0-9]\\.w)\"");
+                    if (m.Count == 0) goto case 0;
                     var g = m[random.Next(m.Count)].Groups[1];
                     string name = random.Next(4) == 0 ? "__metadata__" : m[random.Next(m.Count)].Groups[1].Value;
                     json = json[..g.Index] + name + json[(g.Index + g.Length)..];
+                    break;
+                }
+                case 7: // point an index entry at another shard, a missing file or outside the folder
+                {
+                    var m = System.Text.RegularExpressions.Regex.Matches(json, "\"([^\"]*\\.safetensors)\"");
+                    if (m.Count == 0) goto case 0;
+                    var g = m[random.Next(m.Count)].Groups[1];
+                    string[] others = ["missing.safetensors", "../model-00001-of-00003.safetensors", "model.safetensors.index.json", ".", m[random.Next(m.Count)].Groups[1].Value];
+                    json = json[..g.Index] + others[random.Next(others.Length)] + json[(g.Index + g.Length)..];
                     break;
                 }
                 default: // swap two characters
@@ -197,5 +208,37 @@ public sealed class SafetensorsFuzzTests(ITestOutputHelper output) : IDisposable
             };
             Assert.Equal(expected, typed);
         }
+    }
+
+    [Fact]
+    public void MutatedIndexFilesThrowFormatExceptionOrOpenCleanly()
+    {
+        var random = new Random(7);
+        var tensors = Enumerable.Range(0, 6).Select(i => ($"layer.{i}", TensorDType.F32, new long[] { 4 }, new byte[16])).ToList();
+        string folder = System.IO.Path.Combine(_dir.Path, "ckpt");
+        ShardedSafetensorsWriter.WriteCheckpoint(folder, tensors, maxShardBytes: 32);
+        string indexPath = System.IO.Path.Combine(folder, "model.safetensors.index.json");
+        string original = File.ReadAllText(indexPath);
+        int valid = 0;
+        for (int iteration = 0; iteration < 600; iteration++)
+        {
+            File.WriteAllText(indexPath, EditJson(original, random));
+            try
+            {
+                using var checkpoint = SafetensorsCheckpoint.Open(folder);
+                foreach (var t in checkpoint.Tensors) Assert.Equal(16, checkpoint.ReadBytes(t.Name).Length);
+                valid++;
+            }
+            catch (SafetensorsFormatException e)
+            {
+                Assert.Contains("ckpt", e.FilePath);
+            }
+            catch (Exception e)
+            {
+                Assert.Fail($"iteration {iteration}: {e.GetType().Name} escaped: {e}\nindex: {File.ReadAllText(indexPath)}");
+            }
+        }
+        output.WriteLine($"600 index mutants: {valid} valid");
+        Assert.True(valid > 10);
     }
 }

@@ -96,6 +96,47 @@ public sealed class SafetensorsReaderTests : IDisposable
     }
 
     [Fact]
+    public void SlicesOfATensor()
+    {
+        string json = """{"w":{"dtype":"U8","shape":[10],"data_offsets":[0,10]}}""";
+        using var r = SafetensorsReader.Open(Save(RawSafetensors.Build(json, RawSafetensors.Sequence(10))));
+        Assert.Equal(RawSafetensors.Sequence(10)[3..7], r.GetSpan("w", 3, 4).ToArray());
+        Assert.Equal(0, r.GetSpan("w", 10, 0).Length);
+        Assert.Throws<ArgumentOutOfRangeException>(() => r.GetSpan("w", 7, 4).Length);
+        Assert.Throws<ArgumentOutOfRangeException>(() => r.GetSpan("w", -1, 1).Length);
+        Assert.Throws<ArgumentOutOfRangeException>(() => r.GetSpan("w", long.MaxValue, 1).Length);
+    }
+
+    [Fact]
+    public unsafe void FortyGigabyteSparseFileIsReadWithoutLoadingIt()
+    {
+        if (!OperatingSystem.IsLinux() && !OperatingSystem.IsMacOS()) return; // needs sparse files
+        const long huge = 40_000_000_000;
+        string json = $$$"""{"huge":{"dtype":"U8","shape":[{{{huge}}}],"data_offsets":[0,{{{huge}}}]},"tail":{"dtype":"F32","shape":[1],"data_offsets":[{{{huge}}},{{{huge + 4}}}]}}""";
+        byte[] header = RawSafetensors.Build(json, []);
+        string path = _dir.File("huge.safetensors");
+        long dataStart = header.Length;
+        using (var stream = new FileStream(path, FileMode.CreateNew))
+        {
+            stream.Write(header);
+            stream.SetLength(dataStart + huge + 4);
+            stream.Position = dataStart + 3_000_000_000;
+            stream.Write([1, 2, 3]);
+            stream.Position = dataStart + huge - 1;
+            stream.Write([42, 0, 0, 0x80, 0x3F]);
+        }
+        using var r = SafetensorsReader.Open(path);
+        Assert.Equal(huge, r.GetInfo("huge").ByteLength);
+        Assert.Throws<InvalidOperationException>(() => r.GetSpan("huge").Length);
+        Assert.Throws<InvalidOperationException>(() => r.ReadBytes("huge"));
+        Assert.Throws<InvalidOperationException>(() => r.Read<byte>("huge"));
+        byte* p = (byte*)r.GetPointer("huge");
+        Assert.Equal(42, p[huge - 1]);
+        Assert.Equal([1, 2, 3], r.GetSpan("huge", 3_000_000_000, 3).ToArray());
+        Assert.Equal([1.0f], r.Read<float>("tail"));
+    }
+
+    [Fact]
     public void MissingTensorErrorNamesFileAndTensor()
     {
         string path = Save(RawSafetensors.Build("{}", []));

@@ -179,6 +179,38 @@ public sealed class SafetensorsWriterTests : IDisposable
     }
 
     [Fact]
+    public void AppendedPartsEqualWholeWrites()
+    {
+        var random = new Random(11);
+        var a = new byte[1000];
+        var b = new byte[64];
+        random.NextBytes(a);
+        random.NextBytes(b);
+        string whole = _dir.File("whole.safetensors"), parts = _dir.File("parts.safetensors");
+        SafetensorsWriter.WriteFile(whole, [("a", TensorDType.I16, [500], a), ("b", TensorDType.F64, [8], b), ("z", TensorDType.U8, [0], [])]);
+        using (var w = new SafetensorsWriter(parts))
+        {
+            w.Declare("a", TensorDType.I16, [500]);
+            w.Declare("b", TensorDType.F64, [8]);
+            w.Declare("z", TensorDType.U8, [0]);
+            w.Append("a", a.AsSpan(0, 333));
+            w.Append("b", b.AsSpan(0, 10));
+            w.Append("a", a.AsSpan(333, 0));
+            w.Append("a", a.AsSpan(333, 600));
+            Assert.Throws<InvalidOperationException>(() => w.Write("a", a));
+            Assert.Throws<ArgumentException>(() => w.Append("a", new byte[68]));
+            var e = Assert.Throws<InvalidOperationException>(() => w.Commit());
+            Assert.Contains("a, b, z", e.Message);
+            w.Append("a", a.AsSpan(933));
+            w.Append("b", b.AsSpan(10));
+            w.Append("z", []);
+            Assert.Throws<InvalidOperationException>(() => w.Append("a", []));
+            w.Commit();
+        }
+        Assert.Equal(File.ReadAllBytes(whole), File.ReadAllBytes(parts));
+    }
+
+    [Fact]
     public void EmptyFilesAreValid()
     {
         string path = _dir.File("empty.safetensors");
@@ -238,6 +270,21 @@ public sealed class SafetensorsWriterTests : IDisposable
         failing.Dispose();
         Assert.Equal(before, File.ReadAllBytes(path));
         Assert.Equal([path], Directory.GetFiles(_dir.Path));
+    }
+
+    [Fact]
+    public void FailedRenameLeavesNoTempFileAndRefusesToContinue()
+    {
+        string path = _dir.File("occupied");
+        Directory.CreateDirectory(path); // a folder where the file should go: the rename fails
+        var w = new SafetensorsWriter(path);
+        w.Declare("a", TensorDType.U8, [1]);
+        w.Write("a", [1]);
+        Assert.ThrowsAny<IOException>(() => w.Commit());
+        Assert.Throws<InvalidOperationException>(() => w.Commit());
+        w.Dispose();
+        Assert.Equal([path], Directory.GetFileSystemEntries(_dir.Path));
+        Assert.Empty(Directory.GetFileSystemEntries(path));
     }
 
     [Fact]
