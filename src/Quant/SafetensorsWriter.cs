@@ -33,15 +33,10 @@ public sealed class SafetensorsWriter : IDisposable
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         _path = System.IO.Path.GetFullPath(path);
+        CheckMetadata(metadata);
         if (metadata is not null)
         {
-            foreach (var (key, value) in metadata)
-            {
-                if (key is null || value is null) throw new ArgumentException("metadata keys and values must not be null", nameof(metadata));
-                CheckEncodable(key, nameof(metadata));
-                CheckEncodable(value, nameof(metadata));
-                _metadata[key] = value;
-            }
+            foreach (var (key, value) in metadata) _metadata[key] = value;
         }
         string directory = System.IO.Path.GetDirectoryName(_path)!;
         _tempPath = System.IO.Path.Combine(directory, $".{System.IO.Path.GetFileName(_path)}.{Guid.NewGuid():N}{TempSuffix}");
@@ -161,6 +156,18 @@ public sealed class SafetensorsWriter : IDisposable
             try { File.Delete(_tempPath); }
             catch (IOException) { }
             catch (UnauthorizedAccessException) { }
+        }
+    }
+
+    /// <summary>Checks that metadata keys and values are non-null, encodable strings.</summary>
+    internal static void CheckMetadata(IReadOnlyDictionary<string, string>? metadata)
+    {
+        if (metadata is null) return;
+        foreach (var (key, value) in metadata)
+        {
+            if (key is null || value is null) throw new ArgumentException("metadata keys and values must not be null", nameof(metadata));
+            CheckEncodable(key, nameof(metadata));
+            CheckEncodable(value, nameof(metadata));
         }
     }
 

@@ -40,10 +40,12 @@ public sealed class ShardedSafetensorsWriter : IDisposable
         ArgumentException.ThrowIfNullOrEmpty(directory);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxShardBytes);
         ArgumentException.ThrowIfNullOrEmpty(baseName);
-        if (baseName.IndexOfAny(['/', '\\']) >= 0) throw new ArgumentException("base name must be a plain file name", nameof(baseName));
+        if (baseName.IndexOfAny(['/', '\\']) >= 0 || baseName.IndexOfAny(Path.GetInvalidFileNameChars()) >= 0)
+            throw new ArgumentException("base name must be a plain file name", nameof(baseName));
+        SafetensorsWriter.CheckMetadata(metadata);
         _directory = Path.GetFullPath(directory);
         MaxShardBytes = maxShardBytes;
-        _metadata = metadata;
+        _metadata = metadata is null ? null : new Dictionary<string, string>(metadata, StringComparer.Ordinal);
         _baseName = baseName;
     }
 
@@ -95,8 +97,9 @@ public sealed class ShardedSafetensorsWriter : IDisposable
     }
 
     /// <summary>
-    /// Commits every shard (checking each declared tensor was written), then writes the index atomically, then removes
-    /// stale files of an earlier save under the same base name.
+    /// Commits every shard (checking first that each declared tensor was written), then writes the index atomically,
+    /// then removes stale files of an earlier save under the same base name. Should an I/O error stop it part way,
+    /// shards already renamed stay in place and the old index (if any) is still the one on disk.
     /// </summary>
     public void Commit()
     {

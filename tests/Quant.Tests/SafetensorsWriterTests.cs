@@ -211,6 +211,25 @@ public sealed class SafetensorsWriterTests : IDisposable
     }
 
     [Fact]
+    public void WritingAllocatesIndependentlyOfTheFileSize()
+    {
+        string path = _dir.File("big.safetensors");
+        var chunk = new byte[1 << 20];
+        new Random(2).NextBytes(chunk);
+        using var w = new SafetensorsWriter(path);
+        w.Declare("a", TensorDType.F32, [8 << 20]);
+        w.Declare("b", TensorDType.BF16, [4 << 20]);
+        w.Append("a", chunk); // warm up: opens the file and writes the header
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        for (int i = 1; i < 32; i++) w.Append("a", chunk);
+        for (int i = 0; i < 8; i++) w.Append("b", chunk);
+        long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+        w.Commit();
+        Assert.True(allocated < 256 * 1024, $"{allocated} bytes allocated while writing 40 MB");
+        Assert.InRange(new FileInfo(path).Length - 40L * (1 << 20), 8, 256);
+    }
+
+    [Fact]
     public void EmptyFilesAreValid()
     {
         string path = _dir.File("empty.safetensors");
