@@ -67,7 +67,19 @@ public static class FloatTypes
                 break;
             case FloatType.BFloat16:
                 var bf = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(source);
-                for (int i = 0; i < n; i++) destination[i] = BFloat16.ToFloat(bf[i]);
+                var bits = System.Runtime.InteropServices.MemoryMarshal.Cast<float, uint>(destination);
+                int i0 = 0;
+                if (System.Numerics.Vector.IsHardwareAccelerated)
+                {
+                    // Widening a bf16 is a 16-bit shift of its bits; exact.
+                    for (; i0 + System.Numerics.Vector<ushort>.Count <= n; i0 += System.Numerics.Vector<ushort>.Count)
+                    {
+                        System.Numerics.Vector.Widen(new System.Numerics.Vector<ushort>(bf[i0..]), out var lo, out var hi);
+                        (lo << 16).CopyTo(bits[i0..]);
+                        (hi << 16).CopyTo(bits[(i0 + System.Numerics.Vector<uint>.Count)..]);
+                    }
+                }
+                for (int i = i0; i < n; i++) destination[i] = BFloat16.ToFloat(bf[i]);
                 break;
             default:
                 var h = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, Half>(source);

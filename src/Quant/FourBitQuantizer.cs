@@ -1,3 +1,4 @@
+using System.Numerics;
 using System.Runtime.InteropServices;
 
 namespace QLora.Quant;
@@ -90,10 +91,21 @@ public static class FourBitQuantizer
 
     private static float BlockAbsmax(ReadOnlySpan<float> block)
     {
+        int e = 0;
         float m = 0f;
-        foreach (var x in block)
+        if (Vector.IsHardwareAccelerated && block.Length >= Vector<float>.Count)
         {
-            float a = MathF.Abs(x);
+            var vm = Vector<float>.Zero;
+            for (; e + Vector<float>.Count <= block.Length; e += Vector<float>.Count)
+            {
+                var a = Vector.Abs(new Vector<float>(block[e..]));
+                vm = Vector.ConditionalSelect(Vector.GreaterThan(a, vm), a, vm); // NaN compares false: ignored
+            }
+            for (int j = 0; j < Vector<float>.Count; j++) if (vm[j] > m) m = vm[j];
+        }
+        for (; e < block.Length; e++)
+        {
+            float a = MathF.Abs(block[e]);
             if (a > m) m = a; // NaN is ignored, like fmaxf
         }
         return m;
@@ -104,14 +116,35 @@ public static class FourBitQuantizer
     {
         float m = BlockAbsmax(block);
         byte zero = type.ZeroCode();
-        float inv = 1.0f / m;
         long byteIndex = start >> 1;
-        for (int i = 0; i < block.Length; i += 2)
+        if (m == 0f)
         {
-            byte hi = m == 0f ? zero : type.Encode(block[i] * inv);
-            byte lo = i + 1 < block.Length ? (m == 0f ? zero : type.Encode(block[i + 1] * inv)) : zero;
-            packed[byteIndex + (i >> 1)] = (byte)(hi << 4 | lo);
+            // An all-zero block gets the zero code (see Quantize).
+            for (int i = 0; i < block.Length; i += 2) packed[byteIndex + (i >> 1)] = (byte)(zero << 4 | zero);
+            return m;
         }
+        float inv = 1.0f / m;
+        Span<byte> codes = stackalloc byte[block.Length + 1];
+        int e = 0;
+        if (type == QuantType.Nf4 && Vector.IsHardwareAccelerated)
+        {
+            // The same float32 multiply and the same strict comparisons as Nf4Codebook.Encode, a vector at a time.
+            var vinv = new Vector<float>(inv);
+            var t = Nf4Codebook.Thresholds;
+            Span<int> lanes = stackalloc int[Vector<int>.Count];
+            for (; e + Vector<float>.Count <= block.Length; e += Vector<float>.Count)
+            {
+                var x = new Vector<float>(block[e..]) * vinv;
+                var c = Vector<int>.Zero;
+                for (int k = 0; k < t.Length; k++) c -= Vector.GreaterThan(x, new Vector<float>(t[k]));
+                c.CopyTo(lanes);
+                for (int j = 0; j < lanes.Length; j++) codes[e + j] = (byte)lanes[j];
+            }
+        }
+        for (; e < block.Length; e++) codes[e] = type.Encode(block[e] * inv);
+        codes[block.Length] = zero; // the odd tail's low nibble
+        for (int i = 0; i < block.Length; i += 2)
+            packed[byteIndex + (i >> 1)] = (byte)(codes[i] << 4 | codes[i + 1]);
         return m;
     }
 }

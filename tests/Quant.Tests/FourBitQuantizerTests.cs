@@ -61,6 +61,44 @@ public class FourBitQuantizerTests
         Assert.Equal(0x0F, q.Packed[0]); // NaN -> 0 (high), 2 -> 15 (low)
     }
 
+    [Theory]
+    [InlineData(QuantType.Nf4, 32)]
+    [InlineData(QuantType.Nf4, 64)]
+    [InlineData(QuantType.Nf4, 4096)]
+    [InlineData(QuantType.Fp4, 64)]
+    public void CodesAreTheNearestTableValuesOfANaiveReference(QuantType type, int blocksize)
+    {
+        // Independent reference: per block absmax, one float32 reciprocal, then the nearest table value in double
+        // (ties to the lower value; FP4 by its sign bit and magnitude). Random data never lands in the float32 slack
+        // between a threshold literal and the exact midpoint.
+        int n = 3 * blocksize + 7;
+        var x = TestData.Randn(n, seed: blocksize + (int)type);
+        x[5] = float.NaN;
+        var q = FourBitQuantizer.Quantize(x, [n], type, blocksize, doubleQuant: false);
+        var table = type.Table().ToArray();
+        for (int b = 0; b * blocksize < n; b++)
+        {
+            int start = b * blocksize, len = Math.Min(blocksize, n - start);
+            float m = 0;
+            for (int i = 0; i < len; i++) if (Math.Abs(x[start + i]) > m) m = Math.Abs(x[start + i]);
+            Assert.Equal(m, q.State.Absmax![b]);
+            float inv = 1f / m;
+            for (int i = 0; i < len; i++)
+            {
+                int e = start + i;
+                float scaled = x[e] * inv;
+                int expected = 0;
+                if (!float.IsNaN(scaled))
+                {
+                    var candidates = Enumerable.Range(0, 16).Where(c => type == QuantType.Nf4 || (c >= 8) == (scaled < 0));
+                    expected = candidates.OrderBy(c => Math.Abs((double)table[c] - scaled)).ThenBy(c => table[c] == 0 ? 0 : Math.Abs(table[c])).First();
+                }
+                int actual = (e & 1) == 0 ? q.Packed[e >> 1] >> 4 : q.Packed[e >> 1] & 0xF;
+                Assert.True(expected == actual, $"element {e}: scaled {scaled} -> {actual}, nearest is {expected}");
+            }
+        }
+    }
+
     [Fact]
     public void RejectsBlocksizesBitsandbytesDoesNotAccept()
     {
