@@ -23,7 +23,7 @@ public class PtxCompilationTests
     public void CatalogHasEveryKernel()
     {
         Assert.Equal(
-            ["AdamW8bitUpdate", "DequantizeBf16", "DequantizeF16", "DequantizeF32", "DequantizeNestedBf16", "DequantizeNestedF16", "DequantizeNestedF32"],
+            ["AdamW8bitUpdate", "AdamW8bitUpdateBf16", "DequantizeBf16", "DequantizeF16", "DequantizeF32", "DequantizeNestedBf16", "DequantizeNestedF16", "DequantizeNestedF32"],
             KernelCatalog.Names);
     }
 
@@ -72,6 +72,8 @@ public class PtxCompilationTests
     [InlineData(false, FloatType.BFloat16, "b32 view view view view view view b64 b32")]
     [InlineData(true, FloatType.BFloat16, "b32 view view view view view f32 b32 view view view b64 b32")]
     [InlineData(false, FloatType.Float16, "b32 view view view view view view b64 b32")]
+    [InlineData(true, FloatType.Float16, "b32 view view view view view f32 b32 view view view b64 b32")]
+    [InlineData(false, FloatType.Float32, "b32 view view view view view view b64 b32")]
     [InlineData(true, FloatType.Float32, "b32 view view view view view f32 b32 view view view b64 b32")]
     public void DequantizeParameterListMatchesLauncher(bool nested, FloatType output, string expected)
     {
@@ -92,10 +94,12 @@ public class PtxCompilationTests
         Assert.Equal(EntryParameterSizes(ptx), args.Sizes);
     }
 
-    [Fact]
-    public void AdamParameterListMatchesLauncher()
+    [Theory]
+    [InlineData(FloatType.Float32)]
+    [InlineData(FloatType.BFloat16)]
+    public void AdamParameterListMatchesLauncher(FloatType parameterType)
     {
-        var ptx = PtxKernelCompiler.Shared.Compile("AdamW8bitUpdate", CudaArchitecture.SM_80, CudaInstructionSet.ISA_70).Assembly;
+        var ptx = PtxKernelCompiler.Shared.Compile(CudaAdamW8bit.KernelName(parameterType), CudaArchitecture.SM_80, CudaInstructionSet.ISA_70).Assembly;
         var step = AdamW8bitStep.Create(1e-3f, 0.9f, 0.999f, 1e-8f, 0f, 1);
         using var args = CudaAdamW8bit.BuildArguments(1, 2, 3, 4, 5, 6, 1000, step, 7, 8);
         Assert.Equal(EntryParameterSizes(ptx), args.Sizes);
