@@ -21,9 +21,8 @@ public static class HalfBits
     public static uint BFloat16Bits(float value)
     {
         uint bits = Interop.FloatAsInt(value);
-        if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
-        uint bias = 0x7FFFu + ((bits >> 16) & 1u);
-        return (bits + bias) >> 16;
+        uint rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+        return (bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded; // a select, not a branch, in PTX
     }
 
     /// <summary>IEEE binary16 bits of <paramref name="value"/>, round to nearest even; a NaN keeps its sign and top payload bits, quieted (as .NET).</summary>
