@@ -8,6 +8,8 @@ internal enum Outcome
     Pass,
     Fail,
     Skip,
+    /// <summary>An observation that documents behaviour without passing or failing anything.</summary>
+    Info,
 }
 
 /// <summary>The table of checks the app prints, and the figures it ends with as one JSON line.</summary>

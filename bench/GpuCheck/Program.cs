@@ -2,8 +2,18 @@ using System.Text.Json.Nodes;
 using QLora.GpuCheck;
 using QLora.Kernels;
 
-// Usage: QLora.GpuCheck [--cpu-only] [--device N] [--runs N] [--seed N] [--no-private-context]
+// Usage: QLora.GpuCheck [--cpu-only] [--device N] [--runs N] [--seed N] [--no-private-context] [--dump-ptx DIR]
 var argList = args.ToList();
+if (argList.IndexOf("--dump-ptx") is var dump and >= 0 && dump + 1 < argList.Count)
+{
+    Directory.CreateDirectory(argList[dump + 1]);
+    foreach (var name in KernelCatalog.Names)
+    {
+        var k = PtxKernelCompiler.Shared.Compile(name, PtxKernelCompiler.FallbackArchitecture, PtxKernelCompiler.DefaultInstructionSet);
+        File.WriteAllText(Path.Combine(argList[dump + 1], name + ".ptx"), k.Assembly);
+    }
+    Console.WriteLine($"wrote {KernelCatalog.Names.Count} PTX files to {argList[dump + 1]}");
+}
 bool cpuOnly = argList.Contains("--cpu-only");
 bool privateContext = !argList.Contains("--no-private-context");
 int Option(string name, int fallback)
@@ -43,9 +53,11 @@ try
         if (!cpuOnly)
         {
             var checks = new GpuChecks(report, launcher, seed, runs);
+            checks.LoadAllKernels();
             checks.DequantizeShape(4096, 4096);
             checks.DequantizeShape(14336, 4096);
             var cudart = CudaRuntimeLibrary.TryLoad(out var searched);
+            checks.AdamW8bit(1 << 20);
             checks.RuntimeApiMemory(cudart, searched);
             if (privateContext) checks.PrivateContextHazard(cudart);
         }

@@ -59,8 +59,16 @@ public sealed class AcceleratorKernelRunner(Accelerator accelerator)
         }
     }
 
-    /// <summary>Runs one <see cref="AdamW8bitKernel"/> step on host arrays (updated in place).</summary>
-    public void AdamW8bitUpdate(float[] param, float[] grad, byte[] state1, byte[] state2, float[] absmax1, float[] absmax2, in AdamW8bitStep step)
+    /// <summary>Runs one float32 <see cref="AdamW8bitKernel"/> step on host arrays (updated in place).</summary>
+    public void AdamW8bitUpdate(float[] param, float[] grad, byte[] state1, byte[] state2, float[] absmax1, float[] absmax2, in AdamW8bitStep step) =>
+        AdamW8bitUpdate<float>(param, grad, state1, state2, absmax1, absmax2, step, nameof(AdamW8bitKernel.AdamW8bitUpdate));
+
+    /// <summary>Runs one bfloat16 <see cref="AdamW8bitKernel"/> step on host arrays (raw bf16 bits, updated in place).</summary>
+    public void AdamW8bitUpdate(ushort[] param, ushort[] grad, byte[] state1, byte[] state2, float[] absmax1, float[] absmax2, in AdamW8bitStep step) =>
+        AdamW8bitUpdate<ushort>(param, grad, state1, state2, absmax1, absmax2, step, nameof(AdamW8bitKernel.AdamW8bitUpdateBf16));
+
+    private void AdamW8bitUpdate<T>(T[] param, T[] grad, byte[] state1, byte[] state2, float[] absmax1, float[] absmax2,
+        in AdamW8bitStep step, string kernel) where T : unmanaged
     {
         var acc = Accelerator;
         using var p = acc.Allocate1D(param);
@@ -71,7 +79,7 @@ public sealed class AcceleratorKernelRunner(Accelerator accelerator)
         using var a2 = acc.Allocate1D(absmax2);
         using var signed = acc.Allocate1D(DynamicMap.Signed.ToArray());
         using var unsigned = acc.Allocate1D(DynamicMap.Unsigned.ToArray());
-        Launch(nameof(AdamW8bitKernel.AdamW8bitUpdate), CudaAdamW8bit.Extent(param.Length),
+        Launch(kernel, CudaAdamW8bit.Extent(param.Length),
         [
             p.View.BaseView, g.View.BaseView, s1.View.BaseView, s2.View.BaseView, a1.View.BaseView, a2.View.BaseView,
             signed.View.BaseView, unsigned.View.BaseView, (long)param.Length,

@@ -27,6 +27,37 @@ public static class AdamW8bitReference
             UpdateBlock(param, grad, state1, state2, absmax1, absmax2, step, b);
     }
 
+    /// <summary>
+    /// The same update for bfloat16 parameters and gradients (raw bits): both widened exactly to float32, the update
+    /// computed as for float32, the parameter rounded to nearest even once (elements with a non-finite gradient keep
+    /// their bits).
+    /// </summary>
+    public static void Update(Span<ushort> param, ReadOnlySpan<ushort> grad, Span<byte> state1, Span<byte> state2,
+        Span<float> absmax1, Span<float> absmax2, in AdamW8bitStep step)
+    {
+        int n = param.Length;
+        if (grad.Length != n) throw new ArgumentException($"param and grad must have the same length ({n})");
+        Span<float> p = stackalloc float[AdamW8bitStep.Blocksize];
+        Span<float> g = stackalloc float[AdamW8bitStep.Blocksize];
+        int blocks = (n + AdamW8bitStep.Blocksize - 1) / AdamW8bitStep.Blocksize;
+        if (state1.Length != n || state2.Length != n || absmax1.Length != blocks || absmax2.Length != blocks)
+            throw new ArgumentException($"states must have {n} entries and absmax {blocks} (one per {AdamW8bitStep.Blocksize} elements)");
+        for (int b = 0; b < blocks; b++)
+        {
+            int start = b * AdamW8bitStep.Blocksize, len = Math.Min(AdamW8bitStep.Blocksize, n - start);
+            for (int i = 0; i < len; i++)
+            {
+                p[i] = BFloat16.ToFloat(param[start + i]);
+                g[i] = BFloat16.ToFloat(grad[start + i]);
+            }
+            // Block b of the float32 update is block 0 of these temporaries (absmax/state slices start at the block).
+            UpdateBlock(p[..len], g[..len], state1.Slice(start, len), state2.Slice(start, len),
+                absmax1.Slice(b, 1), absmax2.Slice(b, 1), step, 0);
+            for (int i = 0; i < len; i++)
+                if (float.IsFinite(g[i])) param[start + i] = BFloat16.FromFloat(p[i]);
+        }
+    }
+
     /// <summary>Updates block <paramref name="block"/> (elements [256·block, min(256·block + 256, n))) in place.</summary>
     public static void UpdateBlock(Span<float> param, ReadOnlySpan<float> grad, Span<byte> state1, Span<byte> state2,
         Span<float> absmax1, Span<float> absmax2, in AdamW8bitStep step, int block)

@@ -15,18 +15,28 @@ public sealed class CudaAdamW8bit
     public CudaKernelLauncher Launcher { get; }
 
     /// <summary>
-    /// One AdamW step over <paramref name="count"/> float32 parameters at device address <paramref name="param"/>, with
-    /// float32 gradients, 8-bit states (one byte per element) and float32 absmax per 256 elements, all updated in place.
+    /// One AdamW step over <paramref name="count"/> parameters at device address <paramref name="param"/>, with
+    /// gradients of the same <paramref name="parameterType"/> (float32 or bfloat16), 8-bit states (one byte per element)
+    /// and float32 absmax per 256 elements, all updated in place.
     /// </summary>
-    public void Update(nint param, nint grad, nint state1, nint state2, nint absmax1, nint absmax2, long count, in AdamW8bitStep step)
+    public void Update(nint param, nint grad, nint state1, nint state2, nint absmax1, nint absmax2, long count, in AdamW8bitStep step,
+        FloatType parameterType = FloatType.Float32)
     {
         if (count <= 0) return;
         if (param == 0 || grad == 0 || state1 == 0 || state2 == 0 || absmax1 == 0 || absmax2 == 0)
             throw new ArgumentException("null device address");
         using var args = BuildArguments(param, grad, state1, state2, absmax1, absmax2, count, step,
             Launcher.Table("dynamic-signed", DynamicMap.Signed), Launcher.Table("dynamic-unsigned", DynamicMap.Unsigned));
-        Launcher.Launch(nameof(AdamW8bitKernel.AdamW8bitUpdate), Extent(count), args);
+        Launcher.Launch(KernelName(parameterType), Extent(count), args);
     }
+
+    /// <summary>The kernel for a parameter type; float16 parameters are not supported.</summary>
+    public static string KernelName(FloatType parameterType) => parameterType switch
+    {
+        FloatType.Float32 => nameof(AdamW8bitKernel.AdamW8bitUpdate),
+        FloatType.BFloat16 => nameof(AdamW8bitKernel.AdamW8bitUpdateBf16),
+        _ => throw new NotSupportedException($"8-bit AdamW supports float32 and bfloat16 parameters, not {parameterType.Name()}"),
+    };
 
     /// <summary>Threads launched for <paramref name="count"/> elements: one per 256-element block.</summary>
     public static int Extent(long count) => checked((int)((count + AdamW8bitStep.Blocksize - 1) / AdamW8bitStep.Blocksize));

@@ -25,8 +25,7 @@ public static class FourBitDequantizeKernels
         ArrayView<float> absmax, ArrayView<float> table, ArrayView<Packed16> outputVec, ArrayView<ushort> output,
         long count, int blocksize)
     {
-        long first = (long)chunk.X * ElementsPerThread;
-        float scale = absmax[first / blocksize];
+        float scale = absmax[BlockOf(chunk, blocksize)];
         Write16(chunk, packedVec, packed, table, outputVec, output, count, scale, bf16: true);
     }
 
@@ -36,7 +35,7 @@ public static class FourBitDequantizeKernels
         int nestedBlocksize, ArrayView<float> table, ArrayView<Packed16> outputVec, ArrayView<ushort> output,
         long count, int blocksize)
     {
-        long block = (long)chunk.X * ElementsPerThread / blocksize;
+        int block = BlockOf(chunk, blocksize);
         float scale = NestedScale(block, absmaxCodes, nestedAbsmax, nestedMap, offset, nestedBlocksize);
         Write16(chunk, packedVec, packed, table, outputVec, output, count, scale, bf16: true);
     }
@@ -46,8 +45,7 @@ public static class FourBitDequantizeKernels
         ArrayView<float> absmax, ArrayView<float> table, ArrayView<Packed16> outputVec, ArrayView<ushort> output,
         long count, int blocksize)
     {
-        long first = (long)chunk.X * ElementsPerThread;
-        float scale = absmax[first / blocksize];
+        float scale = absmax[BlockOf(chunk, blocksize)];
         Write16(chunk, packedVec, packed, table, outputVec, output, count, scale, bf16: false);
     }
 
@@ -57,7 +55,7 @@ public static class FourBitDequantizeKernels
         int nestedBlocksize, ArrayView<float> table, ArrayView<Packed16> outputVec, ArrayView<ushort> output,
         long count, int blocksize)
     {
-        long block = (long)chunk.X * ElementsPerThread / blocksize;
+        int block = BlockOf(chunk, blocksize);
         float scale = NestedScale(block, absmaxCodes, nestedAbsmax, nestedMap, offset, nestedBlocksize);
         Write16(chunk, packedVec, packed, table, outputVec, output, count, scale, bf16: false);
     }
@@ -67,8 +65,7 @@ public static class FourBitDequantizeKernels
         ArrayView<float> absmax, ArrayView<float> table, ArrayView<Packed16> outputVec, ArrayView<float> output,
         long count, int blocksize)
     {
-        long first = (long)chunk.X * ElementsPerThread;
-        float scale = absmax[first / blocksize];
+        float scale = absmax[BlockOf(chunk, blocksize)];
         Write32(chunk, packedVec, packed, table, outputVec, output, count, scale);
     }
 
@@ -78,19 +75,23 @@ public static class FourBitDequantizeKernels
         int nestedBlocksize, ArrayView<float> table, ArrayView<Packed16> outputVec, ArrayView<float> output,
         long count, int blocksize)
     {
-        long block = (long)chunk.X * ElementsPerThread / blocksize;
+        int block = BlockOf(chunk, blocksize);
         float scale = NestedScale(block, absmaxCodes, nestedAbsmax, nestedMap, offset, nestedBlocksize);
         Write32(chunk, packedVec, packed, table, outputVec, output, count, scale);
     }
 
-    private static float NestedScale(long block, ArrayView<byte> codes, ArrayView<float> nestedAbsmax,
+    /// <summary>The absmax block of a chunk: a shift, since blocksizes are powers of two from 32 up (checked by the host).</summary>
+    private static int BlockOf(Index1D chunk, int blocksize) =>
+        chunk.X >> (IntrinsicMath.BitOperations.TrailingZeroCount(blocksize) - 5);
+
+    private static float NestedScale(int block, ArrayView<byte> codes, ArrayView<float> nestedAbsmax,
         ArrayView<float> map, float offset, int nestedBlocksize)
     {
         float a = map[(int)codes[block]] * nestedAbsmax[block / nestedBlocksize];
         return a + offset;
     }
 
-    private static ushort Round16(float value, bool bf16) => bf16 ? HalfBits.BFloat16(value) : HalfBits.Float16(value);
+    private static uint Round16(float value, bool bf16) => bf16 ? HalfBits.BFloat16Bits(value) : HalfBits.Float16Bits(value);
 
     /// <summary>Two elements of one packed byte as a little-endian word: the even element (high nibble) in the low half.</summary>
     private static uint Pair16(uint b, ArrayView<float> table, float scale, bool bf16)
@@ -122,7 +123,7 @@ public static class FourBitDequantizeKernels
         {
             uint b = packed[e >> 1];
             uint code = (e & 1) == 0 ? b >> 4 : b & 0xF;
-            output[e] = Round16(table[(int)code] * scale, bf16);
+            output[e] = (ushort)Round16(table[(int)code] * scale, bf16);
         }
     }
 

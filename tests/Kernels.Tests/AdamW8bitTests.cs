@@ -59,6 +59,50 @@ public class AdamW8bitTests(CpuAcceleratorFixture fixture)
         }
     }
 
+    [Theory]
+    [InlineData(1)]
+    [InlineData(300)]
+    [InlineData(1000)]
+    public void Bf16KernelEqualsReferenceOverSeveralSteps(int n)
+    {
+        var fresh = State.Fresh(n, n + 1);
+        var pRef = fresh.Param.Select(BFloat16.FromFloat).ToArray();
+        var pKernel = (ushort[])pRef.Clone();
+        var kernel = fresh.Copy();
+        for (int t = 1; t <= 4; t++)
+        {
+            var step = AdamW8bitStep.Create(1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, t);
+            var g = Gradient(n, 7 * t + n, specials: t == 3).Select(BFloat16.FromFloat).ToArray();
+            AdamW8bitReference.Update(pRef, g, fresh.S1, fresh.S2, fresh.A1, fresh.A2, step);
+            fixture.Runner.AdamW8bitUpdate(pKernel, g, kernel.S1, kernel.S2, kernel.A1, kernel.A2, step);
+            Assert.Equal(pRef, pKernel);
+            Assert.Equal(fresh.S1, kernel.S1);
+            Assert.Equal(fresh.S2, kernel.S2);
+            AssertEqualBits(fresh.A1, kernel.A1, $"absmax1, step {t}");
+            AssertEqualBits(fresh.A2, kernel.A2, $"absmax2, step {t}");
+        }
+        Assert.NotEqual(fresh.Param.Select(BFloat16.FromFloat).ToArray(), pRef); // it moved
+    }
+
+    [Fact]
+    public void Bf16ReferenceMatchesFloat32ReferenceBeforeRounding()
+    {
+        // Same states and widened values: the bf16 path is the float32 path plus one rounding of the parameter.
+        int n = 700;
+        var s32 = State.Fresh(n, 9);
+        var p16 = s32.Param.Select(BFloat16.FromFloat).ToArray();
+        for (int i = 0; i < n; i++) s32.Param[i] = BFloat16.ToFloat(p16[i]);
+        var s16 = s32.Copy();
+        var g16 = Gradient(n, 10, specials: true).Select(BFloat16.FromFloat).ToArray();
+        var g32 = g16.Select(BFloat16.ToFloat).ToArray();
+        var step = AdamW8bitStep.Create(1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 1);
+        AdamW8bitReference.Update(s32.Param, g32, s32.S1, s32.S2, s32.A1, s32.A2, step);
+        AdamW8bitReference.Update(p16, g16, s16.S1, s16.S2, s16.A1, s16.A2, step);
+        Assert.Equal(s32.S1, s16.S1);
+        Assert.Equal(s32.S2, s16.S2);
+        Assert.Equal(s32.Param.Select(BFloat16.FromFloat).ToArray(), p16);
+    }
+
     [Fact]
     public void NonFiniteGradientZeroesThatElementsStatesAndLeavesItsParameter()
     {
