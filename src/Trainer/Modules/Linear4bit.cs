@@ -1,0 +1,179 @@
+using QLora.Kernels;
+using QLora.Quant;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// A frozen Linear layer whose weight is stored in bitsandbytes' 4-bit format (NF4 or FP4, optionally double-quantized).
+/// Forward dequantizes the weight to the compute dtype just for the matmul and discards it; backward dequantizes again
+/// to produce the input gradient. No dequantized weight is kept for backward and no weight gradient is ever computed.
+/// The packed parts are buffers, so they move with <c>.to(device)</c>; decoding goes through an
+/// <see cref="IFourBitDequantizer"/> for the tensors' device.
+/// </summary>
+public sealed class Linear4bit : nn.Module<Tensor, Tensor>
+{
+    private readonly Tensor _packed;
+    private readonly Tensor _absmax;          // float32 absmax, or uint8 codes when double-quantized
+    private readonly Tensor? _nestedAbsmax;   // float32
+    private readonly Tensor? _nestedMap;      // float32[256]
+    private readonly float _offset;
+    private readonly int _nestedBlocksize;
+
+    /// <summary>Wraps a quantized weight of shape [out, in] and an optional bias of shape [out].</summary>
+    public Linear4bit(QuantizedTensor weight, Tensor? bias = null, ScalarType computeDType = ScalarType.BFloat16, string name = "Linear4bit")
+        : base(name)
+    {
+        var s = weight.State;
+        if (s.Shape.Length != 2) throw new ArgumentException($"a Linear4bit weight must be 2-D [out, in], not [{string.Join(", ", s.Shape)}]");
+        OutFeatures = s.Shape[0];
+        InFeatures = s.Shape[1];
+        QuantType = s.QuantType;
+        Blocksize = s.Blocksize;
+        OriginalDType = s.DType;
+        ComputeDType = computeDType;
+        _packed = tensor(weight.Packed, ScalarType.Byte);
+        if (s.Nested is { } nested)
+        {
+            _absmax = tensor(nested.Codes, ScalarType.Byte);
+            _nestedAbsmax = tensor(nested.Absmax, ScalarType.Float32);
+            _nestedMap = tensor(nested.Map, ScalarType.Float32);
+            _offset = nested.Offset;
+            _nestedBlocksize = nested.Blocksize;
+        }
+        else
+        {
+            _absmax = tensor(s.Absmax!, ScalarType.Float32);
+        }
+        register_buffer("weight", _packed);
+        register_buffer("weight_absmax", _absmax);
+        if (_nestedAbsmax is not null) register_buffer("weight_nested_absmax", _nestedAbsmax);
+        if (_nestedMap is not null) register_buffer("weight_nested_quant_map", _nestedMap);
+        if (bias is not null)
+        {
+            if (bias.numel() != OutFeatures) throw new ArgumentException($"bias has {bias.numel()} elements, expected {OutFeatures}");
+            Bias = bias.detach().to(computeDType).clone();
+            register_buffer("bias", Bias);
+        }
+    }
+
+    /// <summary>Quantizes a dense [out, in] weight (any float dtype) into NF4 + double quantization (blocksize 64 by default).</summary>
+    public static Linear4bit Quantize(Tensor weight, Tensor? bias = null, ScalarType computeDType = ScalarType.BFloat16,
+        QuantType quantType = QuantType.Nf4, int blocksize = 64, bool doubleQuant = true)
+    {
+        if (weight.dim() != 2) throw new ArgumentException("weight must be 2-D [out, in]");
+        var (floatType, source) = weight.dtype switch
+        {
+            ScalarType.BFloat16 => (FloatType.BFloat16, weight),
+            ScalarType.Float16 => (FloatType.Float16, weight),
+            _ => (FloatType.Float32, weight.to(ScalarType.Float32)),
+        };
+        using var cpu = source.detach().cpu().contiguous();
+        var q = FourBitQuantizer.Quantize(cpu.bytes, floatType, [weight.shape[0], weight.shape[1]], quantType, blocksize, doubleQuant);
+        return new Linear4bit(q, bias, computeDType);
+    }
+
+    /// <summary>Input features.</summary>
+    public long InFeatures { get; }
+    /// <summary>Output features.</summary>
+    public long OutFeatures { get; }
+    /// <summary>NF4 or FP4.</summary>
+    public QuantType QuantType { get; }
+    /// <summary>Elements per absmax block.</summary>
+    public int Blocksize { get; }
+    /// <summary>The dtype the weight had before quantization.</summary>
+    public FloatType OriginalDType { get; }
+    /// <summary>The dtype the weight is dequantized to and the matmul runs in.</summary>
+    public ScalarType ComputeDType { get; private set; }
+    /// <summary>The frozen bias, in the compute dtype, or null.</summary>
+    public Tensor? Bias { get; private set; }
+    /// <summary>True when the absmax is double-quantized.</summary>
+    public bool IsDoubleQuantized => _nestedAbsmax is not null;
+
+    /// <summary>Bytes the quantized weight occupies (packed codes and absmax, nested parts included).</summary>
+    public long QuantizedBytes => _packed.numel() + _absmax.numel() * _absmax.element_size() +
+        (_nestedAbsmax?.numel() ?? 0) * 4 + (_nestedMap?.numel() ?? 0) * 4;
+
+    /// <summary>Changes the compute dtype (bf16, fp16 or fp32).</summary>
+    public void SetComputeDType(ScalarType dtype)
+    {
+        if (dtype is not (ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float32))
+            throw new ArgumentException($"compute dtype {dtype} is not supported: use BFloat16, Float16 or Float32");
+        ComputeDType = dtype;
+        if (Bias is not null)
+        {
+            var b = Bias.to(dtype);
+            Bias.Dispose();
+            Bias = b;
+            register_buffer("bias", Bias);
+        }
+    }
+
+    /// <summary>A fresh dense [out, in] weight in <paramref name="dtype"/> (the compute dtype by default) on the module's device.</summary>
+    public Tensor Dequantize(ScalarType? dtype = null)
+    {
+        var dt = dtype ?? ComputeDType;
+        var floatType = dt switch
+        {
+            ScalarType.BFloat16 => FloatType.BFloat16,
+            ScalarType.Float16 => FloatType.Float16,
+            ScalarType.Float32 => FloatType.Float32,
+            _ => throw new ArgumentException($"cannot dequantize to {dt}"),
+        };
+        var output = empty([OutFeatures, InFeatures], dtype: dt, device: _packed.device);
+        var source = new FourBitPointers
+        {
+            Packed = TensorMemory.DataPointer(_packed),
+            Count = OutFeatures * InFeatures,
+            Blocksize = Blocksize,
+            QuantType = QuantType,
+            Absmax = IsDoubleQuantized ? 0 : TensorMemory.DataPointer(_absmax),
+            AbsmaxCodes = IsDoubleQuantized ? TensorMemory.DataPointer(_absmax) : 0,
+            NestedAbsmax = _nestedAbsmax is null ? 0 : TensorMemory.DataPointer(_nestedAbsmax),
+            NestedMap = _nestedMap is null ? 0 : TensorMemory.DataPointer(_nestedMap),
+            Offset = _offset,
+            NestedBlocksize = _nestedBlocksize,
+        };
+        DequantizerFor(_packed.device).Dequantize(source, floatType, TensorMemory.DataPointer(output));
+        return output;
+    }
+
+    /// <summary>y = x · Wᵀ + b with W dequantized on the fly (and again in backward).</summary>
+    public override Tensor forward(Tensor input)
+    {
+        if (input.shape[^1] != InFeatures)
+            throw new ArgumentException($"input's last dimension is {input.shape[^1]}, this layer takes {InFeatures}");
+        var x = input.dtype == ComputeDType ? input : input.to(ComputeDType);
+        var y = Linear4bitFunction.apply(x, this);
+        if (Bias is not null) y = y.add_(Bias);
+        return y;
+    }
+
+    /// <summary>The dequantizer for a device: the CPU one, or the CUDA kernels in libtorch's primary context.</summary>
+    internal static IFourBitDequantizer DequantizerFor(Device device) =>
+        device.type == DeviceType.CPU ? CpuFourBitDequantizer.Instance : FourBitDequantizers.Create(DeviceKind.Cuda, device.index < 0 ? 0 : device.index);
+
+    /// <summary>The custom autograd node: saves nothing but the module; backward dequantizes again.</summary>
+    private sealed class Linear4bitFunction : torch.autograd.SingleTensorFunction<Linear4bitFunction>
+    {
+        public override string Name => "Linear4bitBackward";
+
+        public override Tensor forward(torch.autograd.AutogradContext ctx, params object[] vars)
+        {
+            var x = (Tensor)vars[0];
+            var layer = (Linear4bit)vars[1];
+            ctx.save_data("layer", layer);
+            using var w = layer.Dequantize();
+            return nn.functional.linear(x, w);
+        }
+
+        public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
+        {
+            var layer = (Linear4bit)ctx.get_data("layer");
+            using var w = layer.Dequantize();
+            var g = grad.dtype == w.dtype ? grad : grad.to(w.dtype);
+            return [g.matmul(w), null!];
+        }
+    }
+}
