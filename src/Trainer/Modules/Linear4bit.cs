@@ -163,6 +163,9 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
         {
             var x = (Tensor)vars[0];
             var layer = (Linear4bit)vars[1];
+            // TorchSharp would materialise missing grads from a cached empty_like of the output, which a caller's
+            // dispose scope may already have freed; take "no gradient" as it is instead.
+            ctx.set_materialize_grads(false);
             ctx.save_data("layer", layer);
             using var w = layer.Dequantize();
             return nn.functional.linear(x, w);
@@ -170,6 +173,7 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
 
         public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
         {
+            if (grad.IsInvalid) return [null!, null!];
             var layer = (Linear4bit)ctx.get_data("layer");
             using var w = layer.Dequantize();
             var g = grad.dtype == w.dtype ? grad : grad.to(w.dtype);

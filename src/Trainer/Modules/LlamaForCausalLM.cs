@@ -1,0 +1,268 @@
+using System.Text.RegularExpressions;
+using QLora.Quant;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// A Llama-family causal LM in Hugging Face naming (<c>model.embed_tokens</c>, <c>model.layers.N...</c>,
+/// <c>model.norm</c>, <c>lm_head</c>), with frozen 4-bit (or dense) projections, optional LoRA adapters on chosen
+/// projections, per-layer gradient checkpointing (on by default) and the chunked fp32 loss.
+/// </summary>
+public sealed class LlamaForCausalLM : nn.Module
+{
+    private readonly RotaryEmbedding _rope;
+    private readonly nn.Module<Tensor, Tensor>? _lmHead;
+    private readonly List<(string Name, LoraLinear Layer)> _lora = [];
+
+    private LlamaForCausalLM(LlamaConfig config, LlamaModel model, nn.Module<Tensor, Tensor>? lmHead, ScalarType computeDType) : base("LlamaForCausalLM")
+    {
+        Config = config;
+        ComputeDType = computeDType;
+        this.model = model;
+        _lmHead = lmHead;
+        _rope = new RotaryEmbedding(config.HeadDim, config.RopeTheta, config.RopeScaling);
+        register_module("model", model);
+        if (lmHead is not null) register_module("lm_head", lmHead);
+    }
+
+    /// <summary>The architecture.</summary>
+    public LlamaConfig Config { get; }
+    /// <summary>The dtype activations and dequantized weights use.</summary>
+    public ScalarType ComputeDType { get; }
+    /// <summary>Embeddings, decoder layers and final norm.</summary>
+    public LlamaModel model { get; }
+    /// <summary>Recompute each decoder layer in backward instead of keeping its activations (default on).</summary>
+    public bool GradientCheckpointing { get; set; } = true;
+    /// <summary>Tokens per chunk of the loss's logits.</summary>
+    public int LossChunkTokens { get; set; } = 1024;
+    /// <summary>The adapted projections, by full HF module name.</summary>
+    public IReadOnlyList<(string Name, LoraLinear Layer)> LoraLayers => _lora;
+
+    /// <summary>
+    /// Builds the model from dense weights by HF name (any float dtype, e.g. read from safetensors); decoder
+    /// projections are quantized to NF4 + double quant when <paramref name="quantize"/> (the QLoRA base), other tensors
+    /// are kept in the compute dtype. A missing tensor or a shape that disagrees with the config is an error naming it.
+    /// </summary>
+    public static LlamaForCausalLM FromWeights(LlamaConfig config, Func<string, Tensor?> weights, bool quantize = true,
+        ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64)
+    {
+        Tensor Get(string name, params long[] shape)
+        {
+            var t = weights(name) ?? throw new ArgumentException($"missing weight {name}");
+            if (!t.shape.SequenceEqual(shape))
+                throw new ArgumentException($"weight {name} has shape [{string.Join(", ", t.shape)}], the config implies [{string.Join(", ", shape)}]");
+            return t;
+        }
+        Tensor? Bias(string name, bool present, long size) => present ? Get(name, size) : null;
+        nn.Module<Tensor, Tensor> Proj(string name, long outF, long inF, bool bias)
+        {
+            var w = Get(name + ".weight", outF, inF);
+            var b = Bias(name + ".bias", bias, outF);
+            if (quantize) return Linear4bit.Quantize(w, b, computeDType, QuantType.Nf4, blocksize, doubleQuant: true);
+            var lin = nn.Linear(inF, outF, hasBias: b is not null, dtype: computeDType);
+            using (no_grad())
+            {
+                lin.weight!.copy_(w);
+                if (b is not null) lin.bias!.copy_(b);
+            }
+            lin.weight!.requires_grad = false;
+            if (lin.bias is not null) lin.bias.requires_grad = false;
+            return lin;
+        }
+
+        int hsz = config.HiddenSize, isz = config.IntermediateSize, hd = config.HeadDim;
+        int q = config.NumAttentionHeads * hd, kv = config.NumKeyValueHeads * hd;
+        var layers = new List<LlamaDecoderLayer>();
+        for (int i = 0; i < config.NumHiddenLayers; i++)
+        {
+            string p = $"model.layers.{i}.";
+            bool ab = config.AttentionBias;
+            var attn = new LlamaAttention(config,
+                Proj(p + "self_attn.q_proj", q, hsz, ab), Proj(p + "self_attn.k_proj", kv, hsz, ab),
+                Proj(p + "self_attn.v_proj", kv, hsz, ab), Proj(p + "self_attn.o_proj", hsz, q, ab && !config.QkvBiasOnly));
+            var mlp = new LlamaMlp(Proj(p + "mlp.gate_proj", isz, hsz, config.MlpBias), Proj(p + "mlp.up_proj", isz, hsz, config.MlpBias),
+                Proj(p + "mlp.down_proj", hsz, isz, config.MlpBias));
+            layers.Add(new LlamaDecoderLayer(Norm(p + "input_layernorm.weight"), attn, Norm(p + "post_attention_layernorm.weight"), mlp));
+        }
+        RmsNorm Norm(string name)
+        {
+            var n = new RmsNorm(hsz, config.RmsNormEps, computeDType);
+            using (no_grad()) n.weight.copy_(Get(name, hsz));
+            return n;
+        }
+        var embed = new FrozenEmbedding(Get("model.embed_tokens.weight", config.VocabSize, hsz).to(computeDType));
+        var model = new LlamaModel(embed, layers, Norm("model.norm.weight"));
+        nn.Module<Tensor, Tensor>? head = null;
+        if (!config.TieWordEmbeddings)
+        {
+            var w = Get("lm_head.weight", config.VocabSize, hsz);
+            var lin = nn.Linear(hsz, config.VocabSize, hasBias: false, dtype: computeDType);
+            using (no_grad()) lin.weight!.copy_(w);
+            lin.weight!.requires_grad = false;
+            head = lin;
+        }
+        return new LlamaForCausalLM(config, model, head, computeDType);
+    }
+
+    /// <summary>A model with random weights (normal, std 0.02; norms 1), for tests and benchmarks.</summary>
+    public static LlamaForCausalLM CreateRandom(LlamaConfig config, long seed, bool quantize = true, ScalarType computeDType = ScalarType.BFloat16)
+    {
+        var gen = new Generator((ulong)seed);
+        return FromWeights(config, name =>
+        {
+            int hsz = config.HiddenSize, hd = config.HeadDim;
+            long[]? shape = null;
+            if (name.EndsWith("norm.weight", StringComparison.Ordinal)) return ones(hsz);
+            if (name == "model.embed_tokens.weight" || name == "lm_head.weight") shape = [config.VocabSize, hsz];
+            else if (name.EndsWith(".bias", StringComparison.Ordinal))
+            {
+                long outF = name.Contains("q_proj") ? config.NumAttentionHeads * hd : name.Contains("k_proj") || name.Contains("v_proj") ? config.NumKeyValueHeads * hd
+                    : name.Contains("gate_proj") || name.Contains("up_proj") ? config.IntermediateSize : hsz;
+                return randn([outF], generator: gen) * 0.02;
+            }
+            else if (name.Contains("q_proj")) shape = [config.NumAttentionHeads * hd, hsz];
+            else if (name.Contains("k_proj") || name.Contains("v_proj")) shape = [config.NumKeyValueHeads * hd, hsz];
+            else if (name.Contains("o_proj")) shape = [hsz, config.NumAttentionHeads * hd];
+            else if (name.Contains("gate_proj") || name.Contains("up_proj")) shape = [config.IntermediateSize, hsz];
+            else if (name.Contains("down_proj")) shape = [hsz, config.IntermediateSize];
+            return shape is null ? null : randn(shape, generator: gen) * 0.02;
+        }, quantize, computeDType);
+    }
+
+    /// <summary>
+    /// Wraps the projections <paramref name="options"/> selects with <see cref="LoraLinear"/> adapters (PEFT's
+    /// target_modules / layers_to_transform) and freezes everything else; returns the adapted module names.
+    /// A second call adds another named adapter to the same projections.
+    /// </summary>
+    public IReadOnlyList<string> ApplyLora(LoraOptions options, Generator? generator = null)
+    {
+        options.Validate();
+        var names = new List<string>();
+        for (int i = 0; i < model.layers.Count; i++)
+        {
+            var layer = model.layers[i];
+            foreach (var proj in new[] { "q_proj", "k_proj", "v_proj", "o_proj" })
+                Wrap($"model.layers.{i}.self_attn.{proj}", layer.self_attn.Projection(proj), m => layer.self_attn.ReplaceProjection(proj, m));
+            foreach (var proj in new[] { "gate_proj", "up_proj", "down_proj" })
+                Wrap($"model.layers.{i}.mlp.{proj}", layer.mlp.Projection(proj), m => layer.mlp.ReplaceProjection(proj, m));
+        }
+        if (names.Count == 0) throw new ArgumentException("LoRA target modules matched no projection of the model");
+        foreach (var (name, p) in named_parameters())
+            p.requires_grad = name.Contains(".lora_A.", StringComparison.Ordinal) || name.Contains(".lora_B.", StringComparison.Ordinal);
+        return names;
+
+        void Wrap(string name, nn.Module<Tensor, Tensor> current, Action<nn.Module<Tensor, Tensor>> replace)
+        {
+            if (!options.IsTarget(name)) return;
+            if (current is LoraLinear existing)
+            {
+                existing.AddAdapter(options, generator);
+            }
+            else
+            {
+                var lora = new LoraLinear(current, options, generator);
+                replace(lora);
+                _lora.Add((name, lora));
+            }
+            names.Add(name);
+        }
+    }
+
+    /// <summary>Makes <paramref name="adapter"/> active on every adapted projection.</summary>
+    public void SetAdapter(string adapter)
+    {
+        foreach (var (_, l) in _lora) l.SetAdapter(adapter);
+    }
+
+    /// <summary>Turns every adapter off (the base model) or on again.</summary>
+    public void DisableAdapters(bool disabled)
+    {
+        foreach (var (_, l) in _lora) l.AdaptersDisabled = disabled;
+    }
+
+    /// <summary>The trainable (LoRA) parameters with their HF/PEFT names.</summary>
+    public IReadOnlyList<(string Name, Parameter Parameter)> TrainableParameters() =>
+        named_parameters().Where(p => p.parameter.requires_grad).Select(p => (p.name, p.parameter)).ToList();
+
+    /// <summary>
+    /// Optimizer groups: A matrices at <paramref name="learningRate"/>, B matrices at learningRate · <paramref name="loraPlusRatio"/>
+    /// (LoRA+; 1 means plain LoRA, one rate for both).
+    /// </summary>
+    public IReadOnlyList<ParameterGroup> ParameterGroups(double learningRate, double loraPlusRatio = 1.0)
+    {
+        var all = TrainableParameters();
+        var a = all.Where(p => !p.Name.Contains(".lora_B.", StringComparison.Ordinal)).ToList();
+        var b = all.Where(p => p.Name.Contains(".lora_B.", StringComparison.Ordinal)).ToList();
+        if (loraPlusRatio == 1.0) return [new ParameterGroup(all, learningRate) { Name = "lora" }];
+        return [new ParameterGroup(a, learningRate) { Name = "lora_A" }, new ParameterGroup(b, learningRate * loraPlusRatio) { Name = "lora_B" }];
+    }
+
+    /// <summary>
+    /// Final hidden states [B, T, H] for token ids [B, T]. <paramref name="positionIds"/> defaults to 0..T−1 per row;
+    /// <paramref name="attentionMask"/> is null (causal) or a boolean [B, 1, T, T] "may attend" mask, e.g. block-diagonal
+    /// causal for packed sequences.
+    /// </summary>
+    public Tensor Forward(Tensor inputIds, Tensor? positionIds = null, Tensor? attentionMask = null)
+    {
+        using var scope = NewDisposeScope();
+        long b = inputIds.shape[0], t = inputIds.shape[1];
+        var pos = positionIds ?? arange(t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
+        var (cos, sin) = _rope.CosSin(pos, ComputeDType);
+        var h = model.embed_tokens.forward(inputIds);
+        bool checkpoint = GradientCheckpointing && is_grad_enabled() && training;
+        if (checkpoint) h = h.detach().requires_grad_(true); // the checkpoint node is only recorded when its input requires grad
+        foreach (var layer in model.layers)
+        {
+            var l = layer;
+            h = checkpoint
+                ? Checkpoint.Run((x, c) => l.Forward(x, c[0], c[1], c.Count > 2 ? c[2] : null), h, attentionMask is null ? [cos, sin] : [cos, sin, attentionMask])
+                : l.Forward(h, cos, sin, attentionMask);
+        }
+        return model.norm.forward(h).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Logits [.., vocab] in the compute dtype for hidden states.</summary>
+    public Tensor LmHead(Tensor hidden) =>
+        _lmHead is not null ? _lmHead.forward(hidden) : hidden.matmul(model.embed_tokens.weight.t());
+
+    /// <summary>Logits [B, T, vocab] for token ids (inference and tests; training uses <see cref="Loss"/>).</summary>
+    public Tensor Logits(Tensor inputIds, Tensor? positionIds = null, Tensor? attentionMask = null)
+    {
+        using var scope = NewDisposeScope();
+        return LmHead(Forward(inputIds, positionIds, attentionMask)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Summed fp32 cross-entropy over target tokens (labels −100 ignored, shifted by one) and their count.</summary>
+    public (Tensor Sum, long Tokens) Loss(Tensor inputIds, Tensor labels, Tensor? positionIds = null, Tensor? attentionMask = null)
+    {
+        using var scope = NewDisposeScope();
+        var hidden = Forward(inputIds, positionIds, attentionMask);
+        var (sum, tokens) = CausalLmLoss.Compute(hidden, labels, LmHead, LossChunkTokens);
+        return (sum.MoveToOuterDisposeScope(), tokens);
+    }
+}
+
+/// <summary>The decoder stack (HF: <c>model</c>): embed_tokens, layers, norm.</summary>
+public sealed class LlamaModel : nn.Module
+{
+    /// <summary>Assembles the stack.</summary>
+    public LlamaModel(FrozenEmbedding embed, IEnumerable<LlamaDecoderLayer> layers, RmsNorm norm) : base("LlamaModel")
+    {
+        embed_tokens = embed;
+        this.layers = new ModuleList<LlamaDecoderLayer>(layers.ToArray());
+        this.norm = norm;
+        register_module("embed_tokens", embed_tokens);
+        register_module("layers", this.layers);
+        register_module("norm", this.norm);
+    }
+
+    /// <summary>Token embeddings.</summary>
+    public FrozenEmbedding embed_tokens { get; }
+    /// <summary>Decoder layers.</summary>
+    public ModuleList<LlamaDecoderLayer> layers { get; }
+    /// <summary>Final norm.</summary>
+    public RmsNorm norm { get; }
+}

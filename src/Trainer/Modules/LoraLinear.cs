@@ -1,0 +1,153 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// A frozen base linear (4-bit <see cref="Linear4bit"/> or dense <see cref="Linear"/>) plus named low-rank adapters,
+/// as PEFT's <c>lora.Linear</c>: <c>y = base(x) + B(A(dropout(x))) · scaling</c> for the active adapter. Parameters are
+/// named <c>lora_A.&lt;adapter&gt;.weight</c> [r, in] and <c>lora_B.&lt;adapter&gt;.weight</c> [out, r].
+/// </summary>
+public sealed class LoraLinear : nn.Module<Tensor, Tensor>
+{
+    private readonly nn.Module<Tensor, Tensor> _base;
+    private readonly AdapterDict _loraA = new();
+    private readonly AdapterDict _loraB = new();
+    private readonly Dictionary<string, (double Scaling, double Dropout)> _settings = new(StringComparer.Ordinal);
+    private string? _merged;
+
+    /// <summary>Wraps <paramref name="baseLayer"/> and adds the first adapter.</summary>
+    public LoraLinear(nn.Module<Tensor, Tensor> baseLayer, LoraOptions options, Generator? generator = null) : base("LoraLinear")
+    {
+        (InFeatures, OutFeatures) = baseLayer switch
+        {
+            Linear4bit q => (q.InFeatures, q.OutFeatures),
+            Linear l => (l.in_features, l.out_features),
+            _ => throw new ArgumentException($"LoRA wraps Linear4bit or Linear, not {baseLayer.GetType().Name}"),
+        };
+        _base = baseLayer;
+        foreach (var p in baseLayer.parameters()) p.requires_grad = false;
+        register_module("base_layer", _base);
+        register_module("lora_A", _loraA);
+        register_module("lora_B", _loraB);
+        AddAdapter(options, generator);
+    }
+
+    /// <summary>Input features.</summary>
+    public long InFeatures { get; }
+    /// <summary>Output features.</summary>
+    public long OutFeatures { get; }
+    /// <summary>The frozen base layer.</summary>
+    public nn.Module<Tensor, Tensor> BaseLayer => _base;
+    /// <summary>The adapter used in forward.</summary>
+    public string ActiveAdapter { get; private set; } = "";
+    /// <summary>When true, forward is the base layer alone.</summary>
+    public bool AdaptersDisabled { get; set; }
+    /// <summary>The adapter currently merged into a dense base, or null.</summary>
+    public string? MergedAdapter => _merged;
+    /// <summary>Names of the adapters.</summary>
+    public IEnumerable<string> Adapters => _settings.Keys;
+
+    /// <summary>The A matrix of an adapter ([r, in]).</summary>
+    public Parameter LoraA(string adapter) => _loraA[adapter].weight!;
+    /// <summary>The B matrix of an adapter ([out, r]).</summary>
+    public Parameter LoraB(string adapter) => _loraB[adapter].weight!;
+    /// <summary>alpha / r (or alpha / √r) of an adapter.</summary>
+    public double Scaling(string adapter) => _settings[adapter].Scaling;
+
+    /// <summary>Adds an adapter with PEFT's initialisation and makes it active.</summary>
+    public void AddAdapter(LoraOptions options, Generator? generator = null)
+    {
+        options.Validate();
+        if (_settings.ContainsKey(options.AdapterName)) throw new ArgumentException($"adapter '{options.AdapterName}' already exists");
+        var a = nn.Linear(InFeatures, options.Rank, hasBias: false, dtype: ScalarType.Float32);
+        var b = nn.Linear(options.Rank, OutFeatures, hasBias: false, dtype: ScalarType.Float32);
+        using (no_grad())
+        {
+            if (options.Init == "gaussian") a.weight!.normal_(0, 1.0 / options.Rank, generator: generator);
+            else
+            {
+                double bound = 1.0 / Math.Sqrt(InFeatures); // kaiming_uniform(a = √5): gain·√(3/fan_in) = 1/√fan_in
+                a.weight!.uniform_(-bound, bound, generator: generator);
+            }
+            b.weight!.zero_();
+        }
+        a.to(options.DType);
+        b.to(options.DType);
+        var device = _base.buffers().Concat(_base.parameters()).FirstOrDefault()?.device;
+        if (device is not null && device.type != DeviceType.CPU) { a.to(device); b.to(device); }
+        _loraA.Add(options.AdapterName, a);
+        _loraB.Add(options.AdapterName, b);
+        _settings[options.AdapterName] = (options.Scaling, options.Dropout);
+        ActiveAdapter = options.AdapterName;
+    }
+
+    /// <summary>Makes another adapter the one used in forward.</summary>
+    public void SetAdapter(string name)
+    {
+        if (!_settings.ContainsKey(name)) throw new ArgumentException($"no adapter '{name}'; adapters: {string.Join(", ", _settings.Keys)}");
+        if (_merged is not null && _merged != name) throw new InvalidOperationException($"adapter '{_merged}' is merged; unmerge it before switching");
+        ActiveAdapter = name;
+    }
+
+    /// <summary>y = base(x) + B(A(dropout(x)))·scaling, unless disabled or merged.</summary>
+    public override Tensor forward(Tensor x)
+    {
+        var result = _base.forward(x);
+        if (AdaptersDisabled || _merged is not null) return result;
+        var (scaling, dropout) = _settings[ActiveAdapter];
+        var a = _loraA[ActiveAdapter];
+        var b = _loraB[ActiveAdapter];
+        var input = x.dtype == a.weight!.dtype ? x : x.to(a.weight.dtype);
+        if (dropout > 0 && training) input = nn.functional.dropout(input, dropout, training: true);
+        var update = b.forward(a.forward(input)) * scaling;
+        return result + update.to(result.dtype);
+    }
+
+    /// <summary>The dense update scaling·B·A ([out, in], float32).</summary>
+    public Tensor DeltaWeight(string adapter)
+    {
+        using var _ = no_grad();
+        return LoraB(adapter).to(ScalarType.Float32).matmul(LoraA(adapter).to(ScalarType.Float32)) * Scaling(adapter);
+    }
+
+    /// <summary>Adds the active adapter into a dense base weight (W += scaling·B·A); a 4-bit base cannot be merged in place.</summary>
+    public void Merge()
+    {
+        if (_merged is not null) throw new InvalidOperationException($"adapter '{_merged}' is already merged");
+        if (_base is not Linear dense)
+            throw new InvalidOperationException("merging into a 4-bit base would re-quantize it; merge into a dense copy of the model instead (qlora merge writes one)");
+        using (no_grad())
+        using (var delta = DeltaWeight(ActiveAdapter))
+            dense.weight!.add_(delta.to(dense.weight.dtype));
+        _merged = ActiveAdapter;
+    }
+
+    /// <summary>Subtracts the merged adapter from the dense base weight again.</summary>
+    public void Unmerge()
+    {
+        if (_merged is null) throw new InvalidOperationException("no adapter is merged");
+        var dense = (Linear)_base;
+        using (no_grad())
+        using (var delta = DeltaWeight(_merged))
+            dense.weight!.sub_(delta.to(dense.weight.dtype));
+        _merged = null;
+    }
+
+    /// <summary>Adapters by name, registered so their parameters are named <c>&lt;adapter&gt;.weight</c> (PEFT's ModuleDict).</summary>
+    private sealed class AdapterDict : nn.Module
+    {
+        private readonly Dictionary<string, Linear> _items = new(StringComparer.Ordinal);
+
+        public AdapterDict() : base("ModuleDict") { }
+
+        public Linear this[string name] => _items[name];
+
+        public void Add(string name, Linear module)
+        {
+            _items.Add(name, module);
+            register_module(name, module);
+        }
+    }
+}

@@ -1,0 +1,62 @@
+using System.Text.RegularExpressions;
+
+namespace QLora.Trainer;
+
+/// <summary>How adapters are attached, in PEFT's terms (<c>LoraConfig</c>).</summary>
+public sealed record LoraOptions
+{
+    /// <summary>The linear layers of a Llama decoder layer.</summary>
+    public static readonly IReadOnlyList<string> AllLinear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+    /// <summary>Rank r.</summary>
+    public int Rank { get; init; } = 16;
+    /// <summary>lora_alpha: the update is scaled by alpha / r (or alpha / √r with rsLoRA).</summary>
+    public double Alpha { get; init; } = 16;
+    /// <summary>Dropout on the adapter's input.</summary>
+    public double Dropout { get; init; }
+    /// <summary>Scale by alpha / √r (rank-stabilised LoRA).</summary>
+    public bool UseRsLora { get; init; }
+    /// <summary>Module names (last path segment, as PEFT matches them) to adapt; ignored when <see cref="TargetRegex"/> is set.</summary>
+    public IReadOnlyList<string> TargetModules { get; init; } = AllLinear;
+    /// <summary>A regex over the full module name (PEFT's string form of target_modules), or null.</summary>
+    public string? TargetRegex { get; init; }
+    /// <summary>Decoder layer indices to adapt (PEFT layers_to_transform), or null for all.</summary>
+    public IReadOnlyList<int>? LayersToTransform { get; init; }
+    /// <summary>PEFT initialisation: "kaiming" (A kaiming-uniform with a = √5, B zeros; PEFT's default) or "gaussian" (A ~ N(0, 1/r)).</summary>
+    public string Init { get; init; } = "kaiming";
+    /// <summary>dtype of the adapter weights: float32 master weights (default) or bfloat16.</summary>
+    public TorchSharp.torch.ScalarType DType { get; init; } = TorchSharp.torch.ScalarType.Float32;
+    /// <summary>The adapter's name.</summary>
+    public string AdapterName { get; init; } = "default";
+
+    /// <summary>alpha / r, or alpha / √r with rsLoRA.</summary>
+    public double Scaling => UseRsLora ? Alpha / Math.Sqrt(Rank) : Alpha / Rank;
+
+    /// <summary>Checks values; throws <see cref="ArgumentException"/> naming the bad one.</summary>
+    public void Validate()
+    {
+        if (Rank <= 0) throw new ArgumentException($"LoRA rank {Rank}: must be >= 1");
+        if (!(Alpha > 0)) throw new ArgumentException($"LoRA alpha {Alpha}: must be > 0");
+        if (!(Dropout >= 0 && Dropout < 1)) throw new ArgumentException($"LoRA dropout {Dropout}: must be in [0, 1)");
+        if (Init is not ("kaiming" or "gaussian")) throw new ArgumentException($"LoRA init '{Init}': must be kaiming or gaussian");
+        if (DType is not (TorchSharp.torch.ScalarType.Float32 or TorchSharp.torch.ScalarType.BFloat16))
+            throw new ArgumentException($"LoRA dtype {DType}: must be Float32 or BFloat16");
+        if (TargetRegex is not null) _ = new Regex(TargetRegex);
+    }
+
+    /// <summary>
+    /// True if the module at <paramref name="fullName"/> (e.g. <c>model.layers.3.self_attn.q_proj</c>) is a target:
+    /// a full match of <see cref="TargetRegex"/>, or its last segment in <see cref="TargetModules"/>; and its layer index
+    /// in <see cref="LayersToTransform"/> when that is set.
+    /// </summary>
+    public bool IsTarget(string fullName)
+    {
+        bool nameMatch = TargetRegex is not null
+            ? Regex.IsMatch(fullName, "^(?:" + TargetRegex + ")$")
+            : TargetModules.Contains(fullName[(fullName.LastIndexOf('.') + 1)..]);
+        if (!nameMatch) return false;
+        if (LayersToTransform is null) return true;
+        var m = Regex.Match(fullName, @"\.layers\.(\d+)\.");
+        return m.Success && LayersToTransform.Contains(int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture));
+    }
+}

@@ -1,0 +1,32 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>Llama's RMSNorm (HF naming: <c>weight</c>): normalised in float32, cast back, then scaled. Frozen.</summary>
+public sealed class RmsNorm : nn.Module<Tensor, Tensor>
+{
+    private readonly double _eps;
+
+    /// <summary>A norm over the last dimension of size <paramref name="size"/>, weight initialised to ones.</summary>
+    public RmsNorm(long size, double eps, ScalarType dtype) : base("RmsNorm")
+    {
+        _eps = eps;
+        weight = new Parameter(ones(size, dtype: dtype), requires_grad: false);
+        register_parameter("weight", weight);
+    }
+
+    /// <summary>The scale.</summary>
+    public Parameter weight { get; }
+
+    /// <summary>weight · (x / √(mean(x²) + eps)), the division in float32.</summary>
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var x32 = x.to(ScalarType.Float32);
+        var variance = x32.pow(2).mean([-1L], keepdim: true);
+        var normed = (x32 * torch.rsqrt(variance + _eps)).to(x.dtype);
+        return (weight.to(x.dtype) * normed).MoveToOuterDisposeScope();
+    }
+}
