@@ -46,7 +46,7 @@ public static class Checkpoint
             var constants = (Tensor[])vars[2];
             ctx.set_materialize_grads(false); // see Linear4bit: no cached output is touched in backward
             ctx.save_data("block", block);
-            ctx.save_data("rng", torch.random.get_rng_state().DetachFromDisposeScope());
+            using (var state = torch.random.get_rng_state()) ctx.save_data("rng", state.bytes.ToArray()); // bytes: no tensor outlives its scope
             ctx.save_for_backward([input, .. constants]);
             return block(input, constants);
         }
@@ -60,7 +60,7 @@ public static class Checkpoint
                 var input = saved_[0];
                 var constants = saved_.Skip(1).ToArray();
                 var block = (Func<Tensor, IReadOnlyList<Tensor>, Tensor>)ctx.get_data("block");
-                using var saved = (Tensor)ctx.get_data("rng");
+                using var saved = tensor((byte[])ctx.get_data("rng"), ScalarType.Byte);
                 using var current = torch.random.get_rng_state();
                 torch.random.set_rng_state(saved);
                 Tensor? inputGrad;

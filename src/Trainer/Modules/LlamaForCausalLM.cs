@@ -107,8 +107,12 @@ public sealed class LlamaForCausalLM : nn.Module
         return new LlamaForCausalLM(config, model, head, computeDType);
     }
 
-    /// <summary>A model with random weights (normal, std 0.02; norms 1), for tests and benchmarks.</summary>
-    public static LlamaForCausalLM CreateRandom(LlamaConfig config, long seed, bool quantize = true, ScalarType computeDType = ScalarType.BFloat16)
+    /// <summary>
+    /// A model with random weights (normal with std <paramref name="initStd"/>, transformers' default 0.02; norms 1),
+    /// for tests and benchmarks.
+    /// </summary>
+    public static LlamaForCausalLM CreateRandom(LlamaConfig config, long seed, bool quantize = true, ScalarType computeDType = ScalarType.BFloat16,
+        double initStd = 0.02)
     {
         var gen = new Generator((ulong)seed);
         return FromWeights(config, name =>
@@ -121,14 +125,14 @@ public sealed class LlamaForCausalLM : nn.Module
             {
                 long outF = name.Contains("q_proj") ? config.NumAttentionHeads * hd : name.Contains("k_proj") || name.Contains("v_proj") ? config.NumKeyValueHeads * hd
                     : name.Contains("gate_proj") || name.Contains("up_proj") ? config.IntermediateSize : hsz;
-                return randn([outF], generator: gen) * 0.02;
+                return randn([outF], generator: gen) * initStd;
             }
             else if (name.Contains("q_proj")) shape = [config.NumAttentionHeads * hd, hsz];
             else if (name.Contains("k_proj") || name.Contains("v_proj")) shape = [config.NumKeyValueHeads * hd, hsz];
             else if (name.Contains("o_proj")) shape = [hsz, config.NumAttentionHeads * hd];
             else if (name.Contains("gate_proj") || name.Contains("up_proj")) shape = [config.IntermediateSize, hsz];
             else if (name.Contains("down_proj")) shape = [hsz, config.IntermediateSize];
-            return shape is null ? null : randn(shape, generator: gen) * 0.02;
+            return shape is null ? null : randn(shape, generator: gen) * initStd;
         }, quantize, computeDType);
     }
 

@@ -108,12 +108,15 @@ public sealed unsafe class BnbAdamW : IDisposable
     {
         foreach (var g in _groups)
             foreach (var s in g.Slots)
-                s.Parameter.grad?.zero_();
+            {
+                using var grad = s.Parameter.grad; // each access wraps a new handle: dispose it
+                if (grad is not null) grad.zero_().Dispose(); // so does the in-place op's result
+            }
     }
 
     private static void Update(Slot s, byte* state, in AdamW8bitStep step)
     {
-        var grad = s.Parameter.grad;
+        using var grad = s.Parameter.grad;
         if (grad is null) return;
         if (grad.dtype != s.Parameter.dtype || grad.numel() != s.Count)
             throw new InvalidOperationException($"{s.Name}: gradient {grad.dtype} x {grad.numel()} does not match the parameter {s.Parameter.dtype} x {s.Count}");
