@@ -1,0 +1,47 @@
+using System.CommandLine;
+using QLora.Trainer;
+
+namespace QLora.Cli;
+
+/// <summary><c>qlora bench train</c>: a QLoRA step's throughput, MFU and dequantization overhead on this machine.</summary>
+internal static class TrainBenchmarkVerb
+{
+    public static Command Create(TextWriter stdout)
+    {
+        var d = new TrainBenchmark.Options();
+        var layers = new Option<int>("--layers") { Description = "decoder layers", DefaultValueFactory = _ => d.Layers };
+        var hidden = new Option<int>("--hidden") { Description = "hidden size", DefaultValueFactory = _ => d.Hidden };
+        var intermediate = new Option<int>("--intermediate") { Description = "MLP width", DefaultValueFactory = _ => d.Intermediate };
+        var heads = new Option<int>("--heads") { Description = "attention heads", DefaultValueFactory = _ => d.Heads };
+        var kvHeads = new Option<int>("--kv-heads") { Description = "key/value heads", DefaultValueFactory = _ => d.KvHeads };
+        var vocab = new Option<int>("--vocab") { Description = "vocabulary size", DefaultValueFactory = _ => d.Vocab };
+        var seq = new Option<int>("--seq") { Description = "tokens per sequence", DefaultValueFactory = _ => d.Sequence };
+        var batch = new Option<int>("--batch") { Description = "sequences per step", DefaultValueFactory = _ => d.Batch };
+        var rank = new Option<int>("--rank") { Description = "LoRA rank", DefaultValueFactory = _ => d.Rank };
+        var steps = new Option<int>("--steps") { Description = "timed steps per variant (median)", DefaultValueFactory = _ => d.Steps };
+        var cmd = new Command("train", "A QLoRA step (NF4 base, bf16 compute, checkpointing, paged AdamW) vs the same step on dense bf16 weights, and the bf16 matmul rate.")
+        {
+            layers, hidden, intermediate, heads, kvHeads, vocab, seq, batch, rank, steps,
+        };
+        cmd.SetAction(r =>
+        {
+            var o = new TrainBenchmark.Options
+            {
+                Layers = r.GetValue(layers), Hidden = r.GetValue(hidden), Intermediate = r.GetValue(intermediate), Heads = r.GetValue(heads),
+                KvHeads = r.GetValue(kvHeads), Vocab = r.GetValue(vocab), Sequence = r.GetValue(seq), Batch = r.GetValue(batch),
+                Rank = r.GetValue(rank), Steps = r.GetValue(steps),
+            };
+            foreach (var (name, v) in new[] { ("--layers", o.Layers), ("--hidden", o.Hidden), ("--intermediate", o.Intermediate), ("--heads", o.Heads),
+                         ("--kv-heads", o.KvHeads), ("--vocab", o.Vocab), ("--seq", o.Sequence), ("--batch", o.Batch), ("--rank", o.Rank), ("--steps", o.Steps) })
+                if (v <= 0) throw new ArgumentException($"{name} {v}: must be positive");
+            var result = TrainBenchmark.Run(o, stdout.WriteLine);
+            stdout.WriteLine($"machine: {DequantBenchmark.CpuName()}, {result.Threads} torch threads");
+            stdout.WriteLine($"model: {result.Params / 1e6:F1} M parameters ({result.LinearParams / 1e6:F1} M in linear layers), LoRA r={o.Rank}: {result.LoraParams / 1e6:F2} M trainable; {o.Batch}x{o.Sequence} tokens per step");
+            stdout.WriteLine($"QLoRA step: {result.QloraStepSeconds:F2} s ({result.TokensPerSecond:F0} tokens/s); dense bf16 step: {result.DenseStepSeconds:F2} s");
+            stdout.WriteLine($"MFU: {result.Mfu:P1} of {result.MatmulGflops:F0} GFLOP/s bf16 matmul (target >= 40 %); dequantization overhead: {result.DequantOverhead:F3} (target <= 1.10)");
+            stdout.WriteLine(result.ToJson());
+            return 0;
+        });
+        return cmd;
+    }
+}

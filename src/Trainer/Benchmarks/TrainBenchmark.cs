@@ -1,0 +1,161 @@
+using System.Diagnostics;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// Measures a QLoRA training step (forward, backward, optimizer) on a Llama-shaped model with random NF4 weights, and in
+/// the same run the same step with dense bf16 frozen weights and the machine's bf16 matmul rate, so the figures are
+/// ratios on one machine: model FLOPs utilisation and the cost of dequantizing on the fly.
+/// </summary>
+public static class TrainBenchmark
+{
+    /// <summary>What to measure.</summary>
+    public sealed record Options
+    {
+        /// <summary>Decoder layers.</summary>
+        public int Layers { get; init; } = 12;
+        /// <summary>hidden_size.</summary>
+        public int Hidden { get; init; } = 1024;
+        /// <summary>intermediate_size.</summary>
+        public int Intermediate { get; init; } = 2816;
+        /// <summary>Attention heads (head_dim = hidden / heads).</summary>
+        public int Heads { get; init; } = 16;
+        /// <summary>Key/value heads.</summary>
+        public int KvHeads { get; init; } = 4;
+        /// <summary>vocab_size.</summary>
+        public int Vocab { get; init; } = 32000;
+        /// <summary>Tokens per sequence.</summary>
+        public int Sequence { get; init; } = 512;
+        /// <summary>Sequences per step.</summary>
+        public int Batch { get; init; } = 1;
+        /// <summary>LoRA rank on every linear layer of the decoder.</summary>
+        public int Rank { get; init; } = 16;
+        /// <summary>Timed steps per variant (after one warm-up step); medians are reported.</summary>
+        public int Steps { get; init; } = 3;
+        /// <summary>Side of the square bf16 matmul that measures the machine's peak rate.</summary>
+        public int MatmulSize { get; init; } = 2048;
+    }
+
+    /// <summary>The figures of one run.</summary>
+    public sealed record Result(
+        long Params, long LinearParams, long LoraParams, int Tokens,
+        double QloraStepSeconds, double DenseStepSeconds, double MatmulGflops,
+        double ModelFlopsPerStep, int Threads)
+    {
+        /// <summary>Tokens per second of the QLoRA step.</summary>
+        public double TokensPerSecond => Tokens / QloraStepSeconds;
+        /// <summary>QLoRA steps per second.</summary>
+        public double StepsPerSecond => 1 / QloraStepSeconds;
+        /// <summary>Model FLOPs per second over the measured bf16 matmul rate.</summary>
+        public double Mfu => ModelFlopsPerStep / QloraStepSeconds / (MatmulGflops * 1e9);
+        /// <summary>QLoRA step time over the dense-bf16 step time: the cost of dequantizing on the fly.</summary>
+        public double DequantOverhead => QloraStepSeconds / DenseStepSeconds;
+
+        /// <summary>One JSON line of the figures.</summary>
+        public string ToJson() => System.Text.Json.JsonSerializer.Serialize(new
+        {
+            bench = "train", @params = Params, linear_params = LinearParams, lora_params = LoraParams, tokens_per_step = Tokens,
+            step_s = Math.Round(QloraStepSeconds, 4), dense_step_s = Math.Round(DenseStepSeconds, 4),
+            steps_per_s = Math.Round(StepsPerSecond, 4), tokens_per_s = Math.Round(TokensPerSecond, 1),
+            matmul_gflops = Math.Round(MatmulGflops, 1), model_gflops_per_step = Math.Round(ModelFlopsPerStep / 1e9, 1),
+            mfu = Math.Round(Mfu, 4), dequant_overhead = Math.Round(DequantOverhead, 4), threads = Threads,
+        });
+    }
+
+    /// <summary>Runs the benchmark, reporting progress lines to <paramref name="log"/>.</summary>
+    public static Result Run(Options o, Action<string>? log = null)
+    {
+        if (o.Hidden % o.Heads != 0 || o.Heads % o.KvHeads != 0) throw new ArgumentException("hidden must be a multiple of heads, heads of kv heads");
+        var config = new LlamaConfig
+        {
+            HiddenSize = o.Hidden, IntermediateSize = o.Intermediate, NumHiddenLayers = o.Layers, NumAttentionHeads = o.Heads,
+            NumKeyValueHeads = o.KvHeads, VocabSize = o.Vocab, HeadDim = o.Hidden / o.Heads, RmsNormEps = 1e-5, RopeTheta = 10000,
+            MaxPositionEmbeddings = Math.Max(2048, o.Sequence),
+        };
+        double gflops = MatmulRate(o.MatmulSize);
+        log?.Invoke($"bf16 matmul {o.MatmulSize}^3: {gflops:F1} GFLOP/s on {torch.get_num_threads()} threads");
+
+        var (qlora, stats) = StepTime(config, o, quantize: true, log);
+        var (dense, _) = StepTime(config, o, quantize: false, log);
+
+        int tokens = o.Batch * o.Sequence;
+        // Model FLOPs: forward 2·N and input-gradient 2·N per token for every linear layer (frozen weights get no
+        // weight gradient; LoRA adds a negligible 6·r·(in+out)); attention's QKᵀ and PV: 4·B·T²·H forward, twice that
+        // in backward, per layer, counted without the causal half. The checkpoint recompute is not counted.
+        double linearFlops = 4.0 * stats.LinearParams * tokens;
+        double attentionFlops = 12.0 * o.Layers * o.Batch * (double)o.Sequence * o.Sequence * o.Hidden;
+        return new Result(stats.Params, stats.LinearParams, stats.LoraParams, tokens, qlora, dense, gflops,
+            linearFlops + attentionFlops, torch.get_num_threads());
+    }
+
+    private sealed record ModelStats(long Params, long LinearParams, long LoraParams);
+
+    private static (double Seconds, ModelStats Stats) StepTime(LlamaConfig config, Options o, bool quantize, Action<string>? log)
+    {
+        using var model = LlamaForCausalLM.CreateRandom(config, 1234, quantize);
+        model.ApplyLora(new LoraOptions { Rank = o.Rank, Alpha = 2 * o.Rank }, new Generator(1));
+        model.train();
+        using var optimizer = new BnbAdamW(model.ParameterGroups(2e-4), new AdamWOptions { Paged = true });
+        long linear = 0;
+        foreach (var layer in model.model.layers)
+            foreach (var p in new[] { "q_proj", "k_proj", "v_proj", "o_proj" })
+                linear += Elements(layer.self_attn.Projection(p));
+        foreach (var layer in model.model.layers)
+            foreach (var p in new[] { "gate_proj", "up_proj", "down_proj" })
+                linear += Elements(layer.mlp.Projection(p));
+        linear += (long)config.VocabSize * config.HiddenSize; // lm_head
+        long lora = model.TrainableParameters().Sum(p => p.Parameter.numel());
+        long embed = (long)config.VocabSize * config.HiddenSize;
+        var stats = new ModelStats(linear + embed, linear, lora);
+
+        var gen = new Generator(5);
+        var times = new List<double>();
+        for (int i = 0; i <= o.Steps; i++)
+        {
+            using var scope = NewDisposeScope();
+            var ids = randint(0, config.VocabSize, [o.Batch, o.Sequence], generator: gen);
+            var sw = Stopwatch.StartNew();
+            var (sum, n) = model.Loss(ids, ids);
+            Checkpoint.Backward(sum / n);
+            optimizer.Step();
+            optimizer.ZeroGrad();
+            sw.Stop();
+            if (i > 0) times.Add(sw.Elapsed.TotalSeconds); // step 0 warms up
+            log?.Invoke($"{(quantize ? "qlora" : "dense")} step {i}{(i == 0 ? " (warm-up)" : "")}: {sw.Elapsed.TotalSeconds:F2} s");
+        }
+        return (Median(times), stats);
+    }
+
+    private static long Elements(nn.Module<Tensor, Tensor> m) => m switch
+    {
+        LoraLinear l => l.InFeatures * l.OutFeatures,
+        Linear4bit q => q.InFeatures * q.OutFeatures,
+        TorchSharp.Modules.Linear d => d.in_features * d.out_features,
+        _ => throw new InvalidOperationException($"unexpected projection {m.GetType().Name}"),
+    };
+
+    /// <summary>The bf16 matmul rate (GFLOP/s, median of several n³ products).</summary>
+    public static double MatmulRate(int n)
+    {
+        using var scope = NewDisposeScope();
+        var a = randn(n, n).to(ScalarType.BFloat16);
+        var b = randn(n, n).to(ScalarType.BFloat16);
+        matmul(a, b).Dispose();
+        var times = new List<double>();
+        for (int i = 0; i < 5; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            matmul(a, b).Dispose();
+            times.Add(sw.Elapsed.TotalSeconds);
+        }
+        return 2.0 * n * n * (double)n / Median(times) / 1e9;
+    }
+
+    private static double Median(List<double> xs)
+    {
+        var s = xs.OrderBy(x => x).ToList();
+        return s.Count % 2 == 1 ? s[s.Count / 2] : (s[s.Count / 2 - 1] + s[s.Count / 2]) / 2;
+    }
+}
