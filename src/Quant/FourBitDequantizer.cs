@@ -26,7 +26,9 @@ public static unsafe class FourBitDequantizer
     }
 
     private const long ChunkElements = 1 << 16;
-    private const long ParallelThreshold = 1 << 18;
+    // Below this, one thread: waking workers costs more than it saves, and inside a training step libtorch's own
+    // OpenMP threads are still spinning on the same cores.
+    internal const long ParallelThreshold = 1L << 23;
 
     /// <summary>Dequantizes a tensor into <paramref name="destination"/> (Count elements of <paramref name="outputType"/>).</summary>
     public static void Dequantize(QuantizedTensor tensor, FloatType outputType, Span<byte> destination, Path path = Path.Auto)

@@ -196,6 +196,41 @@ public class LlamaModelTests
     }
 
     [Fact]
+    public void LoraPlusPutsTheBMatricesInAGroupWithAScaledLearningRate()
+    {
+        using var m = LlamaForCausalLM.CreateRandom(TinyLlama.Config(), 9);
+        m.ApplyLora(new LoraOptions { Rank = 2 });
+        var groups = m.ParameterGroups(1e-4, loraPlusRatio: 16);
+        Assert.Equal(2, groups.Count);
+        Assert.Equal(1e-4, groups[0].LearningRate);
+        Assert.Equal(1.6e-3, groups[1].LearningRate!.Value, 12);
+        Assert.All(groups[0].Parameters, p => Assert.Contains(".lora_A.", p.Name));
+        Assert.All(groups[1].Parameters, p => Assert.Contains(".lora_B.", p.Name));
+        Assert.Equal(14, groups[1].Parameters.Count);
+        Assert.Single(m.ParameterGroups(1e-4));
+    }
+
+    [Fact]
+    public void AnExceptionInACheckpointedRecomputeSurfacesAfterBackwardWithoutKillingTheProcess()
+    {
+        using var scope = NewDisposeScope();
+        int calls = 0;
+        var w = randn(4, 4).requires_grad_(true);
+        var x = randn(2, 4).requires_grad_(true);
+        var y = Checkpoint.Run((input, _) =>
+        {
+            if (++calls == 2) throw new InvalidDataException("recompute failed on purpose");
+            return input.matmul(w);
+        }, x);
+        var e = Assert.Throws<InvalidOperationException>(() => Checkpoint.Backward(y.sum()));
+        Assert.Contains("recompute failed on purpose", e.Message);
+        // The next backward works again.
+        var y2 = Checkpoint.Run((input, _) => input.matmul(w), x);
+        Checkpoint.Backward(y2.sum());
+        Assert.NotNull(w.grad);
+    }
+
+    [Fact]
     public void ConfigIsReadFromHfFieldsWithClearErrors()
     {
         var json = JsonNode.Parse("""
