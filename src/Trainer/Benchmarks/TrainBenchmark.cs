@@ -77,8 +77,22 @@ public static class TrainBenchmark
         double gflops = MatmulRate(o.MatmulSize);
         log?.Invoke($"bf16 matmul {o.MatmulSize}^3: {gflops:F1} GFLOP/s on {torch.get_num_threads()} threads");
 
-        var (qlora, stats) = StepTime(config, o, quantize: true, log);
-        var (dense, _) = StepTime(config, o, quantize: false, log);
+        // Both variants live side by side and their steps alternate, so machine noise hits them alike.
+        using var q = Variant.Create(config, o, quantize: true);
+        using var d = Variant.Create(config, o, quantize: false);
+        var gen = new Generator(5);
+        var qTimes = new List<double>();
+        var dTimes = new List<double>();
+        for (int i = 0; i <= o.Steps; i++)
+        {
+            using var scope = NewDisposeScope();
+            var ids = randint(0, config.VocabSize, [o.Batch, o.Sequence], generator: gen);
+            double tq = q.Step(ids), td = d.Step(ids);
+            if (i > 0) { qTimes.Add(tq); dTimes.Add(td); } // step 0 warms up
+            log?.Invoke($"step {i}{(i == 0 ? " (warm-up)" : "")}: qlora {tq:F2} s, dense bf16 {td:F2} s");
+        }
+        double qlora = Median(qTimes), dense = Median(dTimes);
+        var stats = q.Stats;
 
         int tokens = o.Batch * o.Sequence;
         // Model FLOPs: forward 2·N and input-gradient 2·N per token for every linear layer (frozen weights get no
@@ -92,40 +106,56 @@ public static class TrainBenchmark
 
     private sealed record ModelStats(long Params, long LinearParams, long LoraParams);
 
-    private static (double Seconds, ModelStats Stats) StepTime(LlamaConfig config, Options o, bool quantize, Action<string>? log)
+    /// <summary>One model (4-bit or dense frozen weights) with LoRA r on every projection and a paged AdamW.</summary>
+    private sealed class Variant : IDisposable
     {
-        using var model = LlamaForCausalLM.CreateRandom(config, 1234, quantize);
-        model.ApplyLora(new LoraOptions { Rank = o.Rank, Alpha = 2 * o.Rank }, new Generator(1));
-        model.train();
-        using var optimizer = new BnbAdamW(model.ParameterGroups(2e-4), new AdamWOptions { Paged = true });
-        long linear = 0;
-        foreach (var layer in model.model.layers)
-            foreach (var p in new[] { "q_proj", "k_proj", "v_proj", "o_proj" })
-                linear += Elements(layer.self_attn.Projection(p));
-        foreach (var layer in model.model.layers)
-            foreach (var p in new[] { "gate_proj", "up_proj", "down_proj" })
-                linear += Elements(layer.mlp.Projection(p));
-        linear += (long)config.VocabSize * config.HiddenSize; // lm_head
-        long lora = model.TrainableParameters().Sum(p => p.Parameter.numel());
-        long embed = (long)config.VocabSize * config.HiddenSize;
-        var stats = new ModelStats(linear + embed, linear, lora);
+        private readonly LlamaForCausalLM _model;
+        private readonly BnbAdamW _optimizer;
 
-        var gen = new Generator(5);
-        var times = new List<double>();
-        for (int i = 0; i <= o.Steps; i++)
+        private Variant(LlamaForCausalLM model, BnbAdamW optimizer, ModelStats stats)
+        {
+            _model = model;
+            _optimizer = optimizer;
+            Stats = stats;
+        }
+
+        public ModelStats Stats { get; }
+
+        public static Variant Create(LlamaConfig config, Options o, bool quantize)
+        {
+            var model = LlamaForCausalLM.CreateRandom(config, 1234, quantize);
+            model.ApplyLora(new LoraOptions { Rank = o.Rank, Alpha = 2 * o.Rank }, new Generator(1));
+            model.train();
+            var optimizer = new BnbAdamW(model.ParameterGroups(2e-4), new AdamWOptions { Paged = true });
+            long linear = 0;
+            foreach (var layer in model.model.layers)
+            {
+                foreach (var p in new[] { "q_proj", "k_proj", "v_proj", "o_proj" }) linear += Elements(layer.self_attn.Projection(p));
+                foreach (var p in new[] { "gate_proj", "up_proj", "down_proj" }) linear += Elements(layer.mlp.Projection(p));
+            }
+            linear += (long)config.VocabSize * config.HiddenSize; // lm_head
+            long lora = model.TrainableParameters().Sum(p => p.Parameter.numel());
+            long embed = (long)config.VocabSize * config.HiddenSize;
+            return new Variant(model, optimizer, new ModelStats(linear + embed, linear, lora));
+        }
+
+        /// <summary>Seconds for one forward + backward + optimizer step.</summary>
+        public double Step(Tensor ids)
         {
             using var scope = NewDisposeScope();
-            var ids = randint(0, config.VocabSize, [o.Batch, o.Sequence], generator: gen);
             var sw = Stopwatch.StartNew();
-            var (sum, n) = model.Loss(ids, ids);
+            var (sum, n) = _model.Loss(ids, ids);
             Checkpoint.Backward(sum / n);
-            optimizer.Step();
-            optimizer.ZeroGrad();
-            sw.Stop();
-            if (i > 0) times.Add(sw.Elapsed.TotalSeconds); // step 0 warms up
-            log?.Invoke($"{(quantize ? "qlora" : "dense")} step {i}{(i == 0 ? " (warm-up)" : "")}: {sw.Elapsed.TotalSeconds:F2} s");
+            _optimizer.Step();
+            _optimizer.ZeroGrad();
+            return sw.Elapsed.TotalSeconds;
         }
-        return (Median(times), stats);
+
+        public void Dispose()
+        {
+            _optimizer.Dispose();
+            _model.Dispose();
+        }
     }
 
     private static long Elements(nn.Module<Tensor, Tensor> m) => m switch
