@@ -178,6 +178,25 @@ public class LlamaModelTests
     }
 
     [Fact]
+    public void PackedSequencesWithABlockDiagonalMaskAndResetPositionsEqualSeparateRuns()
+    {
+        using var scope = NewDisposeScope();
+        var c = TinyLlama.Config();
+        using var m = LlamaForCausalLM.CreateRandom(c, 10, quantize: true, computeDType: ScalarType.Float32);
+        m.eval();
+        long[] a = [5, 6, 7, 8, 9], b = [20, 21, 22];
+        var separateA = m.Logits(tensor(a).unsqueeze(0))[0];
+        var separateB = m.Logits(tensor(b).unsqueeze(0))[0];
+        var packed = tensor(a.Concat(b).ToArray()).unsqueeze(0);
+        var positions = tensor(new long[] { 0, 1, 2, 3, 4, 0, 1, 2 }).unsqueeze(0);
+        var segment = tensor(new long[] { 0, 0, 0, 0, 0, 1, 1, 1 });
+        var mask = segment.unsqueeze(0).eq(segment.unsqueeze(1)).logical_and(ones(8, 8, dtype: ScalarType.Bool).tril()).view(1, 1, 8, 8);
+        var logits = m.Logits(packed, positions, mask)[0];
+        Assert.True(logits.narrow(0, 0, 5).allclose(separateA, 1e-4, 1e-5));
+        Assert.True(logits.narrow(0, 5, 3).allclose(separateB, 1e-4, 1e-5));
+    }
+
+    [Fact]
     public void LoraTargetsFollowNamesRegexAndLayerIndices()
     {
         var o = new LoraOptions { TargetModules = ["q_proj", "v_proj"], LayersToTransform = [1] };
