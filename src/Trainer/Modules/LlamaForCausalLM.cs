@@ -42,26 +42,41 @@ public sealed class LlamaForCausalLM : nn.Module
     public IReadOnlyList<(string Name, LoraLinear Layer)> LoraLayers => _lora;
 
     /// <summary>
-    /// Builds the model from dense weights by HF name (any float dtype, e.g. read from safetensors); decoder
-    /// projections are quantized to NF4 + double quant when <paramref name="quantize"/> (the QLoRA base), other tensors
-    /// are kept in the compute dtype. A missing tensor or a shape that disagrees with the config is an error naming it.
+    /// Builds the model from dense weights by HF name (any float dtype); decoder projections are quantized to NF4 +
+    /// double quant when <paramref name="quantize"/> (the QLoRA base), other tensors are kept in the compute dtype.
     /// </summary>
     public static LlamaForCausalLM FromWeights(LlamaConfig config, Func<string, Tensor?> weights, bool quantize = true,
-        ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64)
+        ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64) =>
+        FromWeights(config, new TensorDictionaryWeights(weights), quantize, computeDType, blocksize);
+
+    /// <summary>
+    /// Builds the model tensor by tensor from <paramref name="weights"/>: each decoder projection becomes a
+    /// <see cref="Linear4bit"/> (its stored 4-bit form, or quantized now when <paramref name="quantize"/>) or a frozen dense
+    /// Linear; embeddings, norms and lm_head stay dense in the compute dtype. A missing tensor or a shape that disagrees with
+    /// the config is an <see cref="ArgumentException"/> naming the tensor.
+    /// </summary>
+    public static LlamaForCausalLM FromWeights(LlamaConfig config, IModelWeights weights, bool quantize = true,
+        ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64, QuantType quantType = QuantType.Nf4, bool doubleQuant = true)
     {
+        void Check(string name, long[] shape)
+        {
+            if (!weights.Contains(name)) throw new ArgumentException($"missing weight {name}");
+            var actual = weights.Shape(name);
+            if (!actual.SequenceEqual(shape))
+                throw new ArgumentException($"weight {name} has shape [{string.Join(", ", actual)}], the config implies [{string.Join(", ", shape)}]");
+        }
         Tensor Get(string name, params long[] shape)
         {
-            var t = weights(name) ?? throw new ArgumentException($"missing weight {name}");
-            if (!t.shape.SequenceEqual(shape))
-                throw new ArgumentException($"weight {name} has shape [{string.Join(", ", t.shape)}], the config implies [{string.Join(", ", shape)}]");
-            return t;
+            Check(name, shape);
+            return weights.Dense(name);
         }
         Tensor? Bias(string name, bool present, long size) => present ? Get(name, size) : null;
         nn.Module<Tensor, Tensor> Proj(string name, long outF, long inF, bool bias)
         {
-            var w = Get(name + ".weight", outF, inF);
-            var b = Bias(name + ".bias", bias, outF);
-            if (quantize) return Linear4bit.Quantize(w, b, computeDType, QuantType.Nf4, blocksize, doubleQuant: true);
+            Check(name + ".weight", [outF, inF]);
+            using var b = Bias(name + ".bias", bias, outF);
+            if (quantize) return new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType);
+            using var w = weights.Dense(name + ".weight");
             var lin = nn.Linear(inF, outF, hasBias: b is not null, dtype: computeDType);
             using (no_grad())
             {
@@ -90,15 +105,17 @@ public sealed class LlamaForCausalLM : nn.Module
         RmsNorm Norm(string name)
         {
             var n = new RmsNorm(hsz, config.RmsNormEps, computeDType);
-            using (no_grad()) n.weight.copy_(Get(name, hsz));
+            using var w = Get(name, hsz);
+            using (no_grad()) n.weight.copy_(w);
             return n;
         }
-        var embed = new FrozenEmbedding(Get("model.embed_tokens.weight", config.VocabSize, hsz).to(computeDType));
+        FrozenEmbedding embed;
+        using (var e = Get("model.embed_tokens.weight", config.VocabSize, hsz)) embed = new FrozenEmbedding(e.to(computeDType));
         var model = new LlamaModel(embed, layers, Norm("model.norm.weight"));
         nn.Module<Tensor, Tensor>? head = null;
         if (!config.TieWordEmbeddings)
         {
-            var w = Get("lm_head.weight", config.VocabSize, hsz);
+            using var w = Get("lm_head.weight", config.VocabSize, hsz);
             var lin = nn.Linear(hsz, config.VocabSize, hasBias: false, dtype: computeDType);
             using (no_grad()) lin.weight!.copy_(w);
             lin.weight!.requires_grad = false;

@@ -1,0 +1,57 @@
+using System.Diagnostics;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using QLora.Quant;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// Loads a Hugging Face model folder (config.json + model.safetensors or index + shards) of a Llama, Mistral or Qwen2
+/// model as the QLoRA base: projections quantized to NF4 + double quantization tensor by tensor from the memory-mapped
+/// files (peak ≈ the quantized model + one tensor, never a 16-bit copy of the model), or taken as stored from a
+/// bitsandbytes 4-bit checkpoint.
+/// </summary>
+public static class HfModelLoader
+{
+    /// <summary>How to load.</summary>
+    public sealed record Options
+    {
+        /// <summary>Quantize dense projections (ignored for bnb-4bit checkpoints, which are 4-bit already).</summary>
+        public bool Quantize { get; init; } = true;
+        /// <summary>Compute dtype.</summary>
+        public ScalarType ComputeDType { get; init; } = ScalarType.BFloat16;
+        /// <summary>Blocksize when quantizing on load.</summary>
+        public int Blocksize { get; init; } = 64;
+        /// <summary>NF4 or FP4 when quantizing on load.</summary>
+        public QuantType QuantType { get; init; } = QuantType.Nf4;
+        /// <summary>Double quantization when quantizing on load.</summary>
+        public bool DoubleQuant { get; init; } = true;
+    }
+
+    /// <summary>Loads the model in <paramref name="folder"/>; errors name the file, field or tensor that is wrong.</summary>
+    public static LlamaForCausalLM Load(string folder, Options? options = null, Action<string>? log = null)
+    {
+        options ??= new Options();
+        if (!Directory.Exists(folder)) throw new DirectoryNotFoundException($"{folder}: no such model folder");
+        var configPath = Path.Combine(folder, "config.json");
+        if (!File.Exists(configPath)) throw new FileNotFoundException($"{folder}: no config.json, so not a Hugging Face model folder", configPath);
+        var sw = Stopwatch.StartNew();
+        var config = LlamaConfig.Load(configPath);
+        JsonObject raw;
+        try { raw = (JsonObject)JsonNode.Parse(File.ReadAllText(configPath))!; }
+        catch (JsonException e) { throw new FormatException($"{configPath}: {e.Message}"); }
+        var bnb = BnbQuantizationConfig.FromConfig(raw);
+        log?.Invoke($"config: {config.Architecture}, {config.NumHiddenLayers} layers, hidden {config.HiddenSize}, vocab {config.VocabSize}{(bnb is null ? "" : $", bitsandbytes {bnb.QuantType.Name()} checkpoint")}");
+
+        using var checkpoint = SafetensorsCheckpoint.Open(folder);
+        long stored = checkpoint.Tensors.Sum(t => t.ByteLength);
+        log?.Invoke($"weights: {checkpoint.Tensors.Count} tensors, {stored / 1e6:F1} MB in {checkpoint.Shards.Count} file(s), memory-mapped");
+        var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize || bnb is not null,
+            options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant);
+        long quantized = model.named_modules().Select(m => m.module).OfType<Linear4bit>().Distinct().Sum(l => l.QuantizedBytes);
+        long dense = model.named_parameters().Sum(p => p.parameter.numel() * p.parameter.element_size());
+        log?.Invoke($"model: {quantized / 1e6:F1} MB of 4-bit projections + {dense / 1e6:F1} MB dense ({options.ComputeDType}) in {sw.Elapsed.TotalSeconds:F1} s");
+        return model;
+    }
+}
