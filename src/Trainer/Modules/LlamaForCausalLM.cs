@@ -185,6 +185,7 @@ public sealed class LlamaForCausalLM : nn.Module
             else
             {
                 var lora = new LoraLinear(current, options, generator);
+                lora.train(training); // a new module starts in training mode; follow the model's
                 replace(lora);
                 _lora.Add((name, lora));
             }

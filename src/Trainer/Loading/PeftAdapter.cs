@@ -1,0 +1,171 @@
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using QLora.Quant;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// LoRA adapters in Hugging Face PEFT's format: <c>adapter_config.json</c> (indent 2, sorted keys) and
+/// <c>adapter_model.safetensors</c> with keys <c>base_model.model.&lt;module&gt;.lora_A.weight</c> [r, in] and
+/// <c>.lora_B.weight</c> [out, r], so adapters move between this project and PEFT, vLLM or llama.cpp's converter.
+/// </summary>
+public static class PeftAdapter
+{
+    /// <summary>The config file name.</summary>
+    public const string ConfigFile = "adapter_config.json";
+    /// <summary>The weights file name.</summary>
+    public const string WeightsFile = "adapter_model.safetensors";
+    private const string Prefix = "base_model.model.";
+
+    /// <summary>Writes <paramref name="adapter"/> of <paramref name="model"/> into <paramref name="folder"/>; each file atomically.</summary>
+    public static void Save(LlamaForCausalLM model, LoraOptions options, string folder, string adapter = "default", string? baseModel = null)
+    {
+        if (model.LoraLayers.Count == 0) throw new InvalidOperationException("the model has no LoRA adapters to save");
+        Directory.CreateDirectory(folder);
+        using (var writer = new SafetensorsWriter(Path.Combine(folder, WeightsFile), new Dictionary<string, string> { ["format"] = "pt" }))
+        {
+            var parts = new List<(string Key, Tensor Value)>();
+            foreach (var (name, layer) in model.LoraLayers)
+            {
+                if (!layer.Adapters.Contains(adapter)) continue;
+                parts.Add(($"{Prefix}{name}.lora_A.weight", layer.LoraA(adapter).detach().contiguous()));
+                parts.Add(($"{Prefix}{name}.lora_B.weight", layer.LoraB(adapter).detach().contiguous()));
+            }
+            if (parts.Count == 0) throw new ArgumentException($"no layer has an adapter named '{adapter}'");
+            foreach (var (key, t) in parts) writer.Declare(key, ToTensorDType(t.dtype), t.shape);
+            foreach (var (key, t) in parts) writer.Write(key, t.bytes);
+            writer.Commit();
+        }
+        var modules = model.LoraLayers.Where(l => l.Layer.Adapters.Contains(adapter))
+            .Select(l => l.Name[(l.Name.LastIndexOf('.') + 1)..]).Distinct().OrderBy(s => s, StringComparer.Ordinal).ToList();
+        var config = new SortedDictionary<string, JsonNode?>(StringComparer.Ordinal)
+        {
+            ["alpha_pattern"] = new JsonObject(),
+            ["base_model_name_or_path"] = baseModel,
+            ["bias"] = "none",
+            ["fan_in_fan_out"] = false,
+            ["inference_mode"] = true,
+            ["init_lora_weights"] = options.Init == "gaussian" ? "gaussian" : true,
+            ["layers_to_transform"] = options.LayersToTransform is null ? null : new JsonArray(options.LayersToTransform.Select(i => (JsonNode?)i).ToArray()),
+            ["lora_alpha"] = options.Alpha == Math.Floor(options.Alpha) && Math.Abs(options.Alpha) < int.MaxValue ? (int)options.Alpha : Number(options.Alpha),
+            ["lora_dropout"] = Number(options.Dropout),
+            ["modules_to_save"] = null,
+            ["peft_type"] = "LORA",
+            ["r"] = options.Rank,
+            ["rank_pattern"] = new JsonObject(),
+            ["target_modules"] = options.TargetRegex is not null ? options.TargetRegex : new JsonArray(modules.Select(m => (JsonNode?)m).ToArray()),
+            ["task_type"] = "CAUSAL_LM",
+            ["use_dora"] = false,
+            ["use_rslora"] = options.UseRsLora,
+        };
+        var json = new JsonObject(config).ToJsonString(new JsonSerializerOptions { WriteIndented = true, NewLine = "\n" });
+        var path = Path.Combine(folder, ConfigFile);
+        var tmp = path + $".{Environment.ProcessId}.qlora-tmp";
+        File.WriteAllText(tmp, json, new UTF8Encoding(false));
+        File.Move(tmp, path, overwrite: true);
+    }
+
+    /// <summary>Reads adapter_config.json into LoRA options (missing keys take PEFT's defaults, unknown keys are ignored).</summary>
+    public static LoraOptions ReadOptions(string folder, string adapterName = "default")
+    {
+        var path = Path.Combine(folder, ConfigFile);
+        if (!File.Exists(path)) throw new FileNotFoundException($"{folder}: no {ConfigFile}, so not a PEFT adapter folder", path);
+        JsonObject c;
+        try { c = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new FormatException("not a JSON object"); }
+        catch (JsonException e) { throw new FormatException($"{path}: not valid JSON ({e.Message})"); }
+        try
+        {
+            string peftType = c["peft_type"]?.GetValue<string>() ?? "LORA";
+            if (peftType != "LORA") throw new FormatException($"peft_type {peftType} is not supported (LORA only)");
+            if (c["use_dora"]?.GetValue<bool>() == true) throw new FormatException("DoRA adapters (use_dora) are not supported");
+            var target = c["target_modules"];
+            return new LoraOptions
+            {
+                AdapterName = adapterName,
+                Rank = c["r"]?.GetValue<int>() ?? 8,
+                Alpha = c["lora_alpha"]?.GetValue<double>() ?? 8,
+                Dropout = c["lora_dropout"]?.GetValue<double>() ?? 0,
+                UseRsLora = c["use_rslora"]?.GetValue<bool>() ?? false,
+                TargetModules = target is JsonArray a ? a.Select(n => n!.GetValue<string>()).ToList() : LoraOptions.AllLinear,
+                TargetRegex = target is JsonValue v && v.TryGetValue<string>(out var regex) ? regex : null,
+                LayersToTransform = c["layers_to_transform"] switch
+                {
+                    JsonArray l => l.Select(n => n!.GetValue<int>()).ToList(),
+                    JsonValue one when one.TryGetValue<int>(out var i) => [i],
+                    _ => null,
+                },
+            };
+        }
+        catch (Exception e) when (e is InvalidOperationException or FormatException)
+        {
+            throw new FormatException($"{path}: {e.Message}", e);
+        }
+    }
+
+    /// <summary>
+    /// Attaches the adapter in <paramref name="folder"/> to <paramref name="model"/> and makes it active. Target modules
+    /// or shapes that do not match the model are an <see cref="InvalidDataException"/> naming the tensor.
+    /// </summary>
+    public static LoraOptions Load(LlamaForCausalLM model, string folder, string adapterName = "default")
+    {
+        var options = ReadOptions(folder, adapterName);
+        var weightsPath = Path.Combine(folder, WeightsFile);
+        if (!File.Exists(weightsPath)) throw new FileNotFoundException($"{folder}: no {WeightsFile}", weightsPath);
+        using var reader = SafetensorsReader.Open(weightsPath);
+        var keys = reader.Tensors.Select(t => t.Name).ToHashSet(StringComparer.Ordinal);
+        // Validate everything before touching the model.
+        foreach (var key in keys)
+        {
+            if (!key.StartsWith(Prefix, StringComparison.Ordinal) || !(key.EndsWith(".lora_A.weight", StringComparison.Ordinal) || key.EndsWith(".lora_B.weight", StringComparison.Ordinal)))
+                throw new InvalidDataException($"{weightsPath}: unexpected tensor {key} (expected base_model.model.<module>.lora_A/B.weight)");
+            var module = key[Prefix.Length..key.LastIndexOf(".lora_", StringComparison.Ordinal)];
+            if (!options.IsTarget(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which adapter_config.json does not select");
+        }
+        var names = model.ApplyLora(options);
+        foreach (var name in names)
+        {
+            var layer = model.LoraLayers.Single(l => l.Name == name).Layer;
+            foreach (var (part, expected) in new[] { ("lora_A", new long[] { options.Rank, layer.InFeatures }), ("lora_B", new long[] { layer.OutFeatures, options.Rank }) })
+            {
+                var key = $"{Prefix}{name}.{part}.weight";
+                if (!keys.Remove(key)) throw new InvalidDataException($"{weightsPath}: no {key} for target module {name}");
+                var info = reader.GetInfo(key);
+                if (!info.Shape.SequenceEqual(expected))
+                    throw new InvalidDataException($"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}], the model needs [{string.Join(", ", expected)}]");
+                var target = part == "lora_A" ? layer.LoraA(adapterName) : layer.LoraB(adapterName);
+                using var source = FromBytes(reader.GetSpan(key), info);
+                using (no_grad()) target.copy_(source);
+            }
+        }
+        if (keys.Count > 0) throw new InvalidDataException($"{weightsPath}: {keys.First()} targets a module the model does not have");
+        model.SetAdapter(adapterName);
+        return options;
+    }
+
+    private static Tensor FromBytes(ReadOnlySpan<byte> bytes, TensorInfo info)
+    {
+        var dtype = info.DType switch
+        {
+            TensorDType.F32 => ScalarType.Float32,
+            TensorDType.BF16 => ScalarType.BFloat16,
+            TensorDType.F16 => ScalarType.Float16,
+            _ => throw new InvalidDataException($"{info.Name} has dtype {info.DType}; adapter weights must be F32, BF16 or F16"),
+        };
+        var t = empty(info.Shape, dtype: dtype);
+        bytes.CopyTo(t.bytes);
+        return t;
+    }
+
+    private static TensorDType ToTensorDType(ScalarType t) => t switch
+    {
+        ScalarType.Float32 => TensorDType.F32,
+        ScalarType.BFloat16 => TensorDType.BF16,
+        ScalarType.Float16 => TensorDType.F16,
+        _ => throw new NotSupportedException($"adapter dtype {t}"),
+    };
+
+    private static JsonNode Number(double v) => JsonNode.Parse(PythonFloat.Repr(v))!; // Python's spelling: 0.0, 0.05, 16.0
+}
