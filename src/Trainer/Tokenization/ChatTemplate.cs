@@ -56,7 +56,7 @@ public sealed partial class ChatTemplate
         _ => "alpaca",
     };
 
-    /// <summary>The BOS string the template writes first (empty for formats that write none).</summary>
+    /// <summary>The BOS string the template writes first (Llama 3, Mistral, and Alpaca so that every format encodes with addSpecialTokens=false; ChatML writes none).</summary>
     public string BosToken { get; }
 
     /// <summary>The EOS string the template writes after assistant answers (Mistral, Alpaca).</summary>
