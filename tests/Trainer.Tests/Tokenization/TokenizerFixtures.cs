@@ -198,12 +198,14 @@ internal static class TokenizerFixtures
         using var deflate = new DeflateStream(asm.GetManifestResourceStream(name)!, CompressionMode.Decompress);
         using var reader = new StreamReader(deflate);
         var list = new List<(byte[], int)>();
+        // Lines are "base64 rank", or just "base64" with the rank implied by order; a "Capacity: N" header may come first.
         while (reader.ReadLine() is { } line)
         {
-            if (line.Length == 0)
+            if (line.Length == 0 || line.StartsWith("Capacity:", StringComparison.Ordinal))
                 continue;
             var parts = line.Split(' ');
-            list.Add((Convert.FromBase64String(parts[0]), int.Parse(parts[1], System.Globalization.CultureInfo.InvariantCulture)));
+            int rank = parts.Length > 1 ? int.Parse(parts[1], System.Globalization.CultureInfo.InvariantCulture) : list.Count;
+            list.Add((Convert.FromBase64String(parts[0]), rank));
         }
         return list;
     }
