@@ -65,8 +65,15 @@ public sealed partial class ChatTemplate
     /// <summary>ChatML only: the system prompt inserted when the conversation does not start with one (Qwen2 does this; plain ChatML does not).</summary>
     public string? DefaultSystemPrompt { get; }
 
-    /// <summary>Llama 3.1 only: the "Today Date:" the template writes (the reference's default unless set).</summary>
-    public string DateString { get; init; } = Llama31DefaultDate;
+    /// <summary>Llama 3.1 only: the "Today Date:" the template writes (the reference's default unless set with <see cref="WithDateString"/>).</summary>
+    public string DateString { get; private init; } = Llama31DefaultDate;
+
+    /// <summary>A copy that writes <paramref name="date"/> (e.g. "01 Jan 2025", the reference's "%d %b %Y") as Llama 3.1's "Today Date:".</summary>
+    public ChatTemplate WithDateString(string date)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(date);
+        return new ChatTemplate(Format, BosToken, EosToken, DefaultSystemPrompt) { DateString = date };
+    }
 
     /// <summary>
     /// The template for a format name (<see cref="Names"/>; also "qwen2", "llama-3"). BOS/EOS default to the strings of
