@@ -190,6 +190,32 @@ public sealed class HfTokenizer : IDisposable
         }
     }
 
+    /// <summary>
+    /// Tokenizes a rendered conversation (the template writes its own BOS, so no special tokens are added) and marks the
+    /// tokens of its assistant spans as trainable. A span boundary maps to the token count of the text before it; every
+    /// supported template ends an answer with a special token, so span ends are exact, and span starts are exact whenever
+    /// the tokenizer does not merge across the boundary (the usual prompt-length masking).
+    /// </summary>
+    public TokenizedChat EncodeChat(RenderedChat chat)
+    {
+        ArgumentNullException.ThrowIfNull(chat);
+        var ids = Encode(chat.Text, addSpecialTokens: false);
+        var trainable = new bool[ids.Length];
+        foreach (var span in chat.AssistantSpans)
+        {
+            if (span.Start < 0 || span.Length < 0 || span.End > chat.Text.Length)
+                throw new ArgumentException($"Assistant span {span} lies outside the rendered text ({chat.Text.Length} characters).", nameof(chat));
+            int from = TokenCountBefore(chat.Text, span.Start, ids.Length);
+            int to = TokenCountBefore(chat.Text, span.End, ids.Length);
+            for (int i = from; i < to; i++)
+                trainable[i] = true;
+        }
+        return new TokenizedChat(ids, trainable);
+    }
+
+    private int TokenCountBefore(string text, int end, int total) =>
+        end == text.Length ? total : Math.Min(Encode(text[..end], addSpecialTokens: false).Length, total);
+
     /// <summary>The id of a token string (vocabulary or added token, e.g. "&lt;|eot_id|&gt;"), or null.</summary>
     public int? TokenToId(string token)
     {

@@ -196,4 +196,18 @@ public sealed class HfTokenizerTests : IDisposable
         Assert.Equal(EotId, ids[^1]);
         Assert.Equal(text, tok.Decode(ids, skipSpecialTokens: false));
     }
+
+    [Fact]
+    public void EncodeChatMarksOnlyTheAssistantAnswerAndItsEot()
+    {
+        using var tok = HfTokenizer.Load(Track(WriteByteLevelFolder()));
+        var chat = tok.GetChatTemplate().RenderWithSpans([ChatMessage.User("hello"), ChatMessage.Assistant("hello world")], addGenerationPrompt: false);
+        var encoded = tok.EncodeChat(chat);
+        int[] user = [ByteLevelBos, StartHeader, 'u', 's', 'e', 'r', EndHeader, '\n', '\n', Hello, EotId];
+        int[] header = [StartHeader, 'a', 's', 's', 'i', 's', 't', 'a', 'n', 't', EndHeader, '\n', '\n'];
+        int[] answer = [Hello, World, EotId];
+        Assert.Equal([.. user, .. header, .. answer], encoded.InputIds);
+        Assert.Equal(answer, encoded.InputIds.Where((_, i) => encoded.Trainable[i]));
+        Assert.Equal(Enumerable.Repeat(TokenizedChat.IgnoreIndex, user.Length + header.Length).Concat(answer), encoded.Labels());
+    }
 }
