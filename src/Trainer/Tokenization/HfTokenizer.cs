@@ -38,9 +38,10 @@ public sealed class HfTokenizer : IDisposable
         (_tokenToId, _idToToken, _specialIds) = ReadVocabulary(root, source);
         VocabSize = _idToToken.Length;
 
-        _asWritten = LoadNative(tokenizerJson, source);
-        _withoutPostProcessor = new(() => LoadNative(WithoutPostProcessor(tokenizerJson), source));
-        _specialsVisible = new(() => LoadNative(WithSpecialsAsNormalTokens(tokenizerJson), source));
+        // transformers turns off the truncation and padding a tokenizer.json may carry unless a call asks for them; so do we.
+        _asWritten = LoadNative(Variant(tokenizerJson, dropPostProcessor: false, specialsAsNormal: false), source);
+        _withoutPostProcessor = new(() => LoadNative(Variant(tokenizerJson, dropPostProcessor: true, specialsAsNormal: false), source));
+        _specialsVisible = new(() => LoadNative(Variant(tokenizerJson, dropPostProcessor: false, specialsAsNormal: true), source));
 
         BosToken = TokenString(tokenizerConfig, "bos_token") ?? TokenString(specialTokensMap, "bos_token");
         BosTokenId = ResolveId(BosToken, "bos_token") ?? FirstId(generationConfig, "bos_token_id");
@@ -337,25 +338,29 @@ public sealed class HfTokenizer : IDisposable
         {
             throw new InvalidDataException($"{source}: Hugging Face tokenizers could not load tokenizer.json: {e.Message}", e);
         }
+        catch (DllNotFoundException e)
+        {
+            throw new PlatformNotSupportedException(
+                $"The Hugging Face tokenizers native library (libhf_tokenizers) is not available for {System.Runtime.InteropServices.RuntimeInformation.RuntimeIdentifier}: " +
+                "QLora.Trainer references Tokenizers.DotNet.runtime.linux-x64; add the Tokenizers.DotNet.runtime package for this platform.", e);
+        }
         finally
         {
             File.Delete(path);
         }
     }
 
-    // add_special_tokens=false: the post-processor is what adds BOS/EOS (and only that, for ids), so drop it.
-    private static string WithoutPostProcessor(string json)
+    // The tokenizer.json the native library loads: truncation and padding off (as transformers' encode), and
+    // add_special_tokens=false: no post-processor (it only adds BOS/EOS/CLS-style ids; ByteLevel's part only moves offsets);
+    // skip_special_tokens=false: added tokens marked non-special, because the wrapper's decode always skips special ones.
+    private static string Variant(string json, bool dropPostProcessor, bool specialsAsNormal)
     {
         var root = JsonNode.Parse(json)!.AsObject();
-        root["post_processor"] = null;
-        return root.ToJsonString();
-    }
-
-    // skip_special_tokens=false: the wrapper always skips special added tokens when decoding, so mark them non-special.
-    private static string WithSpecialsAsNormalTokens(string json)
-    {
-        var root = JsonNode.Parse(json)!.AsObject();
-        if (root["added_tokens"] is JsonArray added)
+        root["truncation"] = null;
+        root["padding"] = null;
+        if (dropPostProcessor)
+            root["post_processor"] = null;
+        if (specialsAsNormal && root["added_tokens"] is JsonArray added)
         {
             foreach (var t in added.OfType<JsonObject>())
                 t["special"] = false;

@@ -210,4 +210,20 @@ public sealed class HfTokenizerTests : IDisposable
         Assert.Equal(answer, encoded.InputIds.Where((_, i) => encoded.Trainable[i]));
         Assert.Equal(Enumerable.Repeat(TokenizedChat.IgnoreIndex, user.Length + header.Length).Concat(answer), encoded.Labels());
     }
+
+    [Fact]
+    public void TruncationAndPaddingInTokenizerJsonAreIgnoredAsTransformersDoes()
+    {
+        var dir = Track(WriteByteLevelFolder());
+        var root = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "tokenizer.json")))!.AsObject();
+        root["truncation"] = new JsonObject { ["direction"] = "Right", ["max_length"] = 2, ["strategy"] = "LongestFirst", ["stride"] = 0 };
+        root["padding"] = new JsonObject
+        {
+            ["strategy"] = new JsonObject { ["Fixed"] = 8 }, ["direction"] = "Right", ["pad_to_multiple_of"] = null,
+            ["pad_id"] = EotId, ["pad_type_id"] = 0, ["pad_token"] = "<|eot_id|>",
+        };
+        Write(dir, "tokenizer.json", root);
+        using var tok = HfTokenizer.Load(dir);
+        Assert.Equal([ByteLevelBos, Hello, World, 33], tok.Encode("hello world!"));
+    }
 }
