@@ -13,7 +13,6 @@ namespace QLora.Trainer.Tokenization;
 /// </summary>
 public sealed class HfTokenizer : IDisposable
 {
-    private readonly string _tokenizerJson;
     private readonly NativeTokenizer _asWritten;
     private readonly Lazy<NativeTokenizer> _withoutPostProcessor;
     private readonly Lazy<NativeTokenizer> _specialsVisible;
@@ -25,7 +24,6 @@ public sealed class HfTokenizer : IDisposable
     private HfTokenizer(string source, string tokenizerJson, JsonObject? tokenizerConfig, JsonObject? specialTokensMap, JsonObject? generationConfig, string? chatTemplateFile)
     {
         Source = source;
-        _tokenizerJson = tokenizerJson;
         JsonObject root;
         try
         {
@@ -43,13 +41,28 @@ public sealed class HfTokenizer : IDisposable
         _withoutPostProcessor = new(() => LoadNative(Variant(tokenizerJson, dropPostProcessor: true, specialsAsNormal: false), source));
         _specialsVisible = new(() => LoadNative(Variant(tokenizerJson, dropPostProcessor: false, specialsAsNormal: true), source));
 
-        BosToken = TokenString(tokenizerConfig, "bos_token") ?? TokenString(specialTokensMap, "bos_token");
-        BosTokenId = ResolveId(BosToken, "bos_token") ?? FirstId(generationConfig, "bos_token_id");
+        // The tokenizer files decide; generation_config.json fills in only keys they do not mention at all
+        // (Qwen2 writes "bos_token": null yet has a bos_token_id for generation: it has no BOS when tokenizing).
+        string? FromTokenizerFiles(string key) => TokenString(tokenizerConfig, key) ?? TokenString(specialTokensMap, key);
+        bool NamedInTokenizerFiles(string key) => tokenizerConfig?.ContainsKey(key) == true || specialTokensMap?.ContainsKey(key) == true;
+        List<int> FromGeneration(string key)
+        {
+            var ids = Ids(generationConfig, key);
+            foreach (var id in ids)
+            {
+                if (id < 0 || id >= VocabSize)
+                    throw new InvalidDataException($"{source}: generation_config.json's {key} {id} is outside the tokenizer's vocabulary (0..{VocabSize - 1}).");
+            }
+            return ids;
+        }
+
+        BosToken = FromTokenizerFiles("bos_token");
+        BosTokenId = ResolveId(BosToken, "bos_token") ?? (NamedInTokenizerFiles("bos_token") ? null : First(FromGeneration("bos_token_id")));
         BosToken ??= BosTokenId is int b ? _idToToken[b] : null;
 
-        EosToken = TokenString(tokenizerConfig, "eos_token") ?? TokenString(specialTokensMap, "eos_token");
-        var generationEos = Ids(generationConfig, "eos_token_id");
-        EosTokenId = ResolveId(EosToken, "eos_token") ?? (generationEos.Count > 0 ? generationEos[0] : null);
+        EosToken = FromTokenizerFiles("eos_token");
+        var generationEos = FromGeneration("eos_token_id");
+        EosTokenId = ResolveId(EosToken, "eos_token") ?? First(generationEos);
         EosToken ??= EosTokenId is int eosFromId ? _idToToken[eosFromId] : null;
         var eosIds = new List<int>();
         if (EosTokenId is int eos)
@@ -57,19 +70,13 @@ public sealed class HfTokenizer : IDisposable
         eosIds.AddRange(generationEos.Where(id => !eosIds.Contains(id)));
         EosTokenIds = eosIds;
 
-        var padToken = TokenString(tokenizerConfig, "pad_token") ?? TokenString(specialTokensMap, "pad_token");
-        int? padId = ResolveId(padToken, "pad_token") ?? FirstId(generationConfig, "pad_token_id");
-        PadTokenIsEos = padId is null;
+        int? padId = ResolveId(FromTokenizerFiles("pad_token"), "pad_token")
+            ?? (NamedInTokenizerFiles("pad_token") ? null : First(FromGeneration("pad_token_id")));
+        PadTokenIsEos = padId is null && EosTokenId is not null;
         PadTokenId = padId ?? EosTokenId;
 
-        UnkTokenId = ResolveId(TokenString(tokenizerConfig, "unk_token") ?? TokenString(specialTokensMap, "unk_token"), "unk_token");
+        UnkTokenId = ResolveId(FromTokenizerFiles("unk_token"), "unk_token");
         ChatTemplateSource = chatTemplateFile ?? ChatTemplateFrom(tokenizerConfig);
-
-        foreach (var id in EosTokenIds.Append(BosTokenId ?? 0).Append(PadTokenId ?? 0))
-        {
-            if (id < 0 || id >= VocabSize)
-                throw new InvalidDataException($"{source}: a special token id ({id}) from the config files is outside the tokenizer's vocabulary (0..{VocabSize - 1}).");
-        }
     }
 
     /// <summary>Where the tokenizer came from (folder or file), for messages.</summary>
@@ -96,7 +103,7 @@ public sealed class HfTokenizer : IDisposable
     /// <summary>The padding id: the configured pad token, else generation_config's pad_token_id, else <see cref="EosTokenId"/> (the usual fallback for Llama-family models; see <see cref="PadTokenIsEos"/>). Padded positions are masked out of the loss, so reusing EOS is harmless.</summary>
     public int? PadTokenId { get; }
 
-    /// <summary>True when no pad token is configured and <see cref="PadTokenId"/> fell back to EOS.</summary>
+    /// <summary>True when no pad token is configured and <see cref="PadTokenId"/> fell back to <see cref="EosTokenId"/>.</summary>
     public bool PadTokenIsEos { get; }
 
     /// <summary>The unknown-token id, or null (byte-level tokenizers have none).</summary>
@@ -398,7 +405,8 @@ public sealed class HfTokenizer : IDisposable
         _ => [],
     };
 
-    private static int? FirstId(JsonObject? config, string key) => Ids(config, key) is [var first, ..] ? first : null;
+
+    private static int? First(List<int> ids) => ids.Count > 0 ? ids[0] : null;
 
     private static string? ChatTemplateFrom(JsonObject? config) => config?["chat_template"] switch
     {

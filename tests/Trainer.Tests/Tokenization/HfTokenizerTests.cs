@@ -226,4 +226,28 @@ public sealed class HfTokenizerTests : IDisposable
         using var tok = HfTokenizer.Load(dir);
         Assert.Equal([ByteLevelBos, Hello, World, 33], tok.Encode("hello world!"));
     }
+
+    [Fact]
+    public void ExplicitNullBosInTheTokenizerConfigWinsOverGenerationConfig()
+    {
+        // Qwen2: "bos_token": null in tokenizer_config.json, yet generation_config.json has a bos_token_id.
+        var dir = Track(WriteByteLevelFolder());
+        Write(dir, "tokenizer_config.json", new JsonObject { ["bos_token"] = null, ["eos_token"] = "<|eot_id|>", ["pad_token"] = "<|end_of_text|>" });
+        Write(dir, "generation_config.json", new JsonObject { ["bos_token_id"] = ByteLevelEnd, ["eos_token_id"] = new JsonArray(EotId, ByteLevelEnd), ["pad_token_id"] = ByteLevelEnd });
+        using var tok = HfTokenizer.Load(dir);
+        Assert.Null(tok.BosTokenId);
+        Assert.Null(tok.BosToken);
+        Assert.Equal([EotId, ByteLevelEnd], tok.EosTokenIds);
+        Assert.Equal(ByteLevelEnd, tok.PadTokenId);
+        Assert.False(tok.PadTokenIsEos);
+    }
+
+    [Fact]
+    public void GenerationConfigIdsOutsideTheVocabularyAreReported()
+    {
+        var dir = Track(WriteByteLevelFolder());
+        Write(dir, "generation_config.json", new JsonObject { ["eos_token_id"] = new JsonArray(EotId, 128009) });
+        var e = Assert.Throws<InvalidDataException>(() => HfTokenizer.Load(dir));
+        Assert.Contains("eos_token_id 128009 is outside", e.Message);
+    }
 }
