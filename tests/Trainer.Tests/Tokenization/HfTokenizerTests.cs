@@ -250,4 +250,53 @@ public sealed class HfTokenizerTests : IDisposable
         var e = Assert.Throws<InvalidDataException>(() => HfTokenizer.Load(dir));
         Assert.Contains("eos_token_id 128009 is outside", e.Message);
     }
+
+    [Fact]
+    public void SentencePieceStyleWithMetaspacePreTokenizer()
+    {
+        // The newer (legacy=false, Mistral v0.3) layout: no normalizer, a Metaspace pre-tokenizer that prepends ▁ to the first word.
+        var dir = Track(WriteSentencePieceFolder());
+        var root = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "tokenizer.json")))!.AsObject();
+        root["normalizer"] = null;
+        root["pre_tokenizer"] = new JsonObject { ["type"] = "Metaspace", ["replacement"] = "▁", ["prepend_scheme"] = "first", ["split"] = false };
+        root["decoder"] = new JsonObject { ["type"] = "Metaspace", ["replacement"] = "▁", ["prepend_scheme"] = "first", ["split"] = false };
+        Write(dir, "tokenizer.json", root);
+        using var tok = HfTokenizer.Load(dir);
+        Assert.Equal([SpBos, SpHello, SpWorld], tok.Encode("hello world"));
+        Assert.Equal("hello world", tok.Decode(tok.Encode("hello world")));
+    }
+
+    [Fact]
+    public void UnigramVocabularyIsReadByPosition()
+    {
+        var dir = Track(NewFolder());
+        string[] pieces = ["<unk>", "<s>", "</s>", "▁", "h", "e", "l", "o", "w", "r", "d", "▁hello", "▁world", "▁he", "llo"];
+        double[] scores = [0, 0, 0, -5, -5, -5, -5, -5, -5, -5, -5, -2, -2, -3, -3];
+        var metaspace = new JsonObject { ["type"] = "Metaspace", ["replacement"] = "▁", ["prepend_scheme"] = "always", ["split"] = true };
+        Write(dir, "tokenizer.json", new JsonObject
+        {
+            ["version"] = "1.0", ["truncation"] = null, ["padding"] = null,
+            ["added_tokens"] = new JsonArray(
+                new JsonObject { ["id"] = 0, ["content"] = "<unk>", ["single_word"] = false, ["lstrip"] = false, ["rstrip"] = false, ["normalized"] = false, ["special"] = true },
+                new JsonObject { ["id"] = 2, ["content"] = "</s>", ["single_word"] = false, ["lstrip"] = false, ["rstrip"] = false, ["normalized"] = false, ["special"] = true }),
+            ["normalizer"] = null,
+            ["pre_tokenizer"] = metaspace.DeepClone(),
+            ["post_processor"] = null,
+            ["decoder"] = metaspace.DeepClone(),
+            ["model"] = new JsonObject
+            {
+                ["type"] = "Unigram", ["unk_id"] = 0, ["byte_fallback"] = false,
+                ["vocab"] = new JsonArray(pieces.Select((p, i) => (JsonNode)new JsonArray(p, scores[i])).ToArray()),
+            },
+        });
+        Write(dir, "tokenizer_config.json", new JsonObject { ["eos_token"] = "</s>", ["unk_token"] = "<unk>" });
+        using var tok = HfTokenizer.Load(dir);
+        // Viterbi: ▁hello (-2) beats ▁he + llo (-6) and single characters.
+        Assert.Equal([11, 12], tok.Encode("hello world"));
+        Assert.Equal(15, tok.VocabSize);
+        Assert.Equal(13, tok.TokenToId("▁he"));
+        Assert.Equal(2, tok.EosTokenId);
+        Assert.Equal(0, tok.UnkTokenId);
+        Assert.Equal("hello world", tok.Decode([11, 12, 2]));
+    }
 }
