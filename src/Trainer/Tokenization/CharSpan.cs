@@ -1,4 +1,4 @@
-namespace QLora.Trainer.Tokenization;
+namespace QLora.Trainer;
 
 /// <summary>A half-open range of characters [Start, Start + Length) in a rendered string.</summary>
 /// <param name="Start">Index of the first character.</param>

@@ -1,4 +1,4 @@
-namespace QLora.Trainer.Tokenization;
+namespace QLora.Trainer;
 
 /// <summary>One turn of a conversation, as Hugging Face chat templates take it: a role (system, user, assistant) and its text.</summary>
 /// <param name="Role">"system", "user" or "assistant" (Hugging Face role names).</param>

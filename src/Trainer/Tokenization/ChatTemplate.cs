@@ -1,7 +1,7 @@
 using System.Text;
 using System.Text.RegularExpressions;
 
-namespace QLora.Trainer.Tokenization;
+namespace QLora.Trainer;
 
 /// <summary>
 /// Renders conversations in one of the common chat formats exactly as the reference Jinja template in a model's

@@ -1,4 +1,4 @@
-namespace QLora.Trainer.Tokenization;
+namespace QLora.Trainer;
 
 /// <summary>The chat formats <see cref="ChatTemplate"/> renders natively (no Jinja engine): one per family of reference templates.</summary>
 public enum ChatTemplateFormat

@@ -3,7 +3,7 @@ using System.Text.Json.Nodes;
 using NativeTokenizer = Tokenizers.DotNet.Tokenizer;
 using NativeTokenizerException = Tokenizers.DotNet.TokenizerException;
 
-namespace QLora.Trainer.Tokenization;
+namespace QLora.Trainer;
 
 /// <summary>
 /// A Hugging Face fast tokenizer loaded from a model folder. Encoding and decoding run in Hugging Face's own Rust

@@ -1,4 +1,4 @@
-namespace QLora.Trainer.Tokenization;
+namespace QLora.Trainer;
 
 /// <summary>
 /// A conversation rendered by a <see cref="ChatTemplate"/>: the text the model reads, plus where the assistant answers are,

@@ -1,4 +1,4 @@
-namespace QLora.Trainer.Tokenization;
+namespace QLora.Trainer;
 
 /// <summary>A rendered conversation as token ids, with which positions are assistant output (trained) and which are prompt (masked).</summary>
 /// <param name="InputIds">Token ids of the whole rendered text.</param>

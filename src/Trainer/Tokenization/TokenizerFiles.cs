@@ -1,4 +1,4 @@
-namespace QLora.Trainer.Tokenization;
+namespace QLora.Trainer;
 
 /// <summary>The Hugging Face file names a tokenizer folder may hold, so every reader spells them the same way.</summary>
 public static class TokenizerFiles

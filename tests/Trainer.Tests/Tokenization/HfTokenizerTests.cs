@@ -1,8 +1,7 @@
 using System.Text.Json.Nodes;
-using QLora.Trainer.Tokenization;
-using static QLora.Trainer.Tests.Tokenization.TokenizerFixtures;
+using static QLora.Trainer.Tests.TokenizerFixtures;
 
-namespace QLora.Trainer.Tests.Tokenization;
+namespace QLora.Trainer.Tests;
 
 /// <summary>HfTokenizer over hand-written byte-level and SentencePiece-style tokenizer.json files, with ids worked out from their merges.</summary>
 public sealed class HfTokenizerTests : IDisposable

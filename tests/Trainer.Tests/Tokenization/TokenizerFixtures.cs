@@ -4,7 +4,7 @@ using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 
-namespace QLora.Trainer.Tests.Tokenization;
+namespace QLora.Trainer.Tests;
 
 /// <summary>
 /// Writes small but real Hugging Face tokenizer folders for the tests (no network): a byte-level BPE in the style of
