@@ -77,7 +77,14 @@ public sealed class HfTokenizer : IDisposable
 
         UnkTokenId = ResolveId(FromTokenizerFiles("unk_token"), "unk_token");
         ChatTemplateSource = chatTemplateFile ?? ChatTemplateFrom(tokenizerConfig);
+        CleanUpTokenizationSpaces = tokenizerConfig?["clean_up_tokenization_spaces"] is JsonValue clean && clean.TryGetValue<bool>(out var on) && on;
     }
+
+    /// <summary>
+    /// Whether <see cref="Decode"/> also applies transformers' Python-side clean-up (" ," → ",", " n't" → "n't", …):
+    /// only when tokenizer_config.json sets clean_up_tokenization_spaces to true.
+    /// </summary>
+    public bool CleanUpTokenizationSpaces { get; }
 
     /// <summary>Where the tokenizer came from (folder or file), for messages.</summary>
     public string Source { get; }
@@ -190,7 +197,8 @@ public sealed class HfTokenizer : IDisposable
         var native = skipSpecialTokens ? _asWritten : _specialsVisible.Value;
         try
         {
-            return native.Decode(raw);
+            var text = native.Decode(raw);
+            return CleanUpTokenizationSpaces ? CleanUpTokenization(text) : text;
         }
         catch (NativeTokenizerException e)
         {
@@ -405,6 +413,14 @@ public sealed class HfTokenizer : IDisposable
         _ => [],
     };
 
+
+    // transformers' clean_up_tokenization: the same replacements, in the same order.
+    private static string CleanUpTokenization(string text) => text
+        .Replace(" .", ".", StringComparison.Ordinal).Replace(" ?", "?", StringComparison.Ordinal)
+        .Replace(" !", "!", StringComparison.Ordinal).Replace(" ,", ",", StringComparison.Ordinal)
+        .Replace(" ' ", "'", StringComparison.Ordinal).Replace(" n't", "n't", StringComparison.Ordinal)
+        .Replace(" 'm", "'m", StringComparison.Ordinal).Replace(" 's", "'s", StringComparison.Ordinal)
+        .Replace(" 've", "'ve", StringComparison.Ordinal).Replace(" 're", "'re", StringComparison.Ordinal);
 
     private static int? First(List<int> ids) => ids.Count > 0 ? ids[0] : null;
 

@@ -298,4 +298,19 @@ public sealed class HfTokenizerTests : IDisposable
         Assert.Equal(0, tok.UnkTokenId);
         Assert.Equal("hello world", tok.Decode([11, 12, 2]));
     }
+
+    [Fact]
+    public void DecodeAppliesTransformersCleanUpOnlyWhenTheConfigAsks()
+    {
+        var dir = Track(WriteByteLevelFolder());
+        using (var plain = HfTokenizer.Load(dir))
+        {
+            Assert.False(plain.CleanUpTokenizationSpaces);
+            Assert.Equal("hello , world !", plain.Decode(plain.Encode("hello , world !")));
+        }
+        Write(dir, "tokenizer_config.json", new JsonObject { ["eos_token"] = "<|eot_id|>", ["clean_up_tokenization_spaces"] = true });
+        using var clean = HfTokenizer.Load(dir);
+        Assert.True(clean.CleanUpTokenizationSpaces);
+        Assert.Equal("hello, world!", clean.Decode(clean.Encode("hello , world !")));
+    }
 }
