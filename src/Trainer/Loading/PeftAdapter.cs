@@ -35,7 +35,7 @@ public static class PeftAdapter
                 parts.Add(($"{Prefix}{name}.lora_B.weight", layer.LoraB(adapter).detach().contiguous()));
             }
             if (parts.Count == 0) throw new ArgumentException($"no layer has an adapter named '{adapter}'");
-            foreach (var (key, t) in parts) writer.Declare(key, ToTensorDType(t.dtype), t.shape);
+            foreach (var (key, t) in parts) writer.Declare(key, TorchDTypes.ToTensorDType(t.dtype), t.shape);
             foreach (var (key, t) in parts) writer.Write(key, t.bytes);
             writer.Commit();
         }
@@ -136,7 +136,7 @@ public static class PeftAdapter
                 if (!info.Shape.SequenceEqual(expected))
                     throw new InvalidDataException($"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}], the model needs [{string.Join(", ", expected)}]");
                 var target = part == "lora_A" ? layer.LoraA(adapterName) : layer.LoraB(adapterName);
-                using var source = FromBytes(reader.GetSpan(key), info);
+                using var source = TorchDTypes.FromBytes(reader.GetSpan(key), info);
                 using (no_grad()) target.copy_(source);
             }
         }
@@ -144,28 +144,6 @@ public static class PeftAdapter
         model.SetAdapter(adapterName);
         return options;
     }
-
-    private static Tensor FromBytes(ReadOnlySpan<byte> bytes, TensorInfo info)
-    {
-        var dtype = info.DType switch
-        {
-            TensorDType.F32 => ScalarType.Float32,
-            TensorDType.BF16 => ScalarType.BFloat16,
-            TensorDType.F16 => ScalarType.Float16,
-            _ => throw new InvalidDataException($"{info.Name} has dtype {info.DType}; adapter weights must be F32, BF16 or F16"),
-        };
-        var t = empty(info.Shape, dtype: dtype);
-        bytes.CopyTo(t.bytes);
-        return t;
-    }
-
-    private static TensorDType ToTensorDType(ScalarType t) => t switch
-    {
-        ScalarType.Float32 => TensorDType.F32,
-        ScalarType.BFloat16 => TensorDType.BF16,
-        ScalarType.Float16 => TensorDType.F16,
-        _ => throw new NotSupportedException($"adapter dtype {t}"),
-    };
 
     private static JsonNode Number(double v) => JsonNode.Parse(PythonFloat.Repr(v))!; // Python's spelling: 0.0, 0.05, 16.0
 }

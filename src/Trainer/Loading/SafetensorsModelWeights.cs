@@ -24,16 +24,7 @@ public sealed class SafetensorsModelWeights(SafetensorsCheckpoint checkpoint) : 
         if (BnbCheckpointLayout.IsQuantized(checkpoint, name))
             throw new InvalidDataException($"{name} is stored 4-bit; only projection weights may be quantized in a bnb-4bit checkpoint");
         var info = checkpoint.GetInfo(name);
-        var dtype = info.DType switch
-        {
-            TensorDType.F32 => ScalarType.Float32,
-            TensorDType.BF16 => ScalarType.BFloat16,
-            TensorDType.F16 => ScalarType.Float16,
-            _ => throw new InvalidDataException($"{name} has dtype {info.DType}; model weights must be F32, BF16 or F16"),
-        };
-        var t = empty(info.Shape, dtype: dtype);
-        if (info.ByteLength > 0) checkpoint.GetSpan(name).CopyTo(t.bytes);
-        return t;
+        return TorchDTypes.FromBytes(info.ByteLength > 0 ? checkpoint.GetSpan(name) : default, info);
     }
 
     /// <inheritdoc />

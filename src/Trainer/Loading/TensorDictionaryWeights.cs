@@ -19,14 +19,7 @@ public sealed class TensorDictionaryWeights(Func<string, Tensor?> lookup) : IMod
     /// <inheritdoc />
     public QuantizedTensor FourBit(string name, QuantType quantType, int blocksize, bool doubleQuant)
     {
-        var t = Dense(name);
-        var (floatType, source) = t.dtype switch
-        {
-            ScalarType.BFloat16 => (FloatType.BFloat16, t),
-            ScalarType.Float16 => (FloatType.Float16, t),
-            _ => (FloatType.Float32, t.to(ScalarType.Float32)),
-        };
-        using var cpu = source.detach().cpu().contiguous();
-        return FourBitQuantizer.Quantize(cpu.bytes, floatType, t.shape, quantType, blocksize, doubleQuant);
+        using var t = Dense(name);
+        return Linear4bit.QuantizeWeight(t, quantType, blocksize, doubleQuant);
     }
 }

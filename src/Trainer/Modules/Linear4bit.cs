@@ -63,15 +63,15 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
         QuantType quantType = QuantType.Nf4, int blocksize = 64, bool doubleQuant = true)
     {
         if (weight.dim() != 2) throw new ArgumentException("weight must be 2-D [out, in]");
-        var (floatType, source) = weight.dtype switch
-        {
-            ScalarType.BFloat16 => (FloatType.BFloat16, weight),
-            ScalarType.Float16 => (FloatType.Float16, weight),
-            _ => (FloatType.Float32, weight.to(ScalarType.Float32)),
-        };
+        return new Linear4bit(QuantizeWeight(weight, quantType, blocksize, doubleQuant), bias, computeDType);
+    }
+
+    /// <summary>The bitsandbytes 4-bit form of a dense tensor (bf16/fp16 quantized from their own bits, others via float32).</summary>
+    public static QuantizedTensor QuantizeWeight(Tensor weight, QuantType quantType = QuantType.Nf4, int blocksize = 64, bool doubleQuant = true)
+    {
+        var source = weight.dtype is ScalarType.BFloat16 or ScalarType.Float16 ? weight : weight.to(ScalarType.Float32);
         using var cpu = source.detach().cpu().contiguous();
-        var q = FourBitQuantizer.Quantize(cpu.bytes, floatType, [weight.shape[0], weight.shape[1]], quantType, blocksize, doubleQuant);
-        return new Linear4bit(q, bias, computeDType);
+        return FourBitQuantizer.Quantize(cpu.bytes, TorchDTypes.ToFloatType(cpu.dtype), weight.shape, quantType, blocksize, doubleQuant);
     }
 
     /// <summary>Input features.</summary>
@@ -114,13 +114,7 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
     public Tensor Dequantize(ScalarType? dtype = null)
     {
         var dt = dtype ?? ComputeDType;
-        var floatType = dt switch
-        {
-            ScalarType.BFloat16 => FloatType.BFloat16,
-            ScalarType.Float16 => FloatType.Float16,
-            ScalarType.Float32 => FloatType.Float32,
-            _ => throw new ArgumentException($"cannot dequantize to {dt}"),
-        };
+        var floatType = TorchDTypes.ToFloatType(dt);
         var output = empty([OutFeatures, InFeatures], dtype: dt, device: _packed.device);
         var source = new FourBitPointers
         {

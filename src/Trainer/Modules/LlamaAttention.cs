@@ -3,31 +3,16 @@ using static TorchSharp.torch;
 namespace QLora.Trainer;
 
 /// <summary>Grouped-query self-attention with rotary embeddings and causal SDPA (HF: <c>self_attn</c> with q/k/v/o_proj).</summary>
-public sealed class LlamaAttention : SwappableModule
+public sealed class LlamaAttention : ProjectionHost
 {
     private readonly LlamaConfig _config;
-    private readonly Dictionary<string, nn.Module<Tensor, Tensor>> _proj = new(StringComparer.Ordinal);
 
     /// <summary>Takes the four projections (frozen Linear4bit or dense Linear).</summary>
     public LlamaAttention(LlamaConfig config, nn.Module<Tensor, Tensor> q, nn.Module<Tensor, Tensor> k, nn.Module<Tensor, Tensor> v, nn.Module<Tensor, Tensor> o)
         : base("LlamaAttention")
     {
         _config = config;
-        foreach (var (name, m) in new[] { ("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o) })
-        {
-            _proj[name] = m;
-            register_module(name, m);
-        }
-    }
-
-    /// <summary>A projection by HF name (q_proj, k_proj, v_proj, o_proj).</summary>
-    public nn.Module<Tensor, Tensor> Projection(string name) => _proj[name];
-
-    /// <summary>Replaces a projection (e.g. with a <see cref="LoraLinear"/> around it).</summary>
-    public void ReplaceProjection(string name, nn.Module<Tensor, Tensor> module)
-    {
-        Swap(name, module);
-        _proj[name] = module;
+        foreach (var (name, m) in new[] { ("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o) }) AddProjection(name, m);
     }
 
     /// <summary>
@@ -39,9 +24,9 @@ public sealed class LlamaAttention : SwappableModule
         using var scope = NewDisposeScope();
         long b = hidden.shape[0], t = hidden.shape[1];
         int nh = _config.NumAttentionHeads, nkv = _config.NumKeyValueHeads, hd = _config.HeadDim;
-        var q = _proj["q_proj"].forward(hidden).view(b, t, nh, hd).transpose(1, 2);
-        var k = _proj["k_proj"].forward(hidden).view(b, t, nkv, hd).transpose(1, 2);
-        var v = _proj["v_proj"].forward(hidden).view(b, t, nkv, hd).transpose(1, 2);
+        var q = Projection("q_proj").forward(hidden).view(b, t, nh, hd).transpose(1, 2);
+        var k = Projection("k_proj").forward(hidden).view(b, t, nkv, hd).transpose(1, 2);
+        var v = Projection("v_proj").forward(hidden).view(b, t, nkv, hd).transpose(1, 2);
         q = RotaryEmbedding.Apply(q, cos, sin);
         k = RotaryEmbedding.Apply(k, cos, sin);
         if (nkv != nh)
@@ -54,6 +39,6 @@ public sealed class LlamaAttention : SwappableModule
             ? nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true)
             : nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: mask);
         var merged = attn.transpose(1, 2).reshape(b, t, nh * hd);
-        return _proj["o_proj"].forward(merged).MoveToOuterDisposeScope();
+        return Projection("o_proj").forward(merged).MoveToOuterDisposeScope();
     }
 }
