@@ -9,12 +9,11 @@ public sealed class FrozenEmbedding : nn.Module<Tensor, Tensor>
     /// <summary>Wraps a [vocab, hidden] matrix.</summary>
     public FrozenEmbedding(Tensor weight) : base("Embedding")
     {
-        this.weight = new Parameter(weight.detach(), requires_grad: false);
-        register_parameter("weight", this.weight);
+        register_parameter("weight", new Parameter(weight.detach(), requires_grad: false));
     }
 
-    /// <summary>The matrix.</summary>
-    public Parameter weight { get; }
+    /// <summary>The matrix (looked up by name: Module.to() replaces registered tensors).</summary>
+    public Parameter weight => get_parameter("weight")!;
 
     /// <summary>Rows of <see cref="weight"/> for token ids of any shape; result shape = ids shape + [hidden].</summary>
     public override Tensor forward(Tensor ids)

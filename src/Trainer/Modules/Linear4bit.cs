@@ -14,10 +14,12 @@ namespace QLora.Trainer;
 /// </summary>
 public sealed class Linear4bit : nn.Module<Tensor, Tensor>
 {
-    private readonly Tensor _packed;
-    private readonly Tensor _absmax;          // float32 absmax, or uint8 codes when double-quantized
-    private readonly Tensor? _nestedAbsmax;   // float32
-    private readonly Tensor? _nestedMap;      // float32[256]
+    // The parts are registered buffers and always looked up by name: Module.to(device) replaces the registered tensors.
+    private Tensor _packed => get_buffer("weight")!;
+    private Tensor _absmax => get_buffer("weight_absmax")!;                   // float32 absmax, or uint8 codes when double-quantized
+    private Tensor? _nestedAbsmax => _doubleQuant ? get_buffer("weight_nested_absmax") : null;   // float32
+    private Tensor? _nestedMap => _doubleQuant ? get_buffer("weight_nested_quant_map") : null;   // float32[256]
+    private readonly bool _doubleQuant;
     private readonly float _offset;
     private readonly int _nestedBlocksize;
 
@@ -33,28 +35,25 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
         Blocksize = s.Blocksize;
         OriginalDType = s.DType;
         ComputeDType = computeDType;
-        _packed = tensor(weight.Packed, ScalarType.Byte);
+        register_buffer("weight", tensor(weight.Packed, ScalarType.Byte));
         if (s.Nested is { } nested)
         {
-            _absmax = tensor(nested.Codes, ScalarType.Byte);
-            _nestedAbsmax = tensor(nested.Absmax, ScalarType.Float32);
-            _nestedMap = tensor(nested.Map, ScalarType.Float32);
+            _doubleQuant = true;
+            register_buffer("weight_absmax", tensor(nested.Codes, ScalarType.Byte));
+            register_buffer("weight_nested_absmax", tensor(nested.Absmax, ScalarType.Float32));
+            register_buffer("weight_nested_quant_map", tensor(nested.Map, ScalarType.Float32));
             _offset = nested.Offset;
             _nestedBlocksize = nested.Blocksize;
         }
         else
         {
-            _absmax = tensor(s.Absmax!, ScalarType.Float32);
+            register_buffer("weight_absmax", tensor(s.Absmax!, ScalarType.Float32));
         }
-        register_buffer("weight", _packed);
-        register_buffer("weight_absmax", _absmax);
-        if (_nestedAbsmax is not null) register_buffer("weight_nested_absmax", _nestedAbsmax);
-        if (_nestedMap is not null) register_buffer("weight_nested_quant_map", _nestedMap);
         if (bias is not null)
         {
             if (bias.numel() != OutFeatures) throw new ArgumentException($"bias has {bias.numel()} elements, expected {OutFeatures}");
-            Bias = bias.detach().to(computeDType).clone();
-            register_buffer("bias", Bias);
+            register_buffer("bias", bias.detach().to(computeDType).clone());
+            _hasBias = true;
         }
     }
 
@@ -87,9 +86,10 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
     /// <summary>The dtype the weight is dequantized to and the matmul runs in.</summary>
     public ScalarType ComputeDType { get; private set; }
     /// <summary>The frozen bias, in the compute dtype, or null.</summary>
-    public Tensor? Bias { get; private set; }
+    public Tensor? Bias => _hasBias ? get_buffer("bias") : null;
+    private readonly bool _hasBias;
     /// <summary>True when the absmax is double-quantized.</summary>
-    public bool IsDoubleQuantized => _nestedAbsmax is not null;
+    public bool IsDoubleQuantized => _doubleQuant;
 
     /// <summary>Bytes the quantized weight occupies (packed codes and absmax, nested parts included).</summary>
     public long QuantizedBytes => _packed.numel() + _absmax.numel() * _absmax.element_size() +
@@ -101,12 +101,10 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
         if (dtype is not (ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float32))
             throw new ArgumentException($"compute dtype {dtype} is not supported: use BFloat16, Float16 or Float32");
         ComputeDType = dtype;
-        if (Bias is not null)
+        if (Bias is { } old)
         {
-            var b = Bias.to(dtype);
-            Bias.Dispose();
-            Bias = b;
-            register_buffer("bias", Bias);
+            using var b = old.to(dtype);
+            using (no_grad()) old.set_(b); // keep the registered tensor object, change its storage
         }
     }
 

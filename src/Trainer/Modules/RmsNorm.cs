@@ -13,12 +13,11 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
     public RmsNorm(long size, double eps, ScalarType dtype) : base("RmsNorm")
     {
         _eps = eps;
-        weight = new Parameter(ones(size, dtype: dtype), requires_grad: false);
-        register_parameter("weight", weight);
+        register_parameter("weight", new Parameter(ones(size, dtype: dtype), requires_grad: false));
     }
 
-    /// <summary>The scale.</summary>
-    public Parameter weight { get; }
+    /// <summary>The scale (looked up by name: Module.to() replaces registered tensors).</summary>
+    public Parameter weight => get_parameter("weight")!;
 
     /// <summary>weight · (x / √(mean(x²) + eps)), the division in float32.</summary>
     public override Tensor forward(Tensor x)
