@@ -18,7 +18,7 @@ public sealed record AdamWOptions
     public double WeightDecay { get; init; }
     /// <summary>32 (float32 moments) or 8 (blockwise-quantized moments, 256 per block).</summary>
     public int StateBits { get; init; } = 32;
-    /// <summary>Keep the state in host memory and bring one parameter group's state in for its update.</summary>
+    /// <summary>Keep the state in host memory and bring one tensor's state into device memory for its update.</summary>
     public bool Paged { get; init; }
     /// <summary>Tensors with fewer elements than this keep float32 state even with 8-bit state (bitsandbytes: 4096).</summary>
     public int MinEightBitSize { get; init; } = 4096;

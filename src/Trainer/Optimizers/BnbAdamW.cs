@@ -13,8 +13,8 @@ namespace QLora.Trainer;
 /// block, signed map for the first, unsigned for the second, float32 state kept for tensors under
 /// <see cref="AdamWOptions.MinEightBitSize"/> elements); bias correction folded into the step size and epsilon;
 /// decoupled weight decay after the update; an element whose gradient is not finite gets zeroed moments and no update.
-/// Paged: the state lives in host memory and each group's state is brought into device memory for its update and
-/// written back, so device memory holds at most one group's state. Runs on CPU tensors (float32 or bfloat16).
+/// Paged: the state lives in host memory and each tensor's state is brought into device memory for its update and
+/// written back, so device memory holds at most one tensor's state (bitsandbytes pages per tensor too). Runs on CPU tensors (float32 or bfloat16).
 /// </summary>
 public sealed unsafe class BnbAdamW : IDisposable
 {
@@ -56,7 +56,7 @@ public sealed unsafe class BnbAdamW : IDisposable
                 offset += Align(bytes);
             }
             long groupBytes = offset - groupStart;
-            largest = Math.Max(largest, groupBytes);
+            foreach (var slot in slots) largest = Math.Max(largest, slot.Bytes);
             _groups.Add(new Group(g, slots, groupStart, groupBytes, g.LearningRate ?? options.LearningRate));
         }
         _state = new OptimizerStateMemory(offset, options.Paged);
@@ -69,7 +69,7 @@ public sealed unsafe class BnbAdamW : IDisposable
     /// <summary>Number of updates applied so far (bias correction uses it; checkpoints store it).</summary>
     public int StepCount { get; private set; }
 
-    /// <summary>State bytes resident in device memory: everything unpaged, or one group's worth when paged.</summary>
+    /// <summary>State bytes resident in device memory: everything unpaged, or the largest tensor's when paged.</summary>
     public long DeviceStateBytes => _scratch?.Length ?? _state.Length;
 
     /// <summary>State bytes held in host memory (paged only).</summary>
@@ -88,18 +88,19 @@ public sealed unsafe class BnbAdamW : IDisposable
         {
             var step = AdamW8bitStep.Create((float)g.LearningRate, (float)Options.Beta1, (float)Options.Beta2,
                 (float)Options.Epsilon, (float)Options.WeightDecay, StepCount);
-            byte* region;
-            if (_scratch is not null)
+            foreach (var s in g.Slots)
             {
-                // Page in: this group's state only.
-                Buffer.MemoryCopy(_state.At(g.Offset), _scratch.At(0), g.Bytes, g.Bytes);
-                region = _scratch.At(0);
+                byte* state = _state.At(g.Offset + s.Offset);
+                if (_scratch is null)
+                {
+                    Update(s, state, step);
+                    continue;
+                }
+                // Paged: bring this tensor's state in, update it there, write it back.
+                Buffer.MemoryCopy(state, _scratch.At(0), s.Bytes, s.Bytes);
+                Update(s, _scratch.At(0), step);
+                Buffer.MemoryCopy(_scratch.At(0), state, s.Bytes, s.Bytes);
             }
-            else region = _state.At(g.Offset);
-
-            foreach (var s in g.Slots) Update(s, region + s.Offset, step);
-
-            if (_scratch is not null) Buffer.MemoryCopy(region, _state.At(g.Offset), g.Bytes, g.Bytes); // page out
         }
     }
 

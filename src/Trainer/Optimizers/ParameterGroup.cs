@@ -4,7 +4,7 @@ namespace QLora.Trainer;
 
 /// <summary>
 /// Named parameters updated with one learning rate (LoRA+ puts the B matrices in a group of their own with a larger
-/// rate). Paged optimizers bring one group's state in at a time. Names key the state in checkpoints.
+/// rate). Names key the state in checkpoints.
 /// </summary>
 public sealed record ParameterGroup(IReadOnlyList<(string Name, Parameter Parameter)> Parameters, double? LearningRate = null)
 {
