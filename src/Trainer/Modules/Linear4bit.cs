@@ -144,7 +144,7 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
 
     /// <summary>The dequantizer for a device: the CPU one, or the CUDA kernels in libtorch's primary context.</summary>
     internal static IFourBitDequantizer DequantizerFor(Device device) =>
-        device.type == DeviceType.CPU ? CpuFourBitDequantizer.Instance : FourBitDequantizers.Create(DeviceKind.Cuda, device.index < 0 ? 0 : device.index);
+        FourBitDequantizers.Create(device.type == DeviceType.CPU ? DeviceKind.Cpu : DeviceKind.Cuda, Math.Max(0, device.index));
 
     /// <summary>The custom autograd node: saves nothing but the module; backward dequantizes again.</summary>
     private sealed class Linear4bitFunction : torch.autograd.SingleTensorFunction<Linear4bitFunction>

@@ -1,4 +1,3 @@
-using System.Text.RegularExpressions;
 using QLora.Quant;
 using TorchSharp;
 using TorchSharp.Modules;
