@@ -221,4 +221,20 @@ public class QuantizeVerbTests
         Assert.Equal(1048576, json["weights"]!.GetValue<long>());
         foreach (var key in new[] { "dequant_gbps", "copy_gbps", "ratio" }) Assert.True(json[key]!.GetValue<double>() > 0, key);
     }
+
+    [Fact]
+    public void BenchTrainEndsWithAJsonLineOfItsFigures()
+    {
+        var r = CliRunner.Run("bench", "train", "--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "4",
+            "--kv-heads", "2", "--vocab", "100", "--seq", "16", "--steps", "1", "--rank", "4");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var json = JsonNode.Parse(r.LastLine)!;
+        Assert.Equal("train", json["bench"]!.GetValue<string>());
+        Assert.Equal(16, json["tokens_per_step"]!.GetValue<int>());
+        foreach (var key in new[] { "params", "tokens_per_s", "matmul_gflops", "mfu", "dequant_overhead" })
+            Assert.True(json[key]!.GetValue<double>() > 0, key);
+        var bad = CliRunner.Run("bench", "train", "--heads", "5");
+        Assert.Equal(1, bad.ExitCode);
+        Assert.Single(bad.Stderr.TrimEnd().Split('\n'));
+    }
 }
