@@ -18,10 +18,11 @@ internal static class TrainBenchmarkVerb
         var seq = new Option<int>("--seq") { Description = "tokens per sequence", DefaultValueFactory = _ => d.Sequence };
         var batch = new Option<int>("--batch") { Description = "sequences per step", DefaultValueFactory = _ => d.Batch };
         var rank = new Option<int>("--rank") { Description = "LoRA rank", DefaultValueFactory = _ => d.Rank };
+        var checkpointing = new Option<bool>("--checkpointing") { Description = "recompute layers in backward: true (default) or false", DefaultValueFactory = _ => true };
         var steps = new Option<int>("--steps") { Description = "timed steps per variant (median)", DefaultValueFactory = _ => d.Steps };
         var cmd = new Command("train", "A QLoRA step (NF4 base, bf16 compute, checkpointing, paged AdamW) vs the same step on dense bf16 weights, and the bf16 matmul rate.")
         {
-            layers, hidden, intermediate, heads, kvHeads, vocab, seq, batch, rank, steps,
+            layers, hidden, intermediate, heads, kvHeads, vocab, seq, batch, rank, steps, checkpointing,
         };
         cmd.SetAction(r =>
         {
@@ -29,7 +30,7 @@ internal static class TrainBenchmarkVerb
             {
                 Layers = r.GetValue(layers), Hidden = r.GetValue(hidden), Intermediate = r.GetValue(intermediate), Heads = r.GetValue(heads),
                 KvHeads = r.GetValue(kvHeads), Vocab = r.GetValue(vocab), Sequence = r.GetValue(seq), Batch = r.GetValue(batch),
-                Rank = r.GetValue(rank), Steps = r.GetValue(steps),
+                Rank = r.GetValue(rank), Steps = r.GetValue(steps), Checkpointing = r.GetValue(checkpointing),
             };
             foreach (var (name, v) in new[] { ("--layers", o.Layers), ("--hidden", o.Hidden), ("--intermediate", o.Intermediate), ("--heads", o.Heads),
                          ("--kv-heads", o.KvHeads), ("--vocab", o.Vocab), ("--seq", o.Sequence), ("--batch", o.Batch), ("--rank", o.Rank), ("--steps", o.Steps) })

@@ -34,6 +34,8 @@ public static class TrainBenchmark
         public int Rank { get; init; } = 16;
         /// <summary>Timed steps per variant (after one warm-up step); medians are reported.</summary>
         public int Steps { get; init; } = 3;
+        /// <summary>Recompute each decoder layer in backward (the QLoRA default).</summary>
+        public bool Checkpointing { get; init; } = true;
         /// <summary>Side of the square bf16 matmul that measures the machine's peak rate.</summary>
         public int MatmulSize { get; init; } = 2048;
     }
@@ -125,6 +127,7 @@ public static class TrainBenchmark
         {
             var model = LlamaForCausalLM.CreateRandom(config, 1234, quantize);
             model.ApplyLora(new LoraOptions { Rank = o.Rank, Alpha = 2 * o.Rank }, new Generator(1));
+            model.GradientCheckpointing = o.Checkpointing;
             model.train();
             var optimizer = new BnbAdamW(model.ParameterGroups(2e-4), new AdamWOptions { Paged = true });
             long linear = 0;
