@@ -16,6 +16,7 @@ public static class Program
             QuantizeVerb.Create(stdout),
             DequantizeVerb.Create(stdout),
             InspectVerb.Create(stdout),
+            MergeVerb.Create(stdout),
             BenchVerb.Create(stdout),
         };
         var parse = root.Parse(args);

@@ -237,4 +237,27 @@ public class QuantizeVerbTests
         Assert.Equal(1, bad.ExitCode);
         Assert.Single(bad.Stderr.TrimEnd().Split('\n'));
     }
+
+    [Fact]
+    public void MergeWritesAStandaloneFolderAndReportsBadInputInOneLine()
+    {
+        using var tmp = new TempDir();
+        TinyHfFolder.Write(tmp["model"]);
+        using (var m = QLora.Trainer.HfModelLoader.Load(tmp["model"], new QLora.Trainer.HfModelLoader.Options { Quantize = false }))
+        {
+            var o = new QLora.Trainer.LoraOptions { Rank = 2 };
+            m.ApplyLora(o);
+            QLora.Trainer.PeftAdapter.Save(m, o, tmp["adapter"]);
+        }
+        var r = CliRunner.Run("merge", "--base", tmp["model"], "--adapter", tmp["adapter"], "--output", tmp["merged"], "--dtype", "float16");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        Assert.Contains("14 projections merged", r.Stdout);
+        var config = JsonNode.Parse(File.ReadAllText(Path.Combine(tmp["merged"], "config.json")))!;
+        Assert.Equal("float16", config["torch_dtype"]!.GetValue<string>());
+        Assert.True(File.Exists(Path.Combine(tmp["merged"], "tokenizer.json")));
+        var bad = CliRunner.Run("merge", "--base", tmp["model"], "--adapter", tmp["nope"], "--output", tmp["x"]);
+        Assert.Equal(1, bad.ExitCode);
+        Assert.Contains("--adapter", bad.Stderr);
+        Assert.Single(bad.Stderr.TrimEnd().Split('\n'));
+    }
 }

@@ -8,7 +8,7 @@ namespace QLora.Trainer.Tests;
 public class HfModelLoaderTests
 {
     /// <summary>Writes a tiny random Llama in the HF layout with the project's safetensors writer; returns its tensors.</summary>
-    private static Dictionary<string, Tensor> WriteFolder(string dir, LlamaConfig c, string arch = "LlamaForCausalLM")
+    internal static Dictionary<string, Tensor> WriteFolder(string dir, LlamaConfig c, string arch = "LlamaForCausalLM")
     {
         Directory.CreateDirectory(dir);
         using var probe = LlamaForCausalLM.CreateRandom(c, 21, quantize: false, computeDType: ScalarType.BFloat16);

@@ -33,6 +33,14 @@ public static class TorchDTypes
         _ => throw new ArgumentException($"dtype {t} is not bfloat16, float16 or float32"),
     };
 
+    /// <summary>The torch dtype of a 4-bit formats' float type.</summary>
+    public static ScalarType ToScalarType(FloatType t) => t switch
+    {
+        FloatType.BFloat16 => ScalarType.BFloat16,
+        FloatType.Float16 => ScalarType.Float16,
+        _ => ScalarType.Float32,
+    };
+
     /// <summary>A new CPU tensor holding a copy of the stored bytes of <paramref name="info"/>.</summary>
     public static Tensor FromBytes(ReadOnlySpan<byte> bytes, TensorInfo info)
     {

@@ -1,0 +1,143 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using QLora.Quant;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// Writes a standalone Hugging Face model folder with a PEFT LoRA adapter merged in (<c>W + scaling·B·A</c> for every
+/// adapted projection), tensor by tensor so memory stays bounded by the largest tensor. The base may be dense or a
+/// bnb-4bit checkpoint (its projections are dequantized before merging). Optionally re-quantizes the result to a
+/// bnb-4bit folder. The output folder appears only when complete.
+/// </summary>
+public static class AdapterMerger
+{
+    /// <summary>What a merge did.</summary>
+    public sealed record Report(int Merged, int Copied, long OutputBytes);
+
+    private const string Prefix = "base_model.model.";
+
+    /// <summary>Merges <paramref name="adapterFolder"/> into <paramref name="baseFolder"/>, writing <paramref name="outputFolder"/>.</summary>
+    public static Report Merge(string baseFolder, string adapterFolder, string outputFolder, FloatType dtype = FloatType.BFloat16,
+        bool quantize = false, bool overwrite = false, Action<string>? log = null, long maxShardBytes = ShardedSafetensorsWriter.DefaultMaxShardBytes)
+    {
+        var configPath = Path.Combine(baseFolder, "config.json");
+        if (!File.Exists(configPath)) throw new FileNotFoundException($"{baseFolder}: no config.json, so not a Hugging Face model folder", configPath);
+        LlamaConfig.Load(configPath); // refuses unsupported architectures and inconsistent shapes up front
+        var rawConfig = (JsonObject)JsonNode.Parse(File.ReadAllText(configPath))!;
+        if (!overwrite && Directory.Exists(outputFolder) && Directory.EnumerateFileSystemEntries(outputFolder).Any())
+            throw new IOException($"{outputFolder}: output folder exists and is not empty; pass --overwrite to replace it, or choose another --output");
+
+        var options = PeftAdapter.ReadOptions(adapterFolder);
+        var adapterPath = Path.Combine(adapterFolder, PeftAdapter.WeightsFile);
+        if (!File.Exists(adapterPath)) throw new FileNotFoundException($"{adapterFolder}: no {PeftAdapter.WeightsFile}", adapterPath);
+        using var adapter = SafetensorsReader.Open(adapterPath);
+        using var checkpoint = SafetensorsCheckpoint.Open(baseFolder);
+        var weights = new SafetensorsModelWeights(checkpoint);
+
+        // Which weights get a delta: every module the adapter carries, checked against the base.
+        var deltas = new Dictionary<string, string>(StringComparer.Ordinal); // weight key -> module
+        foreach (var t in adapter.Tensors)
+        {
+            if (!t.Name.StartsWith(Prefix, StringComparison.Ordinal) || !t.Name.EndsWith(".lora_A.weight", StringComparison.Ordinal)) continue;
+            var module = t.Name[Prefix.Length..^".lora_A.weight".Length];
+            if (!weights.Contains(module + ".weight"))
+                throw new InvalidDataException($"{adapterPath}: {t.Name} targets {module}, which the base model does not have");
+            deltas[module + ".weight"] = module;
+        }
+        if (deltas.Count == 0) throw new InvalidDataException($"{adapterPath}: no lora_A/lora_B tensors");
+        double scaling = options.Scaling;
+
+        var full = Path.GetFullPath(outputFolder.TrimEnd(Path.DirectorySeparatorChar, Path.AltDirectorySeparatorChar));
+        var staging = full + $".partial-{Environment.ProcessId}-{Guid.NewGuid():N}"[..24];
+        var dense = quantize ? staging + "-dense" : staging;
+        Directory.CreateDirectory(dense);
+        try
+        {
+            int merged = 0, copied = 0;
+            var names = checkpoint.Tensors.Select(t => t.Name).Where(n => !BnbCheckpointLayout.IsAuxiliaryKey(n)).ToList();
+            using (var writer = new ShardedSafetensorsWriter(dense, maxShardBytes, new Dictionary<string, string> { ["format"] = "pt" }))
+            {
+                foreach (var name in names)
+                {
+                    var info = checkpoint.GetInfo(name);
+                    bool floating = BnbCheckpointLayout.IsQuantized(checkpoint, name) || FloatTypes.FromTensorDType(info.DType) is not null;
+                    writer.Declare(name, floating ? dtype.ToTensorDType() : info.DType, weights.Shape(name));
+                }
+                foreach (var name in names)
+                {
+                    using var scope = NewDisposeScope();
+                    Tensor w;
+                    if (BnbCheckpointLayout.IsQuantized(checkpoint, name))
+                    {
+                        var q = BnbCheckpointLayout.Read(checkpoint, name);
+                        w = empty(q.State.Shape, dtype: ScalarType.Float32);
+                        FourBitDequantizer.Dequantize(q, FloatType.Float32, w.bytes);
+                    }
+                    else if (FloatTypes.FromTensorDType(checkpoint.GetInfo(name).DType) is not null)
+                    {
+                        w = weights.Dense(name);
+                    }
+                    else
+                    {
+                        writer.Write(name, checkpoint.GetSpan(name));
+                        copied++;
+                        continue;
+                    }
+                    if (deltas.TryGetValue(name, out var module))
+                    {
+                        var a = ReadAdapter(adapter, $"{Prefix}{module}.lora_A.weight");
+                        var b = ReadAdapter(adapter, $"{Prefix}{module}.lora_B.weight");
+                        if (a.shape[0] != b.shape[1] || b.shape[0] != w.shape[0] || a.shape[1] != w.shape[1])
+                            throw new InvalidDataException($"{adapterPath}: {module} has A [{string.Join(", ", a.shape)}] and B [{string.Join(", ", b.shape)}], which do not fit the base weight [{string.Join(", ", w.shape)}]");
+                        w = w.to(ScalarType.Float32) + b.matmul(a) * scaling;
+                        merged++;
+                    }
+                    else copied++;
+                    var output = w.to(TorchDTypes.ToScalarType(dtype)).contiguous();
+                    writer.Write(name, output.bytes);
+                }
+                writer.Commit();
+            }
+
+            rawConfig.Remove("quantization_config");
+            rawConfig["torch_dtype"] = dtype.Name();
+            File.WriteAllText(Path.Combine(dense, "config.json"), rawConfig.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+            foreach (var file in Directory.EnumerateFiles(baseFolder))
+            {
+                var fileName = Path.GetFileName(file);
+                if (fileName == "config.json" || fileName.EndsWith(".safetensors", StringComparison.Ordinal) || fileName == "model.safetensors.index.json") continue;
+                File.Copy(file, Path.Combine(dense, fileName));
+            }
+            log?.Invoke($"merged {merged} projections (scaling {scaling}), copied {copied} tensors, {dtype.Name()}");
+            if (quantize)
+            {
+                CheckpointQuantizer.QuantizeFolder(dense, staging, new QuantizeOptions(), log);
+                Directory.Delete(dense, recursive: true);
+            }
+            if (Directory.Exists(full))
+            {
+                var old = staging + ".old";
+                Directory.Move(full, old);
+                Directory.Move(staging, full);
+                Directory.Delete(old, recursive: true);
+            }
+            else Directory.Move(staging, full);
+            long outBytes = Directory.EnumerateFiles(full).Sum(f => new FileInfo(f).Length);
+            return new Report(merged, copied, outBytes);
+        }
+        catch
+        {
+            foreach (var d in new[] { dense, staging })
+                try { if (Directory.Exists(d)) Directory.Delete(d, recursive: true); } catch (IOException) { }
+            throw;
+        }
+    }
+
+    private static Tensor ReadAdapter(SafetensorsReader reader, string key)
+    {
+        if (!reader.Contains(key)) throw new InvalidDataException($"{reader.Path}: no {key}");
+        return TorchDTypes.FromBytes(reader.GetSpan(key), reader.GetInfo(key)).to(ScalarType.Float32);
+    }
+}
