@@ -17,6 +17,7 @@ public static class Program
             DequantizeVerb.Create(stdout),
             InspectVerb.Create(stdout),
             MergeVerb.Create(stdout),
+            GenerateVerb.Create(stdout),
             BenchVerb.Create(stdout),
         };
         var parse = root.Parse(args);

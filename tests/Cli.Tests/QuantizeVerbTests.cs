@@ -260,4 +260,34 @@ public class QuantizeVerbTests
         Assert.Contains("--adapter", bad.Stderr);
         Assert.Single(bad.Stderr.TrimEnd().Split('\n'));
     }
+
+    [Fact]
+    public void GenerateDecodesNewTokensWithTheFoldersTokenizer()
+    {
+        using var tmp = new TempDir();
+        TinyHfFolder.Write(tmp["model"]);
+        // A real (word-level) tokenizer.json for the Hugging Face tokenizers library.
+        var words = new[] { "<unk>", "<s>", "</s>", "hello", "world", "the", "cat", "sat" };
+        var vocab = new JsonObject();
+        for (int i = 0; i < words.Length; i++) vocab[words[i]] = i;
+        var added = new JsonArray();
+        for (int i = 0; i < 3; i++)
+            added.Add(new JsonObject { ["id"] = i, ["content"] = words[i], ["single_word"] = false, ["lstrip"] = false, ["rstrip"] = false, ["normalized"] = false, ["special"] = true });
+        var tokenizer = new JsonObject
+        {
+            ["version"] = "1.0", ["truncation"] = null, ["padding"] = null, ["added_tokens"] = added, ["normalizer"] = null,
+            ["pre_tokenizer"] = new JsonObject { ["type"] = "Whitespace" }, ["post_processor"] = null, ["decoder"] = null,
+            ["model"] = new JsonObject { ["type"] = "WordLevel", ["vocab"] = vocab, ["unk_token"] = "<unk>" },
+        };
+        File.WriteAllText(Path.Combine(tmp["model"], "tokenizer.json"), tokenizer.ToJsonString());
+        var r = CliRunner.Run("generate", "--model", tmp["model"], "--prompt", "hello world", "--max-new-tokens", "5");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var json = JsonNode.Parse(r.LastLine)!;
+        Assert.Equal("generate", json["verb"]!.GetValue<string>());
+        Assert.Equal(2, json["prompt_tokens"]!.GetValue<int>());
+        Assert.Equal(5, json["new_tokens"]!.GetValue<int>());
+        var bad = CliRunner.Run("generate", "--model", tmp["model"], "--prompt", "x", "--top-p", "0");
+        Assert.Equal(1, bad.ExitCode);
+        Assert.Contains("top-p", bad.Stderr);
+    }
 }

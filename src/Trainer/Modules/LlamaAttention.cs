@@ -19,7 +19,13 @@ public sealed class LlamaAttention : ProjectionHost
     /// Attention over <paramref name="hidden"/> [B, T, H]. <paramref name="mask"/> is null (causal), or a boolean
     /// [B, 1, T, T] mask where true means "may attend" (packed sequences).
     /// </summary>
-    public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask)
+    public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask) => Forward(hidden, cos, sin, mask, null, 0);
+
+    /// <summary>
+    /// As <see cref="Forward(Tensor, Tensor, Tensor, Tensor?)"/>, appending this step's keys and values to layer
+    /// <paramref name="layer"/> of <paramref name="cache"/> and attending over everything cached (inference).
+    /// </summary>
+    public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache, int layer)
     {
         using var scope = NewDisposeScope();
         long b = hidden.shape[0], t = hidden.shape[1];
@@ -29,15 +35,29 @@ public sealed class LlamaAttention : ProjectionHost
         var v = Projection("v_proj").forward(hidden).view(b, t, nkv, hd).transpose(1, 2);
         q = RotaryEmbedding.Apply(q, cos, sin);
         k = RotaryEmbedding.Apply(k, cos, sin);
+        bool prefix = false;
+        if (cache is not null)
+        {
+            prefix = cache.Length > 0;
+            (k, v) = cache.Append(layer, k, v);
+        }
         if (nkv != nh)
         {
             int rep = nh / nkv;
             k = k.repeat_interleave(rep, 1);
             v = v.repeat_interleave(rep, 1);
         }
-        var attn = mask is null
-            ? nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true)
-            : nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: mask);
+        Tensor attn;
+        if (mask is not null) attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: mask);
+        else if (!prefix) attn = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true);
+        else
+        {
+            // New tokens after a cached prefix: each sees the whole prefix and the new tokens up to itself.
+            long past = k.shape[2] - t;
+            var allowed = ones(t, t, dtype: ScalarType.Bool, device: q.device).tril();
+            var full = cat([ones(t, past, dtype: ScalarType.Bool, device: q.device), allowed], 1);
+            attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: full.view(1, 1, t, k.shape[2]));
+        }
         var merged = attn.transpose(1, 2).reshape(b, t, nh * hd);
         return Projection("o_proj").forward(merged).MoveToOuterDisposeScope();
     }

@@ -28,10 +28,10 @@ public sealed class LlamaDecoderLayer : nn.Module
     public LlamaMlp mlp { get; }
 
     /// <summary>The layer's output for hidden states [B, T, H].</summary>
-    public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask)
+    public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache = null, int layer = 0)
     {
         using var scope = NewDisposeScope();
-        var h = hidden + self_attn.Forward(input_layernorm.forward(hidden), cos, sin, mask);
+        var h = hidden + self_attn.Forward(input_layernorm.forward(hidden), cos, sin, mask, cache, layer);
         var output = h + mlp.Forward(post_attention_layernorm.forward(h));
         return output.MoveToOuterDisposeScope();
     }

@@ -245,6 +245,23 @@ public sealed class LlamaForCausalLM : nn.Module
         return model.norm.forward(h).MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// Inference step with a <see cref="KvCache"/>: hidden states [B, T, H] of <paramref name="inputIds"/> [B, T], which
+    /// continue the cached tokens (positions start at the cache's length); their keys and values are appended.
+    /// </summary>
+    public Tensor Forward(Tensor inputIds, KvCache cache)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        long b = inputIds.shape[0], t = inputIds.shape[1];
+        var pos = arange(cache.Length, cache.Length + t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
+        var (cos, sin) = _rope.CosSin(pos, ComputeDType);
+        var h = model.embed_tokens.forward(inputIds);
+        int i = 0;
+        foreach (var layer in model.layers) h = layer.Forward(h, cos, sin, null, cache, i++);
+        return model.norm.forward(h).MoveToOuterDisposeScope();
+    }
+
     /// <summary>Logits [.., vocab] in the compute dtype for hidden states.</summary>
     public Tensor LmHead(Tensor hidden) =>
         _lmHead is not null ? _lmHead.forward(hidden) : hidden.matmul(model.embed_tokens.weight.t());
