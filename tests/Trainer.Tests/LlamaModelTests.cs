@@ -7,7 +7,7 @@ namespace QLora.Trainer.Tests;
 public class LlamaModelTests
 {
     /// <summary>An independent float64 forward of the HF Llama math, written with explicit loops over heads.</summary>
-    private static Tensor ReferenceLogits(LlamaConfig c, Func<string, Tensor> w, long[] ids)
+    internal static Tensor ReferenceLogits(LlamaConfig c, Func<string, Tensor> w, long[] ids)
     {
         using var scope = NewDisposeScope();
         int T = ids.Length, H = c.HiddenSize, hd = c.HeadDim, nh = c.NumAttentionHeads, nkv = c.NumKeyValueHeads;
@@ -45,6 +45,7 @@ public class LlamaModelTests
                 var vh = v.select(1, kvh);
                 var scores = qh.matmul(kh.t()) / Math.Sqrt(hd);
                 var mask = ones(T, T, dtype: ScalarType.Bool).triu(1);
+                if (c.SlidingWindow is int window) mask = mask.logical_or(ones(T, T, dtype: ScalarType.Bool).tril(-window));
                 scores = scores.masked_fill(mask, double.NegativeInfinity);
                 outs.Add(scores.softmax(-1).matmul(vh));
             }

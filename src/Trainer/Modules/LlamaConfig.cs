@@ -39,6 +39,8 @@ public sealed record LlamaConfig
     public bool QkvBiasOnly { get; init; }
     /// <summary>mlp_bias: gate/up/down projections have biases.</summary>
     public bool MlpBias { get; init; }
+    /// <summary>sliding_window (Mistral v0.1: each token attends to at most this many positions), or null.</summary>
+    public int? SlidingWindow { get; init; }
     /// <summary>The architectures entry (e.g. LlamaForCausalLM).</summary>
     public string Architecture { get; init; } = "LlamaForCausalLM";
 
@@ -82,6 +84,8 @@ public sealed record LlamaConfig
             AttentionBias = qwen || Bool(c, "attention_bias", false),
             QkvBiasOnly = qwen,
             MlpBias = Bool(c, "mlp_bias", false),
+            // Qwen2 configs carry sliding_window but only apply it with use_sliding_window.
+            SlidingWindow = c["sliding_window"] is JsonValue && (!qwen || Bool(c, "use_sliding_window", false)) ? Int(c, "sliding_window") : null,
         };
         cfg.Validate();
         return cfg;

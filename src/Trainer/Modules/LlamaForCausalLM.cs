@@ -232,6 +232,13 @@ public sealed class LlamaForCausalLM : nn.Module
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var pos = positionIds ?? arange(t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
         var (cos, sin) = _rope.CosSin(pos, ComputeDType);
+        if (Config.SlidingWindow is int window && t > window)
+        {
+            // Mistral's sliding window: causal and at most `window` positions back.
+            var i = arange(t, device: inputIds.device);
+            var band = i.unsqueeze(1).ge(i.unsqueeze(0)).logical_and((i.unsqueeze(1) - i.unsqueeze(0)).lt(window)).view(1, 1, t, t);
+            attentionMask = attentionMask is null ? band : attentionMask.logical_and(band);
+        }
         var h = model.embed_tokens.forward(inputIds);
         bool checkpoint = GradientCheckpointing && is_grad_enabled() && training;
         if (checkpoint) h = h.detach().requires_grad_(true); // the checkpoint node is only recorded when its input requires grad
@@ -254,6 +261,8 @@ public sealed class LlamaForCausalLM : nn.Module
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         long b = inputIds.shape[0], t = inputIds.shape[1];
+        if (Config.SlidingWindow is int window && cache.Length + t > window)
+            throw new NotSupportedException($"generation past the sliding window ({window} tokens) is not supported");
         var pos = arange(cache.Length, cache.Length + t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
         var (cos, sin) = _rope.CosSin(pos, ComputeDType);
         var h = model.embed_tokens.forward(inputIds);
