@@ -6,7 +6,8 @@ namespace QLora.Trainer;
 
 /// <summary>
 /// A frozen base linear (4-bit <see cref="Linear4bit"/> or dense <see cref="Linear"/>) plus named low-rank adapters,
-/// as PEFT's <c>lora.Linear</c>: <c>y = base(x) + B(A(dropout(x))) · scaling</c> for the active adapter. Parameters are
+/// as PEFT's <c>lora.Linear</c>: <c>y = base(x) + B(A(dropout(x))) · scaling</c> for the active adapter, computed in the
+/// activations' dtype from the adapter's master weights (fp32 by default) as under autocast. Parameters are
 /// named <c>lora_A.&lt;adapter&gt;.weight</c> [r, in] and <c>lora_B.&lt;adapter&gt;.weight</c> [out, r].
 /// </summary>
 public sealed class LoraLinear : nn.Module<Tensor, Tensor>
@@ -99,9 +100,13 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         var (scaling, dropout) = _settings[ActiveAdapter];
         var a = _loraA[ActiveAdapter];
         var b = _loraB[ActiveAdapter];
-        var input = x.dtype == a.weight!.dtype ? x : x.to(a.weight.dtype);
-        if (dropout > 0 && training) input = nn.functional.dropout(input, dropout, training: true);
-        var update = b.forward(a.forward(input)) * scaling;
+        // Mixed precision: the adapter's master weights (fp32 by default) are cast to the activations' dtype for the
+        // two small matmuls, as autocast does, so no fp32 copy of the input is saved for backward; their gradients
+        // flow back through the casts into the master weights in the master dtype.
+        var input = dropout > 0 && training ? nn.functional.dropout(x, dropout, training: true) : x;
+        var wa = a.weight!.dtype == x.dtype ? a.weight : a.weight.to(x.dtype);
+        var wb = b.weight!.dtype == x.dtype ? b.weight : b.weight.to(x.dtype);
+        var update = nn.functional.linear(nn.functional.linear(input, wa), wb) * scaling;
         return result + update.to(result.dtype);
     }
 
