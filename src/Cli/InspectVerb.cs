@@ -36,7 +36,7 @@ internal static class InspectVerb
             {
                 var f = BnbCheckpointLayout.ReadFields(source, t.Name, out _);
                 long bytes = byName.Values.Where(x => x.Name == t.Name || x.Name.StartsWith(t.Name + ".", StringComparison.Ordinal)).Sum(x => x.ByteLength);
-                long n = f.Shape.Aggregate(1L, (a, d) => a * d);
+                long n = TensorShape.ElementCount(f.Shape);
                 var quant = $"{f.QuantType.Name()} bs{f.Blocksize}{(f.NestedOffset is null ? "" : " dq")} from {f.DType.Name()}";
                 rows.Add(new Row(t.Name, "4-bit", Shape(f.Shape), bytes, n, quant));
                 quantBytes += bytes; quantElements += n;

@@ -1,10 +1,10 @@
 namespace QLora.Quant;
 
 /// <summary>Replaces small files atomically: write a temporary file in the same folder, flush it to disk, rename it over the target.</summary>
-internal static class AtomicFile
+public static class AtomicFile
 {
     /// <summary>Writes <paramref name="bytes"/> to <paramref name="path"/> so readers see either the old file or the complete new one.</summary>
-    internal static void WriteAllBytes(string path, ReadOnlySpan<byte> bytes)
+    public static void WriteAllBytes(string path, ReadOnlySpan<byte> bytes)
     {
         string full = Path.GetFullPath(path);
         string temp = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.{Guid.NewGuid():N}{SafetensorsWriter.TempSuffix}");

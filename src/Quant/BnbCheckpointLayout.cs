@@ -30,7 +30,7 @@ public static class BnbCheckpointLayout
     public sealed record Slot(string Name, TensorDType DType, long[] Shape)
     {
         /// <summary>Bytes the tensor occupies.</summary>
-        public long ByteLength => Shape.Aggregate((long)DType.Size(), (a, d) => a * d);
+        public long ByteLength => checked(TensorShape.ElementCount(Shape) * DType.Size());
     }
 
     /// <summary>
@@ -87,8 +87,7 @@ public static class BnbCheckpointLayout
     public static QuantizedTensor Read(ITensorSource source, string weightKey)
     {
         var f = ReadFields(source, weightKey, out var stateKey);
-        long n = 1;
-        foreach (var d in f.Shape) n = checked(n * d);
+        long n = TensorShape.ElementCount(f.Shape);
         long packedBytes = (n + 1) / 2;
         var packedRaw = source.ReadBytes(weightKey); // any quant_storage dtype: the bytes are the same
         if (packedRaw.LongLength < packedBytes)

@@ -91,71 +91,60 @@ public static class CheckpointQuantizer
         }
         if (config["quantization_config"] is not null)
             throw new InvalidOperationException($"{configPath}: the model is already quantized (it has quantization_config)");
-        if (!overwrite && Directory.Exists(outputDir) && Directory.EnumerateFileSystemEntries(outputDir).Any())
-            throw new IOException($"{outputDir}: output folder exists and is not empty; pass --overwrite to replace it, or choose another --output");
-        if (File.Exists(outputDir)) throw new IOException($"{outputDir}: is a file; the output of a folder must be a folder");
-
         var shards = ListShards(inputDir);
-        var full = Path.GetFullPath(outputDir.TrimEnd(Path.DirectorySeparatorChar, Path.AltDirectorySeparatorChar));
-        var staging = full + $".partial-{Environment.ProcessId}-{Guid.NewGuid():N}"[..24];
-        Directory.CreateDirectory(staging);
-        try
+        using var output = StagedFolder.Create(outputDir, overwrite);
+        var staging = output.Path;
+        var weightMap = new SortedDictionary<string, string>(StringComparer.Ordinal);
+        int q = 0, c = 0;
+        long elements = 0, inBytes = 0, outBytes = 0, tensorBytes = 0;
+        foreach (var shard in shards)
         {
-            var weightMap = new SortedDictionary<string, string>(StringComparer.Ordinal);
-            int q = 0, c = 0;
-            long elements = 0, inBytes = 0, outBytes = 0, tensorBytes = 0;
-            foreach (var shard in shards)
-            {
-                var target = Path.Combine(staging, shard);
-                var r = QuantizeFile(Path.Combine(inputDir, shard), target, options, log);
-                q += r.QuantizedTensors; c += r.CopiedTensors; elements += r.QuantizedElements;
-                inBytes += r.InputBytes; outBytes += r.OutputBytes;
-                using var written = SafetensorsReader.Open(target);
-                foreach (var t in written.Tensors) { weightMap[t.Name] = shard; tensorBytes += t.ByteLength; }
-                log?.Invoke($"wrote {shard}: {r.QuantizedTensors} quantized, {r.CopiedTensors} copied, {r.OutputBytes:N0} bytes");
-            }
-            if (File.Exists(Path.Combine(inputDir, "model.safetensors.index.json")))
-            {
-                var index = new JsonObject
-                {
-                    ["metadata"] = new JsonObject { ["total_size"] = tensorBytes },
-                    ["weight_map"] = new JsonObject(weightMap.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))),
-                };
-                WriteJson(Path.Combine(staging, "model.safetensors.index.json"), index);
-            }
-            var cfg = new BnbQuantizationConfig
-            {
-                QuantType = options.QuantType, DoubleQuant = options.DoubleQuant,
-                ComputeDType = config["torch_dtype"]?.GetValue<string>() is { } td && TryParseFloat(td, out var ct) ? ct : FloatType.BFloat16,
-            };
-            config["quantization_config"] = cfg.ToJson();
-            WriteJson(Path.Combine(staging, "config.json"), config);
-            foreach (var file in Directory.EnumerateFiles(inputDir))
-            {
-                var name = Path.GetFileName(file);
-                if (name == "config.json" || name.EndsWith(".safetensors", StringComparison.Ordinal) || name == "model.safetensors.index.json") continue;
-                File.Copy(file, Path.Combine(staging, name));
-            }
-            if (Directory.Exists(full))
-            {
-                // Swap: the old folder is moved aside first, so a crash leaves either the old or the new one complete.
-                var old = staging + ".old";
-                Directory.Move(full, old);
-                Directory.Move(staging, full);
-                Directory.Delete(old, recursive: true);
-            }
-            else
-            {
-                Directory.Move(staging, full);
-            }
-            return new Report(q, c, elements, inBytes, outBytes);
+            var target = Path.Combine(staging, shard);
+            var r = QuantizeFile(Path.Combine(inputDir, shard), target, options, log);
+            q += r.QuantizedTensors; c += r.CopiedTensors; elements += r.QuantizedElements;
+            inBytes += r.InputBytes; outBytes += r.OutputBytes;
+            using var written = SafetensorsReader.Open(target);
+            foreach (var t in written.Tensors) { weightMap[t.Name] = shard; tensorBytes += t.ByteLength; }
+            log?.Invoke($"wrote {shard}: {r.QuantizedTensors} quantized, {r.CopiedTensors} copied, {r.OutputBytes:N0} bytes");
         }
-        catch
+        if (File.Exists(Path.Combine(inputDir, "model.safetensors.index.json")))
         {
-            try { Directory.Delete(staging, recursive: true); } catch (IOException) { } catch (UnauthorizedAccessException) { }
-            throw;
+            var index = new JsonObject
+            {
+                ["metadata"] = new JsonObject { ["total_size"] = tensorBytes },
+                ["weight_map"] = new JsonObject(weightMap.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))),
+            };
+            WriteJson(Path.Combine(staging, "model.safetensors.index.json"), index);
+        }
+        var cfg = new BnbQuantizationConfig
+        {
+            QuantType = options.QuantType, DoubleQuant = options.DoubleQuant,
+            ComputeDType = config["torch_dtype"]?.GetValue<string>() is { } td && TryParseFloat(td, out var ct) ? ct : FloatType.BFloat16,
+        };
+        config["quantization_config"] = cfg.ToJson();
+        WriteJson(Path.Combine(staging, "config.json"), config);
+        CopySideFiles(inputDir, staging);
+        output.Commit();
+        return new Report(q, c, elements, inBytes, outBytes);
+    }
+
+    /// <summary>
+    /// Copies the files of a model folder that are neither weights nor config.json (tokenizer files, generation config,
+    /// chat templates, ...) into another folder.
+    /// </summary>
+    public static void CopySideFiles(string fromDir, string toDir)
+    {
+        foreach (var file in Directory.EnumerateFiles(fromDir))
+        {
+            var name = Path.GetFileName(file);
+            if (name == "config.json" || name.EndsWith(".safetensors", StringComparison.Ordinal) || name == "model.safetensors.index.json") continue;
+            File.Copy(file, Path.Combine(toDir, name));
         }
     }
+
+    /// <summary>Writes config-style JSON (indented) atomically.</summary>
+    public static void WriteJson(string path, JsonNode node) =>
+        AtomicFile.WriteAllBytes(path, System.Text.Encoding.UTF8.GetBytes(node.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n"));
 
     /// <summary>The safetensors files of a model folder: the shards named by its index, or model.safetensors.</summary>
     public static IReadOnlyList<string> ListShards(string dir)
@@ -174,12 +163,5 @@ public static class CheckpointQuantizer
     {
         try { type = FloatTypes.Parse(name); return true; }
         catch (FormatException) { type = default; return false; }
-    }
-
-    private static void WriteJson(string path, JsonNode node)
-    {
-        var tmp = path + ".tmp";
-        File.WriteAllText(tmp, node.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
-        File.Move(tmp, path, overwrite: true);
     }
 }

@@ -18,8 +18,7 @@ public static class FourBitQuantizer
         QuantType quantType = QuantType.Nf4, int blocksize = 64, bool doubleQuant = true)
     {
         QuantTypes.ValidateBlocksize(blocksize);
-        long n = 1;
-        foreach (var d in shape) n = checked(n * d);
+        long n = TensorShape.ElementCount(shape);
         if (data.Length != n * dtype.Size())
             throw new ArgumentException($"data has {data.Length} bytes, expected {n * dtype.Size()} for shape [{string.Join(", ", shape)}] of {dtype.Name()}");
 

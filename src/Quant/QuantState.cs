@@ -20,15 +20,7 @@ public sealed record QuantState
     public NestedAbsmax? Nested { get; init; }
 
     /// <summary>Number of elements of the original tensor.</summary>
-    public long Count
-    {
-        get
-        {
-            long n = 1;
-            foreach (var d in Shape) n = checked(n * d);
-            return n;
-        }
-    }
+    public long Count => TensorShape.ElementCount(Shape);
 
     /// <summary>Number of absmax blocks: ceil(Count / Blocksize).</summary>
     public long BlockCount => (Count + Blocksize - 1) / Blocksize;

@@ -12,13 +12,5 @@ namespace QLora.Quant;
 public sealed record TensorInfo(string Name, TensorDType DType, long[] Shape, long DataOffset, long ByteLength)
 {
     /// <summary>Product of the dimensions (1 for a scalar, 0 when any dimension is 0).</summary>
-    public long ElementCount
-    {
-        get
-        {
-            long count = 1;
-            foreach (long d in Shape) count = checked(count * d);
-            return count;
-        }
-    }
+    public long ElementCount => TensorShape.ElementCount(Shape);
 }

@@ -1,4 +1,3 @@
-using System.Text.Json;
 using System.Text.Json.Nodes;
 using QLora.Quant;
 using static TorchSharp.torch;
@@ -26,8 +25,6 @@ public static class AdapterMerger
         if (!File.Exists(configPath)) throw new FileNotFoundException($"{baseFolder}: no config.json, so not a Hugging Face model folder", configPath);
         LlamaConfig.Load(configPath); // refuses unsupported architectures and inconsistent shapes up front
         var rawConfig = (JsonObject)JsonNode.Parse(File.ReadAllText(configPath))!;
-        if (!overwrite && Directory.Exists(outputFolder) && Directory.EnumerateFileSystemEntries(outputFolder).Any())
-            throw new IOException($"{outputFolder}: output folder exists and is not empty; pass --overwrite to replace it, or choose another --output");
 
         var options = PeftAdapter.ReadOptions(adapterFolder);
         var adapterPath = Path.Combine(adapterFolder, PeftAdapter.WeightsFile);
@@ -49,90 +46,65 @@ public static class AdapterMerger
         if (deltas.Count == 0) throw new InvalidDataException($"{adapterPath}: no lora_A/lora_B tensors");
         double scaling = options.Scaling;
 
-        var full = Path.GetFullPath(outputFolder.TrimEnd(Path.DirectorySeparatorChar, Path.AltDirectorySeparatorChar));
-        var staging = full + $".partial-{Environment.ProcessId}-{Guid.NewGuid():N}"[..24];
-        var dense = quantize ? staging + "-dense" : staging;
-        Directory.CreateDirectory(dense);
-        try
+        using var output = StagedFolder.Create(outputFolder, overwrite);
+        // With re-quantization, the dense merge goes to a second staging folder that is never committed.
+        using var denseStage = quantize ? StagedFolder.Create(output.Path + "-dense", overwrite: false) : null;
+        var dense = denseStage?.Path ?? output.Path;
+        int merged = 0, copied = 0;
+        var names = checkpoint.Tensors.Select(t => t.Name).Where(n => !BnbCheckpointLayout.IsAuxiliaryKey(n)).ToList();
+        using (var writer = new ShardedSafetensorsWriter(dense, maxShardBytes, new Dictionary<string, string> { ["format"] = "pt" }))
         {
-            int merged = 0, copied = 0;
-            var names = checkpoint.Tensors.Select(t => t.Name).Where(n => !BnbCheckpointLayout.IsAuxiliaryKey(n)).ToList();
-            using (var writer = new ShardedSafetensorsWriter(dense, maxShardBytes, new Dictionary<string, string> { ["format"] = "pt" }))
+            foreach (var name in names)
             {
-                foreach (var name in names)
-                {
-                    var info = checkpoint.GetInfo(name);
-                    bool floating = BnbCheckpointLayout.IsQuantized(checkpoint, name) || FloatTypes.FromTensorDType(info.DType) is not null;
-                    writer.Declare(name, floating ? dtype.ToTensorDType() : info.DType, weights.Shape(name));
-                }
-                foreach (var name in names)
-                {
-                    using var scope = NewDisposeScope();
-                    Tensor w;
-                    if (BnbCheckpointLayout.IsQuantized(checkpoint, name))
-                    {
-                        var q = BnbCheckpointLayout.Read(checkpoint, name);
-                        w = empty(q.State.Shape, dtype: ScalarType.Float32);
-                        FourBitDequantizer.Dequantize(q, FloatType.Float32, w.bytes);
-                    }
-                    else if (FloatTypes.FromTensorDType(checkpoint.GetInfo(name).DType) is not null)
-                    {
-                        w = weights.Dense(name);
-                    }
-                    else
-                    {
-                        writer.Write(name, checkpoint.GetSpan(name));
-                        copied++;
-                        continue;
-                    }
-                    if (deltas.TryGetValue(name, out var module))
-                    {
-                        var a = ReadAdapter(adapter, $"{Prefix}{module}.lora_A.weight");
-                        var b = ReadAdapter(adapter, $"{Prefix}{module}.lora_B.weight");
-                        if (a.shape[0] != b.shape[1] || b.shape[0] != w.shape[0] || a.shape[1] != w.shape[1])
-                            throw new InvalidDataException($"{adapterPath}: {module} has A [{string.Join(", ", a.shape)}] and B [{string.Join(", ", b.shape)}], which do not fit the base weight [{string.Join(", ", w.shape)}]");
-                        w = w.to(ScalarType.Float32) + b.matmul(a) * scaling;
-                        merged++;
-                    }
-                    else copied++;
-                    var output = w.to(TorchDTypes.ToScalarType(dtype)).contiguous();
-                    writer.Write(name, output.bytes);
-                }
-                writer.Commit();
+                var info = checkpoint.GetInfo(name);
+                bool floating = BnbCheckpointLayout.IsQuantized(checkpoint, name) || FloatTypes.FromTensorDType(info.DType) is not null;
+                writer.Declare(name, floating ? dtype.ToTensorDType() : info.DType, weights.Shape(name));
             }
+            foreach (var name in names)
+            {
+                using var scope = NewDisposeScope();
+                Tensor w;
+                if (BnbCheckpointLayout.IsQuantized(checkpoint, name))
+                {
+                    var q = BnbCheckpointLayout.Read(checkpoint, name);
+                    w = empty(q.State.Shape, dtype: ScalarType.Float32);
+                    FourBitDequantizer.Dequantize(q, FloatType.Float32, w.bytes);
+                }
+                else if (FloatTypes.FromTensorDType(checkpoint.GetInfo(name).DType) is not null)
+                {
+                    w = weights.Dense(name);
+                }
+                else
+                {
+                    writer.Write(name, checkpoint.GetSpan(name));
+                    copied++;
+                    continue;
+                }
+                if (deltas.TryGetValue(name, out var module))
+                {
+                    var a = ReadAdapter(adapter, $"{Prefix}{module}.lora_A.weight");
+                    var b = ReadAdapter(adapter, $"{Prefix}{module}.lora_B.weight");
+                    if (a.shape[0] != b.shape[1] || b.shape[0] != w.shape[0] || a.shape[1] != w.shape[1])
+                        throw new InvalidDataException($"{adapterPath}: {module} has A [{string.Join(", ", a.shape)}] and B [{string.Join(", ", b.shape)}], which do not fit the base weight [{string.Join(", ", w.shape)}]");
+                    w = w.to(ScalarType.Float32) + b.matmul(a) * scaling;
+                    merged++;
+                }
+                else copied++;
+                var converted = w.to(TorchDTypes.ToScalarType(dtype)).contiguous();
+                writer.Write(name, converted.bytes);
+            }
+            writer.Commit();
+        }
 
-            rawConfig.Remove("quantization_config");
-            rawConfig["torch_dtype"] = dtype.Name();
-            File.WriteAllText(Path.Combine(dense, "config.json"), rawConfig.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
-            foreach (var file in Directory.EnumerateFiles(baseFolder))
-            {
-                var fileName = Path.GetFileName(file);
-                if (fileName == "config.json" || fileName.EndsWith(".safetensors", StringComparison.Ordinal) || fileName == "model.safetensors.index.json") continue;
-                File.Copy(file, Path.Combine(dense, fileName));
-            }
-            log?.Invoke($"merged {merged} projections (scaling {scaling}), copied {copied} tensors, {dtype.Name()}");
-            if (quantize)
-            {
-                CheckpointQuantizer.QuantizeFolder(dense, staging, new QuantizeOptions(), log);
-                Directory.Delete(dense, recursive: true);
-            }
-            if (Directory.Exists(full))
-            {
-                var old = staging + ".old";
-                Directory.Move(full, old);
-                Directory.Move(staging, full);
-                Directory.Delete(old, recursive: true);
-            }
-            else Directory.Move(staging, full);
-            long outBytes = Directory.EnumerateFiles(full).Sum(f => new FileInfo(f).Length);
-            return new Report(merged, copied, outBytes);
-        }
-        catch
-        {
-            foreach (var d in new[] { dense, staging })
-                try { if (Directory.Exists(d)) Directory.Delete(d, recursive: true); } catch (IOException) { }
-            throw;
-        }
+        rawConfig.Remove("quantization_config");
+        rawConfig["torch_dtype"] = dtype.Name();
+        CheckpointQuantizer.WriteJson(Path.Combine(dense, "config.json"), rawConfig);
+        CheckpointQuantizer.CopySideFiles(baseFolder, dense);
+        log?.Invoke($"merged {merged} projections (scaling {scaling}), copied {copied} tensors, {dtype.Name()}");
+        if (quantize) CheckpointQuantizer.QuantizeFolder(dense, output.Path, new QuantizeOptions(), log, overwrite: true);
+        output.Commit();
+        long outBytes = Directory.EnumerateFiles(output.Target).Sum(f => new FileInfo(f).Length);
+        return new Report(merged, copied, outBytes);
     }
 
     private static Tensor ReadAdapter(SafetensorsReader reader, string key)

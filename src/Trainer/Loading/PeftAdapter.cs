@@ -62,10 +62,7 @@ public static class PeftAdapter
             ["use_rslora"] = options.UseRsLora,
         };
         var json = new JsonObject(config).ToJsonString(new JsonSerializerOptions { WriteIndented = true, NewLine = "\n" });
-        var path = Path.Combine(folder, ConfigFile);
-        var tmp = path + $".{Environment.ProcessId}.qlora-tmp";
-        File.WriteAllText(tmp, json, new UTF8Encoding(false));
-        File.Move(tmp, path, overwrite: true);
+        AtomicFile.WriteAllBytes(Path.Combine(folder, ConfigFile), Encoding.UTF8.GetBytes(json));
     }
 
     /// <summary>Reads adapter_config.json into LoRA options (missing keys take PEFT's defaults, unknown keys are ignored).</summary>
