@@ -55,14 +55,18 @@ public static class TrainBenchmark
         /// <summary>QLoRA step time over the dense-bf16 step time: the cost of dequantizing on the fly.</summary>
         public double DequantOverhead => QloraStepSeconds / DenseStepSeconds;
 
+        // Four significant digits, so that a tiny model's small figures never round to zero.
+        static double Sig(double x) => x == 0 || !double.IsFinite(x) ? x
+            : Math.Round(x, Math.Clamp(3 - (int)Math.Floor(Math.Log10(Math.Abs(x))), 0, 15));
+
         /// <summary>One JSON line of the figures.</summary>
         public string ToJson() => System.Text.Json.JsonSerializer.Serialize(new
         {
             bench = "train", @params = Params, linear_params = LinearParams, lora_params = LoraParams, tokens_per_step = Tokens,
-            step_s = Math.Round(QloraStepSeconds, 4), dense_step_s = Math.Round(DenseStepSeconds, 4),
-            steps_per_s = Math.Round(StepsPerSecond, 4), tokens_per_s = Math.Round(TokensPerSecond, 1),
-            matmul_gflops = Math.Round(MatmulGflops, 1), model_gflops_per_step = Math.Round(ModelFlopsPerStep / 1e9, 1),
-            mfu = Math.Round(Mfu, 4), dequant_overhead = Math.Round(DequantOverhead, 4), threads = Threads,
+            step_s = Sig(QloraStepSeconds), dense_step_s = Sig(DenseStepSeconds),
+            steps_per_s = Sig(StepsPerSecond), tokens_per_s = Sig(TokensPerSecond),
+            matmul_gflops = Sig(MatmulGflops), model_gflops_per_step = Sig(ModelFlopsPerStep / 1e9),
+            mfu = Sig(Mfu), dequant_overhead = Sig(DequantOverhead), threads = Threads,
         });
     }
 
