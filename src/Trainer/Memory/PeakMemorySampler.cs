@@ -1,0 +1,62 @@
+namespace QLora.Trainer;
+
+/// <summary>
+/// Samples resident anonymous memory on a background thread and keeps the maximum, because the kernel keeps a
+/// high-water mark only for total RSS (which includes memory-mapped files). Also samples on demand
+/// (<see cref="Sample"/>) at the points a caller knows are peaks.
+/// </summary>
+public sealed class PeakMemorySampler : IDisposable
+{
+    readonly Thread thread;
+    readonly CancellationTokenSource stop = new();
+    readonly TimeSpan interval;
+    long peak;
+
+    /// <summary>Starts sampling every <paramref name="intervalMs"/> milliseconds.</summary>
+    public PeakMemorySampler(int intervalMs = 5)
+    {
+        interval = TimeSpan.FromMilliseconds(intervalMs);
+        Baseline = ResidentMemory.AnonymousBytes();
+        peak = Baseline;
+        thread = new Thread(Loop) { IsBackground = true, Name = "peak-memory-sampler" };
+        thread.Start();
+    }
+
+    /// <summary>Resident anonymous bytes when sampling started.</summary>
+    public long Baseline { get; }
+
+    /// <summary>The largest resident anonymous size seen so far, in bytes.</summary>
+    public long PeakBytes => Interlocked.Read(ref peak);
+
+    /// <summary>The peak above the baseline: what the work since construction added.</summary>
+    public long PeakAboveBaseline => PeakBytes - Baseline;
+
+    /// <summary>Takes one sample now and returns it.</summary>
+    public long Sample()
+    {
+        long now = ResidentMemory.AnonymousBytes();
+        long seen;
+        while (now > (seen = Interlocked.Read(ref peak)) && Interlocked.CompareExchange(ref peak, now, seen) != seen) { }
+        return now;
+    }
+
+    /// <summary>Restarts the peak from the current value.</summary>
+    public void Reset() => Interlocked.Exchange(ref peak, ResidentMemory.AnonymousBytes());
+
+    void Loop()
+    {
+        while (!stop.IsCancellationRequested)
+        {
+            Sample();
+            stop.Token.WaitHandle.WaitOne(interval);
+        }
+    }
+
+    /// <summary>Stops the sampling thread.</summary>
+    public void Dispose()
+    {
+        stop.Cancel();
+        thread.Join();
+        stop.Dispose();
+    }
+}
