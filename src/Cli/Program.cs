@@ -13,6 +13,7 @@ public static class Program
     {
         var root = new RootCommand("QLora.NET: QLoRA fine-tuning of Llama-family models with NF4 base weights, in .NET.")
         {
+            TrainVerb.Create(stdout),
             QuantizeVerb.Create(stdout),
             DequantizeVerb.Create(stdout),
             InspectVerb.Create(stdout),

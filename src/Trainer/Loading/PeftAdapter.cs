@@ -111,35 +111,57 @@ public static class PeftAdapter
         var options = ReadOptions(folder, adapterName);
         var weightsPath = Path.Combine(folder, WeightsFile);
         if (!File.Exists(weightsPath)) throw new FileNotFoundException($"{folder}: no {WeightsFile}", weightsPath);
+        ValidateKeys(weightsPath, options);
+        var names = model.ApplyLora(options);
+        LoadWeights(model, folder, names, adapterName);
+        model.SetAdapter(adapterName);
+        return options;
+    }
+
+    /// <summary>
+    /// Copies the weights in <paramref name="folder"/> into the existing adapter <paramref name="adapterName"/> of the
+    /// layers <paramref name="names"/> (e.g. to resume training); every target, shape and key is checked before any
+    /// weight changes, and a mismatch is an <see cref="InvalidDataException"/> naming the tensor.
+    /// </summary>
+    public static void LoadWeights(LlamaForCausalLM model, string folder, IReadOnlyList<string> names, string adapterName = "default")
+    {
+        var weightsPath = Path.Combine(folder, WeightsFile);
+        if (!File.Exists(weightsPath)) throw new FileNotFoundException($"{folder}: no {WeightsFile}", weightsPath);
         using var reader = SafetensorsReader.Open(weightsPath);
         var keys = reader.Tensors.Select(t => t.Name).ToHashSet(StringComparer.Ordinal);
-        // Validate everything before touching the model.
-        foreach (var key in keys)
+        var plan = new List<(string Key, Tensor Target)>();
+        foreach (var name in names)
+        {
+            var layer = model.LoraLayers.Single(l => l.Name == name).Layer;
+            foreach (var part in new[] { "lora_A", "lora_B" })
+            {
+                var key = $"{Prefix}{name}.{part}.weight";
+                if (!keys.Remove(key)) throw new InvalidDataException($"{weightsPath}: no {key} for target module {name}");
+                var target = part == "lora_A" ? layer.LoraA(adapterName) : layer.LoraB(adapterName);
+                var info = reader.GetInfo(key);
+                if (!info.Shape.SequenceEqual(target.shape))
+                    throw new InvalidDataException($"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}], the model needs [{string.Join(", ", target.shape)}]");
+                plan.Add((key, target));
+            }
+        }
+        if (keys.Count > 0) throw new InvalidDataException($"{weightsPath}: {keys.First()} targets a module the model does not have");
+        foreach (var (key, target) in plan)
+        {
+            using var source = TorchDTypes.FromBytes(reader.GetSpan(key), reader.GetInfo(key));
+            using (no_grad()) target.copy_(source);
+        }
+    }
+
+    private static void ValidateKeys(string weightsPath, LoraOptions options)
+    {
+        using var reader = SafetensorsReader.Open(weightsPath);
+        foreach (var key in reader.Tensors.Select(t => t.Name))
         {
             if (!key.StartsWith(Prefix, StringComparison.Ordinal) || !(key.EndsWith(".lora_A.weight", StringComparison.Ordinal) || key.EndsWith(".lora_B.weight", StringComparison.Ordinal)))
                 throw new InvalidDataException($"{weightsPath}: unexpected tensor {key} (expected base_model.model.<module>.lora_A/B.weight)");
             var module = key[Prefix.Length..key.LastIndexOf(".lora_", StringComparison.Ordinal)];
             if (!options.IsTarget(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which adapter_config.json does not select");
         }
-        var names = model.ApplyLora(options);
-        foreach (var name in names)
-        {
-            var layer = model.LoraLayers.Single(l => l.Name == name).Layer;
-            foreach (var (part, expected) in new[] { ("lora_A", new long[] { options.Rank, layer.InFeatures }), ("lora_B", new long[] { layer.OutFeatures, options.Rank }) })
-            {
-                var key = $"{Prefix}{name}.{part}.weight";
-                if (!keys.Remove(key)) throw new InvalidDataException($"{weightsPath}: no {key} for target module {name}");
-                var info = reader.GetInfo(key);
-                if (!info.Shape.SequenceEqual(expected))
-                    throw new InvalidDataException($"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}], the model needs [{string.Join(", ", expected)}]");
-                var target = part == "lora_A" ? layer.LoraA(adapterName) : layer.LoraB(adapterName);
-                using var source = TorchDTypes.FromBytes(reader.GetSpan(key), info);
-                using (no_grad()) target.copy_(source);
-            }
-        }
-        if (keys.Count > 0) throw new InvalidDataException($"{weightsPath}: {keys.First()} targets a module the model does not have");
-        model.SetAdapter(adapterName);
-        return options;
     }
 
     private static JsonNode Number(double v) => JsonNode.Parse(PythonFloat.Repr(v))!; // Python's spelling: 0.0, 0.05, 16.0

@@ -79,6 +79,12 @@ public sealed unsafe class BnbAdamW : IDisposable
     public IEnumerable<(string Name, TorchSharp.Modules.Parameter Parameter, double LearningRate)> Parameters =>
         _groups.SelectMany(g => g.Slots.Select(s => (s.Name, s.Parameter, g.LearningRate)));
 
+    /// <summary>
+    /// Multiplies every group's learning rate for the next steps: how a schedule (warmup, cosine or linear decay)
+    /// drives the optimizer while LoRA+ ratios between groups stay fixed.
+    /// </summary>
+    public double LearningRateScale { get; set; } = 1.0;
+
     /// <summary>Applies one update to every parameter that has a gradient.</summary>
     public void Step()
     {
@@ -86,7 +92,7 @@ public sealed unsafe class BnbAdamW : IDisposable
         using var noGrad = torch.no_grad();
         foreach (var g in _groups)
         {
-            var step = AdamW8bitStep.Create((float)g.LearningRate, (float)Options.Beta1, (float)Options.Beta2,
+            var step = AdamW8bitStep.Create((float)(g.LearningRate * LearningRateScale), (float)Options.Beta1, (float)Options.Beta2,
                 (float)Options.Epsilon, (float)Options.WeightDecay, StepCount);
             foreach (var s in g.Slots)
             {

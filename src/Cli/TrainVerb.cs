@@ -1,0 +1,101 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Runtime.InteropServices;
+using QLora.Trainer;
+
+namespace QLora.Cli;
+
+/// <summary>
+/// <c>qlora train [--config job.json] [--resume latest|&lt;checkpoint&gt;] [--Section:Key value ...]</c>: runs a training
+/// job from configuration (the root appsettings.json by default), with a progress line on a terminal and plain log
+/// lines otherwise; Ctrl-C (or SIGTERM) saves a checkpoint and exits. The last line is the run summary as JSON.
+/// </summary>
+internal static class TrainVerb
+{
+    /// <summary>Exit code of a run stopped by Ctrl-C after saving its checkpoint (128 + SIGINT, as shells report).</summary>
+    public const int InterruptedExitCode = 130;
+
+    public static Command Create(TextWriter stdout)
+    {
+        var config = new Option<string?>("--config") { Description = "the job file (default: ./appsettings.json)" };
+        var resume = new Option<string?>("--resume") { Description = "continue from 'latest' (the newest complete checkpoint of Output:Dir) or a checkpoint folder" };
+        var cmd = new Command("train", "QLoRA fine-tuning from a job file; overrides as --Section:Key value (e.g. --Training:LearningRate 1e-4).")
+        {
+            config, resume,
+        };
+        cmd.TreatUnmatchedTokensAsErrors = false;
+        cmd.SetAction(r =>
+        {
+            var jobPath = r.GetValue(config) ?? Path.Combine(Directory.GetCurrentDirectory(), "appsettings.json");
+            var job = JobConfiguration.LoadTrainJob(jobPath, r.UnmatchedTokens);
+            using var cts = new CancellationTokenSource();
+            ConsoleCancelEventHandler onCancel = (_, e) =>
+            {
+                if (cts.IsCancellationRequested) return; // a second Ctrl-C terminates
+                e.Cancel = true;
+                cts.Cancel();
+            };
+            Console.CancelKeyPress += onCancel;
+            using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
+            var progress = new ProgressDisplay(stdout, interactive: ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected);
+            try
+            {
+                var result = TrainingRun.Run(job, new TrainingRun.RunOptions
+                {
+                    Resume = r.GetValue(resume),
+                    Log = progress.Line,
+                    Progress = progress.Update,
+                    Cancellation = cts.Token,
+                });
+                progress.Finish();
+                var png = Path.Combine(result.Summary.OutputDir, "loss.png");
+                if (LossCurvePlot.Write(result.State, png, $"{Path.GetFileName(job.Model.Path)} QLoRA r={job.Lora.Rank}"))
+                    stdout.WriteLine($"loss curve: {png}");
+                stdout.WriteLine($"summary: {Path.Combine(result.Summary.OutputDir, "run_summary.json")}");
+                stdout.WriteLine(result.Summary.ToJsonLine());
+                return result.Summary.Interrupted ? InterruptedExitCode : 0;
+            }
+            finally
+            {
+                progress.Finish();
+                Console.CancelKeyPress -= onCancel;
+            }
+        });
+        return cmd;
+    }
+
+    /// <summary>A one-line progress bar on a terminal; a log line every few steps otherwise.</summary>
+    sealed class ProgressDisplay(TextWriter stdout, bool interactive)
+    {
+        bool _open;
+
+        public void Line(string text)
+        {
+            Finish();
+            stdout.WriteLine(text);
+        }
+
+        public void Update(TrainProgress p)
+        {
+            var text = string.Create(CultureInfo.InvariantCulture,
+                $"step {p.Step}/{p.TotalSteps} loss {p.Loss:F4} lr {p.LearningRate:0.###e+0} {p.TokensPerSecond:F0} tok/s elapsed {Clock(p.Elapsed)} eta {Clock(p.Remaining)} mem {ByteSize.Format(p.MemoryBytes)}");
+            if (interactive)
+            {
+                int width = 24, filled = (int)Math.Round(width * (double)p.Step / Math.Max(1, p.TotalSteps));
+                stdout.Write($"\r[{new string('#', filled)}{new string('.', width - filled)}] {text}\u001b[K");
+                _open = true;
+            }
+            else if (p.Step == 1 || p.Step == p.TotalSteps || p.Step % Math.Max(1, p.TotalSteps / 20) == 0)
+                stdout.WriteLine(text);
+        }
+
+        public void Finish()
+        {
+            if (!_open) return;
+            stdout.WriteLine();
+            _open = false;
+        }
+
+        static string Clock(TimeSpan t) => t.TotalHours >= 1 ? t.ToString(@"h\:mm\:ss", CultureInfo.InvariantCulture) : t.ToString(@"m\:ss", CultureInfo.InvariantCulture);
+    }
+}

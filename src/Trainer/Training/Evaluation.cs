@@ -1,0 +1,104 @@
+using System.Globalization;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// Evaluation of a model during training: mean loss over the eval rows' target tokens (and its perplexity), greedy
+/// exact-match accuracy on eval samples that have a reference answer, and completions of fixed prompts for the log.
+/// </summary>
+internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, SampleEncoder encoder, IReadOnlyList<TokenRow> rows,
+    IReadOnlyList<TrainingSample> samples, EvalSection options, Action<string> log)
+{
+    /// <summary>How many samples exact match uses.</summary>
+    public static int ExactMatchCount(IReadOnlyList<TrainingSample> samples, EvalSection options)
+    {
+        int n = samples.Count(s => s.ReferenceAnswer is not null);
+        return options.ExactMatchSamples > 0 ? Math.Min(n, options.ExactMatchSamples) : n;
+    }
+
+    /// <summary>Eval loss (NaN without eval rows), optionally exact match, and prompt completions, logged.</summary>
+    public EvalRecord Evaluate(int step, bool exactMatch)
+    {
+        double loss = Loss();
+        double? em = exactMatch ? ExactMatch($"after {step} steps") : null;
+        if (!double.IsNaN(loss)) log($"eval at step {step}: loss {loss:F4}, perplexity {Math.Exp(loss):F3}");
+        foreach (var prompt in options.Prompts ?? [])
+        {
+            var ids = tokenizer.Encode(prompt, addSpecialTokens: true);
+            var output = TextGenerator.Generate(model, ids, Greedy());
+            log($"eval at step {step}: {prompt} -> {tokenizer.Decode(output).ReplaceLineEndings("\\n")}");
+        }
+        return new EvalRecord(step, loss, Math.Exp(loss), em);
+    }
+
+    /// <summary>Mean loss per target token over the eval rows.</summary>
+    public double Loss()
+    {
+        if (rows.Count == 0) return double.NaN;
+        var use = options.MaxRows > 0 ? rows.Take(options.MaxRows).ToList() : rows;
+        bool wasTraining = model.training;
+        model.eval();
+        double sum = 0;
+        long tokens = 0;
+        try
+        {
+            using var noGrad = no_grad();
+            int pad = tokenizer.PadTokenId ?? tokenizer.EosTokenId ?? 0;
+            foreach (var row in use)
+            {
+                using var scope = NewDisposeScope();
+                using var batch = MicroBatch.Create([row], pad);
+                if (batch.TargetTokens == 0) continue;
+                var (s, n) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask);
+                sum += s.to(ScalarType.Float64).item<double>();
+                tokens += n;
+            }
+        }
+        finally
+        {
+            model.train(wasTraining);
+        }
+        return tokens == 0 ? double.NaN : sum / tokens;
+    }
+
+    /// <summary>Fraction of eval samples whose greedy answer equals the reference (both trimmed).</summary>
+    public double ExactMatch(string when)
+    {
+        var chosen = samples.Where(s => s.ReferenceAnswer is not null).ToList();
+        if (options.ExactMatchSamples > 0) chosen = chosen.Take(options.ExactMatchSamples).ToList();
+        if (chosen.Count == 0)
+        {
+            log("exact match: no eval sample ends with an assistant answer; nothing to measure");
+            return double.NaN;
+        }
+        int hits = 0;
+        string? example = null;
+        foreach (var s in chosen)
+        {
+            var output = TextGenerator.Generate(model, encoder.EncodePrompt(s), Greedy());
+            var answer = tokenizer.Decode(output).Trim();
+            if (answer == s.ReferenceAnswer!.Trim()) hits++;
+            example ??= $"'{answer.ReplaceLineEndings("\\n")}' (expected '{s.ReferenceAnswer.Trim().ReplaceLineEndings("\\n")}')";
+        }
+        double em = (double)hits / chosen.Count;
+        log($"exact match {when}: {hits}/{chosen.Count} = {em.ToString("P1", CultureInfo.InvariantCulture)}; first answer {example}");
+        return Math.Round(em, 6);
+    }
+
+    GenerationOptions Greedy() => new()
+    {
+        MaxNewTokens = options.MaxNewTokens,
+        Temperature = 0,
+        StopTokenIds = StopIds(),
+    };
+
+    IReadOnlyList<int> StopIds()
+    {
+        var ids = new List<int>(tokenizer.EosTokenIds);
+        if (tokenizer.EosTokenId is int eos && !ids.Contains(eos)) ids.Add(eos);
+        foreach (var marker in new[] { "<|eot_id|>", "<|im_end|>", "<|end_of_text|>" })
+            if (tokenizer.TokenToId(marker) is int id && !ids.Contains(id)) ids.Add(id);
+        return ids;
+    }
+}

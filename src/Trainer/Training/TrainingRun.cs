@@ -1,0 +1,429 @@
+using System.Diagnostics;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using QLora.Quant;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// Runs a <see cref="TrainJob"/>: loads and quantizes the base, applies LoRA, prepares the data, trains with
+/// token-normalised gradient accumulation, evaluates, checkpoints (atomically, resumable bit-exactly on CPU), and writes
+/// the adapter (PEFT format), job.json, train_log.jsonl and run_summary.json into the output folder.
+/// </summary>
+public sealed class TrainingRun
+{
+    /// <summary>How this invocation runs the job (not part of the job itself).</summary>
+    public sealed record RunOptions
+    {
+        /// <summary>null for a fresh run, "latest", or a checkpoint folder.</summary>
+        public string? Resume { get; init; }
+        /// <summary>Progress lines (phases, evaluations, checkpoints, warnings).</summary>
+        public Action<string>? Log { get; init; }
+        /// <summary>Called after every optimizer step.</summary>
+        public Action<TrainProgress>? Progress { get; init; }
+        /// <summary>Cancelled (Ctrl-C): the run saves a checkpoint at the next step boundary and returns.</summary>
+        public CancellationToken Cancellation { get; init; }
+        /// <summary>Refuses the job before loading when the planner's estimate exceeds the budget (set by the CLI).</summary>
+        public Action<TrainJob, LlamaConfig>? CheckMemory { get; init; }
+    }
+
+    /// <summary>The result of a run.</summary>
+    /// <param name="Summary">The figures.</param>
+    /// <param name="State">Final trainer state (history included).</param>
+    public sealed record Result(TrainSummary Summary, TrainerState State);
+
+    /// <summary>Files the run owns in its output folder (replaced when Output:Overwrite starts afresh).</summary>
+    public static readonly IReadOnlyList<string> OutputFiles =
+        ["job.json", "run_summary.json", "train_log.jsonl", "loss.png", PeftAdapter.ConfigFile, PeftAdapter.WeightsFile];
+
+    const string CheckpointsFolder = "checkpoints";
+    const string OptimizerFile = "optimizer.safetensors";
+
+    readonly TrainJob _job;
+    readonly RunOptions _run;
+    readonly string _out;
+    TrainerState _state = new();
+
+    TrainingRun(TrainJob job, RunOptions run)
+    {
+        _job = job;
+        _run = run;
+        _out = job.Output.Dir!;
+    }
+
+    void Log(string line) => _run.Log?.Invoke(line);
+
+    /// <summary>Runs <paramref name="job"/> (already validated by <see cref="JobConfiguration"/>).</summary>
+    public static Result Run(TrainJob job, RunOptions? run = null)
+    {
+        var problems = job.Validate();
+        if (problems.Count > 0) throw new FormatException(string.Join("; ", problems));
+        return new TrainingRun(job, run ?? new RunOptions()).Execute();
+    }
+
+    Result Execute()
+    {
+        var wall = Stopwatch.StartNew();
+        using var sampler = new PeakMemorySampler();
+        var checkpoints = new TrainingCheckpoints(Path.Combine(_out, CheckpointsFolder), _job.Output.KeepLast);
+        string? resumeFrom = PrepareOutput(checkpoints);
+
+        var modelPath = _job.Model.Path!;
+        if (!Directory.Exists(modelPath)) throw new DirectoryNotFoundException($"Model:Path {modelPath} does not exist; point it at a Hugging Face model folder");
+        var config = LlamaConfig.Load(Path.Combine(modelPath, "config.json"));
+        _run.CheckMemory?.Invoke(_job, config);
+
+        var t = _job.Training;
+        if (t.Threads > 0) set_num_threads(t.Threads);
+        manual_seed(t.Seed);
+        using var tokenizer = HfTokenizer.Load(modelPath);
+        var template = ChooseTemplate(tokenizer);
+        var data = PrepareData(tokenizer, template);
+
+        var dtype = ParseDType(_job.Model.ComputeDType);
+        var model = HfModelLoader.Load(modelPath, new HfModelLoader.Options
+        {
+            ComputeDType = dtype,
+            Blocksize = _job.Quantization.Blocksize,
+            QuantType = QuantTypes.Parse(_job.Quantization.QuantType),
+            DoubleQuant = _job.Quantization.DoubleQuant,
+        }, Log);
+        tokenizer.EnsureMatchesEmbedding(model.Config.VocabSize);
+        model.GradientCheckpointing = t.GradientCheckpointing;
+        model.LossChunkTokens = t.LossChunkTokens;
+        var lora = LoraOptionsOf(_job.Lora);
+        var names = model.ApplyLora(lora, new Generator((ulong)t.Seed));
+        var groups = model.ParameterGroups(t.LearningRate, t.LoraPlusRatio);
+        long trainable = model.TrainableParameters().Sum(p => p.Parameter.numel());
+        Log($"LoRA r={lora.Rank} alpha={lora.Alpha} on {names.Count} modules: {trainable:N0} trainable parameters");
+        using var optimizer = new BnbAdamW(groups, new AdamWOptions
+        {
+            LearningRate = t.LearningRate,
+            WeightDecay = t.WeightDecay,
+            StateBits = t.Optimizer.Equals("adamw8bit", StringComparison.OrdinalIgnoreCase) ? 8 : 32,
+            Paged = t.PagedOptimizer,
+        });
+
+        var schedule = new BatchSchedule(data.TrainRows, t.MicroBatchSize, _job.Data.Shuffle, groupByLength: !_job.Data.Packing, t.Seed);
+        int totalSteps = t.MaxSteps > 0 ? t.MaxSteps
+            : Math.Max(1, (int)Math.Ceiling(t.Epochs * schedule.BatchesPerEpoch / t.GradientAccumulationSteps));
+        var lr = new LearningRateSchedule(t.Scheduler, t.WarmupSteps, totalSteps, t.MinLearningRateRatio);
+        var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, Log);
+
+        int? resumedFrom = null;
+        if (resumeFrom is not null)
+        {
+            PeftAdapter.LoadWeights(model, resumeFrom, names);
+            optimizer.Load(Path.Combine(resumeFrom, OptimizerFile));
+            _state = TrainerState.Load(Path.Combine(resumeFrom, TrainerState.FileName));
+            if (_state.RngState is { } rng) using (var saved = tensor(Convert.FromBase64String(rng), ScalarType.Byte)) random.set_rng_state(saved);
+            resumedFrom = _state.Step;
+            Log($"resumed from {resumeFrom} at step {_state.Step} (epoch {_state.Epoch}, batch {_state.BatchIndex})");
+        }
+        else
+        {
+            Directory.CreateDirectory(_out);
+            AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
+            if (_job.Eval.ExactMatch) _state.ExactMatchBefore = evaluator.ExactMatch("before training");
+        }
+
+        model.train();
+        string? lastCheckpoint = null;
+        int lastSaved = _state.Step;
+        var epochBatches = schedule.Epoch(_state.Epoch);
+        var stepTimer = new Stopwatch();
+        bool interrupted = false;
+        using (var trainLog = new StreamWriter(Path.Combine(_out, "train_log.jsonl"), append: resumeFrom is not null))
+        {
+            while (_state.Step < totalSteps)
+            {
+                if (_run.Cancellation.IsCancellationRequested) { interrupted = true; break; }
+                stepTimer.Restart();
+                var rows = new List<IReadOnlyList<TokenRow>>();
+                for (int m = 0; m < t.GradientAccumulationSteps; m++)
+                {
+                    if (_state.BatchIndex >= epochBatches.Count)
+                    {
+                        _state.Epoch++;
+                        _state.BatchIndex = 0;
+                        epochBatches = schedule.Epoch(_state.Epoch);
+                    }
+                    rows.Add(epochBatches[_state.BatchIndex++].Select(i => schedule.Rows[i]).ToList());
+                }
+                var record = Step(model, optimizer, rows, lr.Factor(_state.Step), t);
+                _state.Step++;
+                stepTimer.Stop();
+                _state.TrainSeconds += stepTimer.Elapsed.TotalSeconds;
+                _state.TokensSeen += record.Tokens;
+                _state.History.Add(record with { Step = _state.Step });
+                trainLog.WriteLine(JsonSerializer.Serialize(record with { Step = _state.Step }));
+                trainLog.Flush();
+                if (record.Skipped)
+                {
+                    _state.SkippedSteps++;
+                    _state.ConsecutiveBadSteps++;
+                    Log($"step {_state.Step}: non-finite loss or gradient (loss {record.Loss}, grad norm {record.GradNorm}); update skipped ({_state.ConsecutiveBadSteps} in a row)");
+                    if (_state.ConsecutiveBadSteps >= t.MaxConsecutiveBadSteps)
+                        throw new InvalidOperationException($"{_state.ConsecutiveBadSteps} consecutive steps had a non-finite loss or gradient; stopping. " +
+                            $"The last good checkpoint is intact ({checkpoints.Latest() ?? "none yet"}); lower Training:LearningRate or check the data, then resume with --resume latest.");
+                }
+                else _state.ConsecutiveBadSteps = 0;
+                double tps = _state.TokensSeen / Math.Max(_state.TrainSeconds, 1e-9);
+                double perStep = _state.TrainSeconds / Math.Max(1, _state.Step - (resumedFrom ?? 0));
+                _run.Progress?.Invoke(new TrainProgress(_state.Step, totalSteps, record.Loss, record.LearningRate, tps,
+                    TimeSpan.FromSeconds(_state.TrainSeconds), TimeSpan.FromSeconds(perStep * (totalSteps - _state.Step)), sampler.Sample()));
+                if (_job.Eval.EveryNSteps > 0 && _state.Step % _job.Eval.EveryNSteps == 0 && _state.Step < totalSteps)
+                    _state.EvalHistory.Add(evaluator.Evaluate(_state.Step, exactMatch: false));
+                if (_job.Output.SaveEveryNSteps > 0 && _state.Step % _job.Output.SaveEveryNSteps == 0 && _state.Step < totalSteps)
+                {
+                    lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
+                    lastSaved = _state.Step;
+                }
+            }
+        }
+
+        TrainSummary summary;
+        if (interrupted)
+        {
+            if (_state.Step > lastSaved || lastCheckpoint is null && _state.Step > 0) lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
+            Log($"interrupted at step {_state.Step}; checkpoint {lastCheckpoint ?? "(none: no step was done)"}; continue with --resume latest");
+            summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, null, null, interrupted: true);
+        }
+        else
+        {
+            var final = evaluator.Evaluate(_state.Step, _job.Eval.ExactMatch);
+            if (final.Loss is not double.NaN) _state.EvalHistory.Add(final);
+            lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
+            PeftAdapter.Save(model, lora, _out, baseModel: modelPath);
+            summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, double.IsNaN(final.Loss) ? null : final.Loss, final.ExactMatch, interrupted: false);
+        }
+        AtomicFile.WriteAllBytes(Path.Combine(_out, "run_summary.json"), System.Text.Encoding.UTF8.GetBytes(summary.ToJson()));
+        return new Result(summary, _state);
+    }
+
+    StepRecord Step(LlamaForCausalLM model, BnbAdamW optimizer, List<IReadOnlyList<TokenRow>> microBatches, double lrFactor, TrainingSection t)
+    {
+        // The loss of the step is the mean over every target token of all its micro-batches: each micro-batch's summed
+        // loss is divided by the step's total before backward, so the gradients add up to that mean's gradient.
+        long total = microBatches.Sum(rows => rows.Sum(r => (long)r.ShiftedTargetCount));
+        long tokens = microBatches.Sum(rows => rows.Sum(r => (long)r.InputIds.Length));
+        double lossSum = 0;
+        int padId = PadId;
+        if (total > 0)
+        {
+            foreach (var rows in microBatches)
+            {
+                using var scope = NewDisposeScope();
+                using var batch = MicroBatch.Create(rows, padId);
+                if (batch.TargetTokens == 0) continue;
+                var (sum, _) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask);
+                lossSum += sum.to(ScalarType.Float64).item<double>();
+                Checkpoint.Backward(sum / total);
+            }
+        }
+        double loss = total > 0 ? lossSum / total : double.NaN;
+        double norm = GradNorm(optimizer);
+        double rate = t.LearningRate * lrFactor;
+        if (!double.IsFinite(loss) || !double.IsFinite(norm))
+        {
+            optimizer.ZeroGrad();
+            return new StepRecord(0, loss, rate, norm, tokens, Skipped: true);
+        }
+        if (t.MaxGradNorm > 0 && norm > t.MaxGradNorm)
+        {
+            float coef = (float)(t.MaxGradNorm / (norm + 1e-6));
+            using var noGrad = no_grad();
+            foreach (var (_, p, _) in optimizer.Parameters)
+            {
+                using var g = p.grad;
+                g?.mul_(coef).Dispose();
+            }
+        }
+        optimizer.LearningRateScale = lrFactor;
+        optimizer.Step();
+        optimizer.ZeroGrad();
+        return new StepRecord(0, loss, rate, norm, tokens, Skipped: false);
+    }
+
+    int PadId { get; set; }
+
+    static double GradNorm(BnbAdamW optimizer)
+    {
+        double sq = 0;
+        using var noGrad = no_grad();
+        foreach (var (_, p, _) in optimizer.Parameters)
+        {
+            using var g = p.grad;
+            if (g is null) continue;
+            using var n = g.to(ScalarType.Float64).square().sum();
+            sq += n.item<double>();
+        }
+        return Math.Sqrt(sq);
+    }
+
+    string SaveCheckpoint(TrainingCheckpoints checkpoints, LlamaForCausalLM model, LoraOptions lora, BnbAdamW optimizer)
+    {
+        using (var rng = random.get_rng_state()) _state.RngState = Convert.ToBase64String(rng.bytes.ToArray());
+        var path = checkpoints.Save(_state.Step, dir =>
+        {
+            PeftAdapter.Save(model, lora, dir, baseModel: _job.Model.Path);
+            optimizer.Save(Path.Combine(dir, OptimizerFile));
+            AtomicFile.WriteAllBytes(Path.Combine(dir, TrainerState.FileName), System.Text.Encoding.UTF8.GetBytes(_state.ToJson()));
+        });
+        Log($"checkpoint {path}");
+        return path;
+    }
+
+    /// <summary>Chooses the checkpoint to resume from, or makes the output folder ready for a fresh run.</summary>
+    string? PrepareOutput(TrainingCheckpoints checkpoints)
+    {
+        if (_run.Resume is { } resume)
+        {
+            if (resume.Equals("latest", StringComparison.OrdinalIgnoreCase))
+            {
+                return checkpoints.Latest(Log) ?? throw new InvalidOperationException(
+                    $"--resume latest: no complete checkpoint in {checkpoints.Folder}; start a fresh run without --resume");
+            }
+            var problem = TrainingCheckpoints.Verify(resume);
+            if (problem is not null) throw new InvalidDataException($"--resume {resume}: {problem}; use --resume latest to take the newest complete checkpoint");
+            return Path.GetFullPath(resume);
+        }
+        bool previous = Directory.Exists(checkpoints.Folder) || OutputFiles.Any(f => File.Exists(Path.Combine(_out, f)));
+        if (previous)
+        {
+            if (!_job.Output.Overwrite)
+                throw new IOException($"Output:Dir {_out} holds a previous run; continue it with --resume latest, or start afresh with --Output:Overwrite true (its results and checkpoints are replaced)");
+            if (Directory.Exists(checkpoints.Folder)) Directory.Delete(checkpoints.Folder, recursive: true);
+            foreach (var f in OutputFiles) File.Delete(Path.Combine(_out, f));
+        }
+        return null;
+    }
+
+    ChatTemplate ChooseTemplate(HfTokenizer tokenizer)
+    {
+        if (_job.Model.ChatTemplate is { } name) return tokenizer.GetChatTemplate(name);
+        try
+        {
+            return tokenizer.GetChatTemplate();
+        }
+        catch (NotSupportedException)
+        {
+            Log("the tokenizer has no supported chat template; instruction and chat samples use the alpaca format (set Model:ChatTemplate to choose)");
+            return tokenizer.GetChatTemplate("alpaca");
+        }
+    }
+
+    sealed record PreparedData(SampleEncoder Encoder, List<TokenRow> TrainRows, List<TokenRow> EvalRows, List<TrainingSample> EvalSamples,
+        int Truncated, int SkippedLines);
+
+    PreparedData PrepareData(HfTokenizer tokenizer, ChatTemplate template)
+    {
+        var d = _job.Data;
+        SampleFormat? format = d.Format.ToLowerInvariant() switch
+        {
+            "text" => SampleFormat.Text, "instruction" => SampleFormat.Instruction, "chat" => SampleFormat.Chat, _ => null,
+        };
+        bool skip = d.MalformedLines.Equals("skip", StringComparison.OrdinalIgnoreCase);
+        var train = JsonlDataset.Read(d.TrainFile!, format, skip);
+        var trainSamples = train.Samples.ToList();
+        var evalSamples = new List<TrainingSample>();
+        int skipped = train.SkippedLines;
+        if (train.FirstSkipped is { } firstBad) Log($"skipped {train.SkippedLines} malformed line(s) in {d.TrainFile}; first: {firstBad}");
+        if (d.EvalFile is { } evalFile)
+        {
+            var eval = JsonlDataset.Read(evalFile, format, skip);
+            evalSamples = [.. eval.Samples];
+            skipped += eval.SkippedLines;
+            if (eval.FirstSkipped is { } firstEvalBad) Log($"skipped {eval.SkippedLines} malformed line(s) in {evalFile}; first: {firstEvalBad}");
+        }
+        else if (d.EvalFraction > 0 && trainSamples.Count >= 2)
+        {
+            var order = Enumerable.Range(0, trainSamples.Count).ToArray();
+            new Random(_job.Training.Seed).Shuffle(order);
+            int n = Math.Clamp((int)Math.Round(trainSamples.Count * d.EvalFraction), 1, trainSamples.Count - 1);
+            var held = order.Take(n).Order().ToHashSet();
+            evalSamples = [.. held.Select(i => trainSamples[i])];
+            trainSamples = [.. Enumerable.Range(0, trainSamples.Count).Where(i => !held.Contains(i)).Select(i => trainSamples[i])];
+        }
+        var encoder = new SampleEncoder(tokenizer, template, d.MaxSeqLength, d.TrainOnPrompt);
+        int truncated = 0, empty = 0;
+        List<EncodedSample> Encode(List<TrainingSample> samples)
+        {
+            var list = new List<EncodedSample>();
+            foreach (var s in samples)
+            {
+                var e = encoder.Encode(s);
+                if (e.Truncated) truncated++;
+                if (e.Labels.Skip(1).All(l => l == EncodedSample.CausalLmLossIgnore)) { empty++; continue; }
+                list.Add(e);
+            }
+            return list;
+        }
+        var trainEncoded = Encode(trainSamples);
+        var evalEncoded = Encode(evalSamples);
+        if (trainEncoded.Count == 0) throw new InvalidOperationException($"{d.TrainFile}: no sample has a target token left after truncation to {d.MaxSeqLength} tokens");
+        List<TokenRow> Rows(List<EncodedSample> e) => d.Packing ? SequencePacker.Pack(e, d.MaxSeqLength) : [.. e.Select(TokenRow.Single)];
+        var trainRows = Rows(trainEncoded);
+        var evalRows = Rows(evalEncoded);
+        PadId = tokenizer.PadTokenId ?? tokenizer.EosTokenId ?? 0;
+        long trainTokens = trainEncoded.Sum(e => (long)e.InputIds.Length);
+        Log($"data: {trainSamples.Count} train / {evalSamples.Count} eval samples, {trainTokens:N0} train tokens in {trainRows.Count} rows of ≤ {d.MaxSeqLength} ({(d.Packing ? "packed" : "padded, length-grouped")}); " +
+            $"{truncated} truncated, {empty} without target tokens dropped, {skipped} malformed lines skipped");
+        return new PreparedData(encoder, trainRows, evalRows, evalSamples, truncated, skipped);
+    }
+
+    TrainSummary Summarize(Stopwatch wall, PeakMemorySampler sampler, PreparedData data, int? resumedFrom, string? checkpoint,
+        double? evalLoss, double? exactAfter, bool interrupted)
+    {
+        var recent = _state.History.Where(h => !h.Skipped).TakeLast(10).ToList();
+        sampler.Sample();
+        return new TrainSummary
+        {
+            Steps = _state.Step,
+            TrainLoss = recent.Count > 0 ? Math.Round(recent.Average(h => h.Loss), 6) : null,
+            EvalLoss = evalLoss is double l ? Math.Round(l, 6) : null,
+            EvalPerplexity = evalLoss is double l2 ? Math.Round(Math.Exp(l2), 4) : null,
+            TokensPerSecond = Math.Round(_state.TokensSeen / Math.Max(_state.TrainSeconds, 1e-9), 1),
+            PeakMemoryBytes = sampler.PeakBytes,
+            WallSeconds = Math.Round(wall.Elapsed.TotalSeconds, 2),
+            OutputDir = _out,
+            ExactMatchBefore = _state.ExactMatchBefore,
+            ExactMatchAfter = exactAfter,
+            ExactMatchSamples = _job.Eval.ExactMatch ? Evaluation.ExactMatchCount(data.EvalSamples, _job.Eval) : null,
+            SkippedSteps = _state.SkippedSteps,
+            TruncatedSamples = data.Truncated,
+            SkippedLines = data.SkippedLines,
+            Tokens = _state.TokensSeen,
+            Interrupted = interrupted,
+            ResumedFromStep = resumedFrom,
+            Checkpoint = checkpoint,
+            Config = JsonSerializer.SerializeToNode(_job, JobJson),
+        };
+    }
+
+    static readonly JsonSerializerOptions JobJson = new() { WriteIndented = true, NewLine = "\n" };
+
+    /// <summary>PEFT-style LoRA options from the job's section.</summary>
+    public static LoraOptions LoraOptionsOf(LoraSection s) => new()
+    {
+        Rank = s.Rank,
+        Alpha = s.Alpha,
+        Dropout = s.Dropout,
+        UseRsLora = s.UseRsLora,
+        TargetModules = s.TargetModules is { } m ? [.. m] : LoraOptions.AllLinear,
+        TargetRegex = s.TargetRegex,
+        LayersToTransform = s.LayersToTransform,
+        Init = s.Init,
+        DType = ParseDType(s.DType),
+    };
+
+    static ScalarType ParseDType(string name) => name.ToLowerInvariant() switch
+    {
+        "bfloat16" => ScalarType.BFloat16,
+        "float16" => ScalarType.Float16,
+        "float32" => ScalarType.Float32,
+        _ => throw new FormatException($"unknown dtype '{name}': expected bfloat16, float16 or float32"),
+    };
+}
