@@ -25,3 +25,105 @@ public class TrainingRunTests
         Assert.Contains(log, l => l.StartsWith("eval at step 3", StringComparison.Ordinal));
     }
 }
+
+public class TrainingResumeTests
+{
+    static TrainingRun.Result RunJob(string jobPath, string? resume = null, int? cancelAt = null, List<string>? log = null)
+    {
+        var job = JobConfiguration.LoadTrainJob(jobPath, environment: false);
+        using var cts = new CancellationTokenSource();
+        return TrainingRun.Run(job, new TrainingRun.RunOptions
+        {
+            Resume = resume,
+            Log = log is null ? null : log.Add,
+            Cancellation = cts.Token,
+            Progress = p => { if (p.Step == cancelAt) cts.Cancel(); },
+        });
+    }
+
+    static double[] Losses(TrainingRun.Result r, int from) => r.State.History.Where(h => h.Step > from).Select(h => h.Loss).ToArray();
+
+    [Fact]
+    public void AnInterruptedRunResumedFromItsCheckpointReproducesTheUninterruptedLossesExactly()
+    {
+        using var a = new TempFolder();
+        using var b = new TempFolder();
+        var full = RunJob(TrainJobFixture.WriteJob(a.Path));
+        var jobB = TrainJobFixture.WriteJob(b.Path);
+        var stopped = RunJob(jobB, cancelAt: 3);
+        Assert.True(stopped.Summary.Interrupted);
+        Assert.Equal(3, stopped.Summary.Steps);
+        Assert.EndsWith("checkpoint-000003", stopped.Summary.Checkpoint);
+        Assert.Equal(Losses(full, 0).Take(3), Losses(stopped, 0));
+
+        Assert.Throws<IOException>(() => RunJob(jobB)); // a fresh run would overwrite the interrupted one
+        var resumed = RunJob(jobB, resume: "latest");
+        Assert.Equal(3, resumed.Summary.ResumedFromStep);
+        Assert.Equal(6, resumed.Summary.Steps);
+        Assert.Equal(Losses(full, 3), Losses(resumed, 3)); // bit-identical doubles
+        Assert.Equal(full.Summary.EvalLoss, resumed.Summary.EvalLoss);
+        Assert.Equal(full.Summary.ExactMatchBefore, resumed.Summary.ExactMatchBefore);
+        Assert.Equal(6, File.ReadAllLines(b.File("out/train_log.jsonl")).Length);
+    }
+
+    [Fact]
+    public void ADamagedCheckpointIsRefusedAndLatestFallsBackToThePreviousOne()
+    {
+        using var a = new TempFolder();
+        var jobPath = TrainJobFixture.WriteJob(a.Path);
+        var full = RunJob(jobPath);
+        var newest = a.File("out/checkpoints/checkpoint-000006");
+        var optimizer = Path.Combine(newest, "optimizer.safetensors");
+        var bytes = File.ReadAllBytes(optimizer);
+        File.WriteAllBytes(optimizer, bytes[..(bytes.Length / 2)]); // truncated, as by a crash mid-copy
+        Assert.Contains("truncated", TrainingCheckpoints.Verify(newest));
+        var e = Assert.Throws<InvalidDataException>(() => RunJob(jobPath, resume: newest));
+        Assert.Contains("optimizer.safetensors", e.Message);
+
+        // A folder that never got its manifest (killed while writing) is not a checkpoint either.
+        var partial = a.File("out/checkpoints/checkpoint-000007");
+        Directory.CreateDirectory(partial);
+        File.WriteAllText(Path.Combine(partial, "trainer_state.json"), "{\"step\": 7");
+        Assert.Contains("not completely written", TrainingCheckpoints.Verify(partial));
+
+        var log = new List<string>();
+        var resumed = RunJob(jobPath, resume: "latest", log: log);
+        Assert.Equal(4, resumed.Summary.ResumedFromStep);
+        Assert.Contains(log, l => l.Contains("skipping damaged checkpoint", StringComparison.Ordinal) && l.Contains("checkpoint-000007", StringComparison.Ordinal));
+        Assert.Contains(log, l => l.Contains("skipping damaged checkpoint", StringComparison.Ordinal) && l.Contains("checkpoint-000006", StringComparison.Ordinal));
+        Assert.Equal(Losses(full, 4), Losses(resumed, 4));
+    }
+
+    [Fact]
+    public void GradientAccumulationOfFourMicroBatchesEqualsOneBatchOfFour()
+    {
+        var c = TinyLlama.Config(vocab: 50);
+        var rng = new Random(3);
+        var rows = Enumerable.Range(0, 4).Select(i =>
+        {
+            int n = 5 + 3 * i; // different lengths: padding and token counts differ per micro-batch
+            var ids = Enumerable.Range(0, n).Select(_ => rng.Next(50)).ToArray();
+            var labels = ids.Select((t, k) => k < 2 ? -100 : t).ToArray();
+            return TokenRow.Single(new EncodedSample(ids, labels, false));
+        }).ToList();
+        Dictionary<string, TorchSharp.torch.Tensor> Grads(IReadOnlyList<IReadOnlyList<TokenRow>> batches, out double loss)
+        {
+            using var model = LlamaForCausalLM.CreateRandom(c, 5, computeDType: TorchSharp.torch.ScalarType.Float32);
+            model.ApplyLora(new LoraOptions { Rank = 4, Init = "gaussian" }, new TorchSharp.torch.Generator(9));
+            foreach (var (_, layer) in model.LoraLayers)
+                using (TorchSharp.torch.no_grad()) layer.LoraB("default").normal_(0, 0.1, generator: new TorchSharp.torch.Generator(11));
+            model.train();
+            var (sum, targets, _) = TrainingRun.Backward(model, batches, padId: 0);
+            loss = sum / targets;
+            return model.TrainableParameters().ToDictionary(p => p.Name, p => p.Parameter.grad!.detach().clone());
+        }
+        var accumulated = Grads(rows.Select(r => (IReadOnlyList<TokenRow>)[r]).ToList(), out var lossA);
+        var single = Grads([rows], out var lossB);
+        Assert.Equal(lossB, lossA, 5);
+        foreach (var (name, g) in single)
+            Assert.True(g.allclose(accumulated[name], rtol: 1e-4, atol: 1e-6), name);
+        // The mean of micro-batch means would differ: the rows have different target counts.
+        double meanOfMeans = rows.Select(r => r.ShiftedTargetCount).Distinct().Count();
+        Assert.True(meanOfMeans > 1);
+    }
+}

@@ -42,9 +42,17 @@ public static class JobConfiguration
         builder.AddJsonFile(full, optional: false, reloadOnChange: false);
         if (environment) builder.AddEnvironmentVariables(EnvironmentPrefix);
         var args = overrides?.ToArray() ?? [];
-        foreach (var a in args)
-            if (a.StartsWith('-') && !a.StartsWith("--", StringComparison.Ordinal) || a.StartsWith("--", StringComparison.Ordinal) && !a.Contains(':'))
+        for (int i = 0; i < args.Length; i++)
+        {
+            var a = args[i];
+            if (!a.StartsWith("--", StringComparison.Ordinal) || !a.Contains(':'))
                 throw new FormatException($"override '{a}' is not of the form --Section:Key value (e.g. --Training:LearningRate 1e-4)");
+            if (!a.Contains('='))
+            {
+                if (i + 1 >= args.Length) throw new FormatException($"override '{a}' has no value (e.g. --Training:LearningRate 1e-4)");
+                i++; // its value, which may start with '-'
+            }
+        }
         builder.AddCommandLine(args);
         return builder.Build();
     }

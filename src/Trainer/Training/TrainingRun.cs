@@ -205,24 +205,7 @@ public sealed class TrainingRun
 
     StepRecord Step(LlamaForCausalLM model, BnbAdamW optimizer, List<IReadOnlyList<TokenRow>> microBatches, double lrFactor, TrainingSection t)
     {
-        // The loss of the step is the mean over every target token of all its micro-batches: each micro-batch's summed
-        // loss is divided by the step's total before backward, so the gradients add up to that mean's gradient.
-        long total = microBatches.Sum(rows => rows.Sum(r => (long)r.ShiftedTargetCount));
-        long tokens = microBatches.Sum(rows => rows.Sum(r => (long)r.InputIds.Length));
-        double lossSum = 0;
-        int padId = PadId;
-        if (total > 0)
-        {
-            foreach (var rows in microBatches)
-            {
-                using var scope = NewDisposeScope();
-                using var batch = MicroBatch.Create(rows, padId);
-                if (batch.TargetTokens == 0) continue;
-                var (sum, _) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask);
-                lossSum += sum.to(ScalarType.Float64).item<double>();
-                Checkpoint.Backward(sum / total);
-            }
-        }
+        var (lossSum, total, tokens) = Backward(model, microBatches, PadId);
         double loss = total > 0 ? lossSum / total : double.NaN;
         double norm = GradNorm(optimizer);
         double rate = t.LearningRate * lrFactor;
@@ -248,6 +231,30 @@ public sealed class TrainingRun
     }
 
     int PadId { get; set; }
+
+    /// <summary>
+    /// Forward and backward over the micro-batches of one optimizer step. The step's loss is the mean over every target
+    /// token of all its micro-batches (not the mean of micro-batch means): each micro-batch's summed loss is divided by
+    /// the step's total target count before backward, so the accumulated gradients are that mean's gradient.
+    /// Returns the summed loss, the target count and the tokens processed.
+    /// </summary>
+    internal static (double LossSum, long Targets, long Tokens) Backward(LlamaForCausalLM model, IReadOnlyList<IReadOnlyList<TokenRow>> microBatches, int padId)
+    {
+        long total = microBatches.Sum(rows => rows.Sum(r => (long)r.ShiftedTargetCount));
+        long tokens = microBatches.Sum(rows => rows.Sum(r => (long)r.InputIds.Length));
+        double lossSum = 0;
+        if (total == 0) return (0, 0, tokens);
+        foreach (var rows in microBatches)
+        {
+            using var scope = NewDisposeScope();
+            using var batch = MicroBatch.Create(rows, padId);
+            if (batch.TargetTokens == 0) continue;
+            var (sum, _) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask);
+            lossSum += sum.to(ScalarType.Float64).item<double>();
+            Checkpoint.Backward(sum / total);
+        }
+        return (lossSum, total, tokens);
+    }
 
     static double GradNorm(BnbAdamW optimizer)
     {
