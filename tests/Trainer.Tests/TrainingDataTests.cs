@@ -1,0 +1,140 @@
+using static TorchSharp.torch;
+
+namespace QLora.Trainer.Tests;
+
+public class TrainingDataTests
+{
+    static (HfTokenizer Tokenizer, ChatTemplate Template, string Dir) ByteLevel()
+    {
+        var dir = TokenizerFixtures.WriteByteLevelFolder();
+        var tok = HfTokenizer.Load(dir);
+        return (tok, tok.GetChatTemplate(), dir);
+    }
+
+    [Fact]
+    public void EachJsonlShapeIsReadAndAMalformedLineNamesItsFileAndLine()
+    {
+        using var dir = new TempFolder();
+        var path = dir.File("d.jsonl");
+        File.WriteAllLines(path, [
+            """{"text": "hello world"}""",
+            """{"instruction": "add", "input": "1 2", "output": "3"}""",
+            "",
+            """{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}""",
+            """{"instruction": "add", "output": 3}""",
+            """{"messages": [{"role": "robot", "content": "x"}]}""",
+            "{not json",
+        ]);
+        var e = Assert.Throws<DataFormatException>(() => JsonlDataset.Read(path));
+        Assert.Contains("d.jsonl:5", e.Message);
+        Assert.Contains("\"output\" must be a string", e.Message);
+        var r = JsonlDataset.Read(path, skipMalformed: true);
+        Assert.Equal(3, r.SkippedLines);
+        Assert.Equal([SampleFormat.Text, SampleFormat.Instruction, SampleFormat.Chat], r.Samples.Select(s => s.Format));
+        Assert.Equal([1, 2, 4], r.Samples.Select(s => s.Line));
+        Assert.Equal("add\n\n1 2", r.Samples[1].Messages![0].Content);
+        Assert.Equal("3", r.Samples[1].ReferenceAnswer);
+        Assert.Equal("a", r.Samples[2].ReferenceAnswer);
+        var forced = Assert.Throws<DataFormatException>(() => JsonlDataset.Read(path, SampleFormat.Text));
+        Assert.Contains("d.jsonl:2", forced.Message);
+    }
+
+    [Fact]
+    public void OnlyAnswerTokensAreTargetsUnlessTrainingOnThePrompt()
+    {
+        var (tok, template, dir) = ByteLevel();
+        try
+        {
+            var sample = TrainingSample.FromInstruction("add", "1 2", "3");
+            // By hand: <|begin_of_text|> <|start_header_id|> u s e r <|end_header_id|> \n \n a d d \n \n 1 Ġ 2 <|eot_id|>
+            // <|start_header_id|> a s s i s t a n t <|end_header_id|> \n \n 3 <|eot_id|>: 1+1+4+1+10+1 + 1+9+1+3+1 = 33 tokens,
+            // of which the answer "3" and its <|eot_id|> are the targets.
+            var e = new SampleEncoder(tok, template, 512).Encode(sample);
+            Assert.Equal(33, e.InputIds.Length);
+            Assert.Equal(2, e.TargetCount);
+            Assert.Equal([(int)'3', TokenizerFixtures.EotId], e.Labels.Where(l => l != -100));
+            var all = new SampleEncoder(tok, template, 512, trainOnPrompt: true).Encode(sample);
+            Assert.Equal(33, all.TargetCount);
+
+            // Two assistant turns: both answers (with their end-of-turn marker) are targets, the user turns are not.
+            var chat = new TrainingSample(SampleFormat.Chat, null,
+                [ChatMessage.User("hi"), ChatMessage.Assistant("ab"), ChatMessage.User("again"), ChatMessage.Assistant("c")], 1);
+            Assert.Equal(2 + 1 + 1 + 1, new SampleEncoder(tok, template, 512).Encode(chat).TargetCount);
+
+            // Plain text: BOS + hello + Ġworld + EOS, every position a target; truncation keeps the first tokens and says so.
+            var text = new SampleEncoder(tok, template, 512).Encode(new TrainingSample(SampleFormat.Text, "hello world", null, 1));
+            Assert.Equal([TokenizerFixtures.ByteLevelBos, TokenizerFixtures.Hello, TokenizerFixtures.World, TokenizerFixtures.EotId], text.InputIds);
+            Assert.Equal(text.InputIds, text.Labels);
+            var cut = new SampleEncoder(tok, template, 20).Encode(sample);
+            Assert.True(cut.Truncated);
+            Assert.Equal(20, cut.InputIds.Length);
+            Assert.Equal(0, cut.TargetCount);
+        }
+        finally
+        {
+            tok.Dispose();
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
+    public void APackedRowsLossEqualsTheSumOfItsSamplesLossesComputedAlone()
+    {
+        var rng = new Random(5);
+        var samples = new[] { 7, 12, 5 }.Select(n =>
+        {
+            var ids = Enumerable.Range(0, n).Select(_ => rng.Next(1, 64)).ToArray();
+            return new EncodedSample(ids, ids.Select((t, i) => i < 2 ? -100 : t).ToArray(), false);
+        }).ToList();
+        var rows = SequencePacker.Pack(samples, 20);
+        Assert.Equal([19, 5], rows.Select(r => r.InputIds.Length)); // 7 + 12 fit a row of 20; the 5 starts the next (never split)
+        var packedAll = SequencePacker.Pack(samples, 24);
+        Assert.Single(packedAll);
+        var row = packedAll[0];
+        Assert.Equal([0, 1, 2, 3, 4, 5, 6, 0, 1], row.PositionIds[..9]);
+        Assert.Equal(-100, row.Labels[7]); // the second sample's first token is never predicted from the first sample
+
+        using var model = LlamaForCausalLM.CreateRandom(TinyLlama.Config(), 3, computeDType: ScalarType.Float32, initStd: 0.2);
+        model.eval();
+        using var noGrad = no_grad();
+        double Loss(TokenRow r, out long n)
+        {
+            using var b = MicroBatch.Create([r], 0);
+            var (sum, tokens) = model.Loss(b.InputIds, b.Labels, b.PositionIds, b.AttentionMask);
+            n = tokens;
+            using (sum) return sum.to(ScalarType.Float64).item<double>();
+        }
+        double packed = Loss(row, out long packedTokens);
+        double separate = 0;
+        long separateTokens = 0;
+        foreach (var s in samples)
+        {
+            separate += Loss(TokenRow.Single(s), out long n);
+            separateTokens += n;
+        }
+        Assert.Equal(separateTokens, packedTokens);
+        Assert.Equal(separate, packed, 3);
+        // Without the mask and position reset, the packed row would see the other samples: the loss differs.
+        using var leaky = MicroBatch.Create([row], 0);
+        var (leakySum, _) = model.Loss(leaky.InputIds, leaky.Labels);
+        Assert.True(Math.Abs(leakySum.to(ScalarType.Float64).item<double>() - separate) > 1e-2);
+    }
+
+    [Fact]
+    public void PaddedBatchesAreGroupedByLengthAndTheScheduleIsAFunctionOfSeedAndEpoch()
+    {
+        var rows = Enumerable.Range(1, 40).Select(n => TokenRow.Single(new EncodedSample(new int[n], new int[n], false))).ToList();
+        var a = new BatchSchedule(rows, 4, shuffle: true, groupByLength: true, seed: 1);
+        var e0 = a.Epoch(0);
+        Assert.Equal(10, e0.Count);
+        Assert.Equal(e0.Select(b => string.Join(",", b)), new BatchSchedule(rows, 4, true, true, 1).Epoch(0).Select(b => string.Join(",", b)));
+        Assert.NotEqual(e0.Select(b => string.Join(",", b)), a.Epoch(1).Select(b => string.Join(",", b)));
+        Assert.Equal(Enumerable.Range(0, 40), e0.SelectMany(b => b).Order());
+        // Length-grouped: each batch spans 4 consecutive lengths.
+        Assert.All(e0, b => Assert.Equal(3, b.Max() - b.Min()));
+        using var batch = MicroBatch.Create([rows[2], rows[9]], padId: 0);
+        Assert.Equal([2, 10], batch.InputIds.shape);
+        Assert.Null(batch.AttentionMask); // right padding under a causal mask needs no mask
+        Assert.Equal(2 + 9, batch.TargetTokens);
+    }
+}
