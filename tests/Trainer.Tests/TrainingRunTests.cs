@@ -127,3 +127,31 @@ public class TrainingResumeTests
         Assert.True(meanOfMeans > 1);
     }
 }
+
+public class TrainingDivergenceTests
+{
+    [Fact]
+    public void NonFiniteStepsAreSkippedAndTooManyInARowStopWithTheLastGoodCheckpointIntact()
+    {
+        using var dir = new TempFolder();
+        // float16 activations and a learning rate of 0.9 without clipping overflow within a few steps.
+        var jobPath = TrainJobFixture.WriteJob(dir.Path, j =>
+        {
+            j["Model"]!["ComputeDType"] = "float16";
+            j["Training"] = new JsonObject { ["MaxSteps"] = 40, ["LearningRate"] = 0.9, ["MaxGradNorm"] = 0, ["MaxConsecutiveBadSteps"] = 2, ["Scheduler"] = "constant", ["Seed"] = 7 };
+            j["Output"] = new JsonObject { ["Dir"] = "out", ["SaveEveryNSteps"] = 1, ["KeepLast"] = 2 };
+            j["Eval"] = new JsonObject();
+        });
+        var job = JobConfiguration.LoadTrainJob(jobPath, environment: false);
+        var log = new List<string>();
+        var e = Assert.Throws<InvalidOperationException>(() => TrainingRun.Run(job, new TrainingRun.RunOptions { Log = log.Add }));
+        Assert.Contains("2 consecutive steps had a non-finite loss or gradient", e.Message);
+        Assert.Contains(log, l => l.Contains("update skipped", StringComparison.Ordinal));
+        var checkpoints = new TrainingCheckpoints(dir.File("out/checkpoints"), 2);
+        var latest = checkpoints.Latest();
+        Assert.NotNull(latest);
+        Assert.Contains(latest, e.Message);
+        var state = TrainerState.Load(Path.Combine(latest!, TrainerState.FileName));
+        Assert.True(state.History.All(h => !h.Skipped || state.ConsecutiveBadSteps > 0));
+    }
+}

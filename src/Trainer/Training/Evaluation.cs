@@ -63,14 +63,14 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
     }
 
     /// <summary>Fraction of eval samples whose greedy answer equals the reference (both trimmed).</summary>
-    public double ExactMatch(string when)
+    public double? ExactMatch(string when)
     {
         var chosen = samples.Where(s => s.ReferenceAnswer is not null).ToList();
         if (options.ExactMatchSamples > 0) chosen = chosen.Take(options.ExactMatchSamples).ToList();
         if (chosen.Count == 0)
         {
             log("exact match: no eval sample ends with an assistant answer; nothing to measure");
-            return double.NaN;
+            return null;
         }
         int hits = 0;
         string? example = null;

@@ -158,7 +158,7 @@ public sealed class TrainingRun
                 _state.TrainSeconds += stepTimer.Elapsed.TotalSeconds;
                 _state.TokensSeen += record.Tokens;
                 _state.History.Add(record with { Step = _state.Step });
-                trainLog.WriteLine(JsonSerializer.Serialize(record with { Step = _state.Step }));
+                trainLog.WriteLine(JsonSerializer.Serialize(record with { Step = _state.Step }, LineJson));
                 trainLog.Flush();
                 if (record.Skipped)
                 {
@@ -411,6 +411,7 @@ public sealed class TrainingRun
     }
 
     static readonly JsonSerializerOptions JobJson = new() { WriteIndented = true, NewLine = "\n" };
+    static readonly JsonSerializerOptions LineJson = new() { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals };
 
     /// <summary>PEFT-style LoRA options from the job's section.</summary>
     public static LoraOptions LoraOptionsOf(LoraSection s) => new()
