@@ -35,8 +35,13 @@ public sealed class LlamaForCausalLM : nn.Module
     public LlamaModel model { get; }
     /// <summary>Recompute each decoder layer in backward instead of keeping its activations (default on).</summary>
     public bool GradientCheckpointing { get; set; } = true;
-    /// <summary>Tokens per chunk of the loss's logits.</summary>
-    public int LossChunkTokens { get; set; } = 1024;
+    /// <summary>Tokens per chunk of the loss's logits (<see cref="DefaultLossChunkTokens"/> unless set).</summary>
+    public int LossChunkTokens { get; set; } = DefaultLossChunkTokens;
+    /// <summary>
+    /// The default loss chunk: each chunk's backward holds about 12 bytes per token per vocabulary entry (fp32 log-softmax,
+    /// its gradient and the logits' gradient), so the chunk, not the layers, sets the peak of a large-vocabulary model.
+    /// </summary>
+    public const int DefaultLossChunkTokens = 1024;
     /// <summary>The adapted projections, by full HF module name.</summary>
     public IReadOnlyList<(string Name, LoraLinear Layer)> LoraLayers => _lora;
 
