@@ -40,6 +40,7 @@ internal sealed class StepMemorySimulation
         public readonly long Bytes = bytes;
         public bool Live = true;
         public bool Saved;
+        public bool Pinned;
     }
 
     private sealed class Scope : List<Buf>;
@@ -124,7 +125,7 @@ internal sealed class StepMemorySimulation
 
     private void Free(Buf? b)
     {
-        if (b is null || !b.Live) return;
+        if (b is null || !b.Live || b.Pinned) return;
         b.Live = false;
         _current[b.Category] -= b.Bytes;
         _total -= b.Bytes;
@@ -153,6 +154,25 @@ internal sealed class StepMemorySimulation
             if (!b.Saved) Free(b);
         }
         s.Clear();
+    }
+
+    /// <summary>
+    /// A custom autograd function's backward (Linear4bit, Checkpoint) receives its output gradient and returns its input
+    /// gradient as TorchSharp handles, which are registered in the dispose scope open at that moment and hold the
+    /// storage until that scope ends (inside a checkpoint: the recompute's scope; otherwise the caller's scope around
+    /// the backward call), even after autograd is done with them.
+    /// </summary>
+    private void Pin(Buf b, List<Buf> into)
+    {
+        if (b.Pinned) return;
+        b.Pinned = true;
+        into.Add(b);
+    }
+
+    private void Unpin(List<Buf> pinned)
+    {
+        foreach (var b in pinned) { b.Pinned = false; Free(b); }
+        pinned.Clear();
     }
 
     private void Release(List<Buf> saved)
@@ -223,9 +243,10 @@ internal sealed class StepMemorySimulation
 
         // ---- backward: loss chunks (each recomputed), last one first ----
         _phase = "backward: loss chunk";
+        var stepPins = new List<Buf>();   // handles the caller's scope around backward holds until the step ends
         Buf? gSelected = null;
         long chunks = (targets + chunk - 1) / chunk;
-        for (long k = 0; k < Math.Min(chunks, 2); k++) // every chunk alike; the second shows the accumulation
+        for (long k = 0; k < chunks; k++)
         {
             var logits = Alloc(LossBuffers, chunk * v * _c);
             var up = _c != 4 ? Alloc(LossBuffers, chunk * v * 4) : null;
@@ -240,6 +261,7 @@ internal sealed class StepMemorySimulation
             var gx = Alloc(LossBuffers, chunk * _h * _c);              // lm_head input gradient
             Free(gLogits32);
             Free(gLogits);
+            Pin(gx, stepPins);                                          // the checkpoint's returned input gradient
             var gNarrow = Alloc(LossBuffers, targets * _h * _c);       // narrow backward: zeros + slice
             Free(gx);
             if (gSelected is null) gSelected = gNarrow;
@@ -270,7 +292,14 @@ internal sealed class StepMemorySimulation
             }
             else ls = layerSaved[l];
             _phase = $"backward: layer {l}";
-            var gIn = LayerBackward(g, ls);
+            var layerPins = ckpt ? new List<Buf>() : stepPins;
+            var gIn = LayerBackward(g, ls, layerPins);
+            if (ckpt)
+            {
+                Unpin(layerPins);              // the recompute's scope ends
+                Pin(g, stepPins);              // the checkpoint's output gradient and returned input gradient
+                Pin(gIn, stepPins);
+            }
             Free(output);
             Free(g);
             if (ckpt) Free(inputs[l]);
@@ -279,6 +308,8 @@ internal sealed class StepMemorySimulation
         Free(g);
         Release(keepAlive);
         if (!ckpt) Free(h);
+        _phase = "backward: end";
+        Unpin(stepPins);
 
         // ---- optimizer ----
         _phase = "optimizer step";
@@ -342,8 +373,9 @@ internal sealed class StepMemorySimulation
     }
 
     /// <summary>Input gradient of a projection: LoRA branch (scaled gradient, A-output and weight gradients), then the base's dequantized tile.</summary>
-    private Buf ProjBackward(long inF, long outF, string name)
+    private Buf ProjBackward(Buf gy, long inF, long outF, string name, List<Buf> pins)
     {
+        Pin(gy, pins);
         Buf? gxLora = null;
         if (Lora(name))
         {
@@ -360,8 +392,9 @@ internal sealed class StepMemorySimulation
         var dq = Alloc(DequantBuffers, outF * inF * _c);
         var gx = Alloc(LayerWorkingSet, _n * inF * _c);
         Free(dq);
-        Free(gxLora); // accumulated into gx in place
-        return gx;
+        Pin(gx, pins);
+        // Autograd runs the LoRA branch first (its nodes are newer) and adds the base gradient into that buffer in place.
+        return gxLora ?? gx;
     }
 
     private Buf Rope(Scope outer, long width)
@@ -463,18 +496,18 @@ internal sealed class StepMemorySimulation
     }
 
     /// <summary>Backward of one decoder layer (MLP first), releasing each part's saved tensors once it is done.</summary>
-    private Buf LayerBackward(Buf gOut, LayerSaved ls)
+    private Buf LayerBackward(Buf gOut, LayerSaved ls, List<Buf> pins)
     {
         // MLP
-        var gProd = ProjBackward(_i, _h, "down_proj");
+        var gProd = ProjBackward(gOut, _i, _h, "down_proj", pins);
         var gSilu = Alloc(LayerWorkingSet, _n * _i * _c);
         var gUp = Alloc(LayerWorkingSet, _n * _i * _c);
         Free(gProd);
         var gGate = Alloc(LayerWorkingSet, _n * _i * _c);   // silu backward
         Free(gSilu);
-        var gN2 = ProjBackward(_h, _i, "up_proj");
+        var gN2 = ProjBackward(gUp, _h, _i, "up_proj", pins);
         Free(gUp);
-        var gN2b = ProjBackward(_h, _i, "gate_proj");
+        var gN2b = ProjBackward(gGate, _h, _i, "gate_proj", pins);
         Free(gGate);
         Free(gN2b);
         Release(ls.Mlp);
@@ -485,7 +518,7 @@ internal sealed class StepMemorySimulation
         Free(gH2);
 
         // attention
-        var gMerged = ProjBackward(_q, _h, "o_proj");
+        var gMerged = ProjBackward(gH, _q, _h, "o_proj", pins);
         Buf? gScores = null, gScores2 = null;
         if (_o.AttentionMask)
         {
@@ -508,11 +541,11 @@ internal sealed class StepMemorySimulation
         Free(gq);
         var gkr = RopeBackward(_kv);
         Free(gk);
-        var gN1 = ProjBackward(_h, _q, "q_proj");
+        var gN1 = ProjBackward(gqr, _h, _q, "q_proj", pins);
         Free(gqr);
-        Free(ProjBackward(_h, _kv, "k_proj"));
+        Free(ProjBackward(gkr, _h, _kv, "k_proj", pins));
         Free(gkr);
-        Free(ProjBackward(_h, _kv, "v_proj"));
+        Free(ProjBackward(gv, _h, _kv, "v_proj", pins));
         Free(gv);
         Release(ls.Attention);
         var gX = NormBackward(gN1);
