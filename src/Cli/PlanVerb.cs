@@ -18,10 +18,12 @@ internal static class PlanVerb
         var seq = new Option<int>("--seq") { Description = "tokens per sequence", DefaultValueFactory = _ => d.SequenceLength };
         var batch = new Option<int>("--batch") { Description = "sequences per micro-batch", DefaultValueFactory = _ => d.MicroBatch };
         var rank = new Option<int>("--rank") { Description = "LoRA rank (all linear layers)", DefaultValueFactory = _ => d.LoraRank };
+        var chunk = new Option<int>("--loss-chunk") { Description = "tokens per chunk of the fp32 loss", DefaultValueFactory = _ => d.LossChunkTokens };
+        var noCheckpointing = new Option<bool>("--no-checkpointing") { Description = "keep every layer's activations instead of recomputing them" };
         var bits = new Option<int>("--optimizer-bits") { Description = "AdamW state: 32 or 8", DefaultValueFactory = _ => d.OptimizerBits };
         var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
         {
-            model, budget, stream, seq, batch, rank, bits,
+            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing,
         };
         cmd.SetAction(r =>
         {
@@ -30,7 +32,7 @@ internal static class PlanVerb
             var options = d with
             {
                 SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), OptimizerBits = r.GetValue(bits),
-                LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
+                LossChunkTokens = r.GetValue(chunk), GradientCheckpointing = !r.GetValue(noCheckpointing), LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
             };
             var plan = MemoryPlanner.Plan(config, options);
             var c = plan.Config;

@@ -164,18 +164,21 @@ public static class MemoryPlanner
         if (!o.LayerStreaming) Try($"layer streaming ({o.StreamingWindow} layers resident)", o with { LayerStreaming = true });
         if (found.Count > 0) return found;
 
-        var all = o with
+        // Nothing alone fits: the switches that cost little speed together, then smaller batches and sequences on top,
+        // first without layer streaming (it costs host-to-device traffic every step), then with it.
+        var free = o with { GradientCheckpointing = true, PagedOptimizer = true, OptimizerBits = 8, LossChunkTokens = Math.Min(o.LossChunkTokens, 256) };
+        foreach (var (baseOptions, switches) in new[]
+                 {
+                     (free, "checkpointing, paged 8-bit optimizer, loss chunk 256"),
+                     (free with { LayerStreaming = true }, "checkpointing, paged 8-bit optimizer, loss chunk 256, layer streaming"),
+                 })
         {
-            GradientCheckpointing = true, PagedOptimizer = true, OptimizerBits = 8, LossChunkTokens = Math.Min(o.LossChunkTokens, 256),
-            LayerStreaming = true, StreamingWindow = Math.Min(o.StreamingWindow, 2),
-        };
-        const string switches = "checkpointing, paged 8-bit optimizer, loss chunk 256, layer streaming";
-        if (Try(switches, all)) return found;
-        for (int b = o.MicroBatch / 2; b >= 1; b /= 2)
-            if (Try($"{switches}, micro-batch {b}", all with { MicroBatch = b })) return found;
-        var one = all with { MicroBatch = 1 };
-        for (int t = o.SequenceLength / 2; t >= 128; t /= 2)
-            if (Try($"{switches}, micro-batch 1, sequence length {t}", one with { SequenceLength = t })) return found;
+            if (Try(switches, baseOptions)) return found;
+            for (int b = o.MicroBatch / 2; b >= 1; b /= 2)
+                if (Try($"{switches}, micro-batch {b}", baseOptions with { MicroBatch = b })) return found;
+            for (int t = o.SequenceLength / 2; t >= 128; t /= 2)
+                if (Try($"{switches}, micro-batch 1, sequence length {t}", baseOptions with { MicroBatch = 1, SequenceLength = t })) return found;
+        }
         return found;
     }
 }
