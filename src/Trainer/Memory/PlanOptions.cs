@@ -48,8 +48,12 @@ public sealed record PlanOptions
     /// <summary>The budget the peak is compared with, or null for none.</summary>
     public long? BudgetBytes { get; init; }
 
-    /// <summary>The framework overhead used when none is given (see <see cref="FrameworkOverheadBytes"/>).</summary>
-    public const long DefaultFrameworkOverheadBytes = 320L << 20;
+    /// <summary>
+    /// The framework overhead used when none is given (see <see cref="FrameworkOverheadBytes"/>): the CPU backend's,
+    /// measured as resident anonymous memory of a test host after libtorch's first op (85 MB), plus room for the code a
+    /// step JIT-compiles. A CUDA context (several hundred MB) is not in it: a GPU job should pass its own figure.
+    /// </summary>
+    public const long DefaultFrameworkOverheadBytes = 96L << 20;
 
     /// <summary>Checks every value; throws <see cref="ArgumentException"/> naming the bad one and what is allowed.</summary>
     public void Validate()

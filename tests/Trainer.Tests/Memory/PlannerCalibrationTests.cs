@@ -47,6 +47,7 @@ public partial class PlannerCalibrationTests(ITestOutputHelper output)
         using (ones(8).sum()) { } // libtorch loaded and initialised
         SettleAllocator();
         long before = ResidentMemory.AnonymousBytes();
+        output.WriteLine($"runtime baseline (RssAnon after libtorch init): {before:N0}");
         var model = LlamaForCausalLM.CreateRandom(config, 3);
         model.ApplyLora(new LoraOptions { Rank = o.LoraRank, Alpha = 2 * o.LoraRank, TargetModules = o.LoraTargets }, new Generator(4));
         model.GradientCheckpointing = o.GradientCheckpointing;
@@ -65,17 +66,20 @@ public partial class PlannerCalibrationTests(ITestOutputHelper output)
             optimizer.ZeroGrad();
         }
         Step(); // warm-up: gradients exist from here on, as in every later step
-        SettleAllocator();
-        File.WriteAllText("/proc/self/clear_refs", "5"); // restart the kernel's high-water mark
-        long file = FileResident();
-        long peak;
-        long stepBase;
-        using (var sampler = new PeakMemorySampler(1))
+        // Three measured steps, the smallest peak kept: what else the process does meanwhile (tiered JIT recompiling hot
+        // methods, a thread's first malloc arena) only ever adds to a sample.
+        long peak = long.MaxValue, stepBase = 0;
+        for (int i = 0; i < 3; i++)
         {
-            stepBase = sampler.Baseline;
+            SettleAllocator();
+            File.WriteAllText("/proc/self/clear_refs", "5"); // restart the kernel's high-water mark
+            long file = FileResident();
+            using var sampler = new PeakMemorySampler(1);
             Step();
             sampler.Sample();
-            peak = Math.Max(sampler.PeakBytes, PeakResident() - file);
+            long p = Math.Max(sampler.PeakBytes, PeakResident() - file);
+            output.WriteLine($"step {i}: {p - sampler.Baseline:N0} above its start");
+            if (p - sampler.Baseline < peak - stepBase) (peak, stepBase) = (p, sampler.Baseline);
         }
         var plan = MemoryPlanner.Plan(config, o with { FrameworkOverheadBytes = 0 });
         output.WriteLine(plan.ToTable());
