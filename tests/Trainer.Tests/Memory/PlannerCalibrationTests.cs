@@ -47,7 +47,6 @@ public partial class PlannerCalibrationTests(ITestOutputHelper output)
         using (ones(8).sum()) { } // libtorch loaded and initialised
         SettleAllocator();
         long before = ResidentMemory.AnonymousBytes();
-        output.WriteLine($"runtime baseline (RssAnon after libtorch init): {before:N0}");
         var model = LlamaForCausalLM.CreateRandom(config, 3);
         model.ApplyLora(new LoraOptions { Rank = o.LoraRank, Alpha = 2 * o.LoraRank, TargetModules = o.LoraTargets }, new Generator(4));
         model.GradientCheckpointing = o.GradientCheckpointing;
