@@ -8,7 +8,46 @@ namespace QLora.Trainer.Tests;
 /// The planner against a measured step: a small model the test builds runs real QLoRA steps (forward, chunked loss,
 /// backward through the checkpoints, paged AdamW) while resident anonymous memory is sampled.
 /// </summary>
-public partial class PlannerCalibrationTests(ITestOutputHelper output)
+public class PlannerCalibrationTests(ITestOutputHelper output)
+{
+    /// <summary>
+    /// What is compared: the step's peak above resident memory at the step's start (model, LoRA weights and gradients,
+    /// optimizer state and the runtime are all in that baseline, after a warm-up step), measured in a fresh process,
+    /// against the planned peak minus the planned persistent components. The absolute peak above a pre-model baseline is printed but not asserted:
+    /// loading leaves managed-heap garbage and JIT-compiled code (about 10 MB here) that the planner counts as
+    /// framework overhead, which is large against these tiny models.
+    /// </summary>
+    private void AssertTransientWithin15Percent(LlamaConfig config, PlanOptions o)
+    {
+        var plan = MemoryPlanner.Plan(config, o with { FrameworkOverheadBytes = 0 }); // the runtime is in the measured baseline
+        output.WriteLine(plan.ToTable());
+        long step = CalibrationProgram.MeasureInFreshProcess(config, o, output.WriteLine);
+        long persistent = plan.Components.Where(c => c.Name is "quantized_weights" or "unquantized_weights" or "lora_weights" or "lora_gradients" or "optimizer_state").Sum(c => c.Bytes);
+        long predicted = plan.PeakBytes - persistent;
+        double error = (predicted - step) / (double)step;
+        output.WriteLine($"transient: planned {predicted:N0}, measured {step:N0}, error {error:P1}");
+        Assert.InRange(error, -0.15, 0.15);
+    }
+
+    [Fact]
+    public void CheckpointedStepWhoseLayerRecomputeSetsThePeak() =>
+        AssertTransientWithin15Percent(StepMemoryMeasurement.Config(512, 1408, 4, 8, 2, 2000), new PlanOptions { SequenceLength = 512, MicroBatch = 1, LossChunkTokens = 128 });
+
+    [Fact]
+    public void CheckpointedStepWhoseLossChunkSetsThePeak() =>
+        AssertTransientWithin15Percent(StepMemoryMeasurement.Config(256, 704, 2, 4, 2, 16000), new PlanOptions { SequenceLength = 256, MicroBatch = 2, LossChunkTokens = 256 });
+
+    [Fact]
+    public void StepWithoutCheckpointing() =>
+        AssertTransientWithin15Percent(StepMemoryMeasurement.Config(384, 1024, 4, 6, 6, 2000), new PlanOptions { SequenceLength = 384, MicroBatch = 1, LossChunkTokens = 128, GradientCheckpointing = false });
+}
+
+/// <summary>
+/// Measures one real QLoRA step's memory in this process: run by <see cref="CalibrationProgram"/> in a fresh process of
+/// its own, because a test host that has run other tests carries their state (tens of MB that come and go during a
+/// step whatever the step does).
+/// </summary>
+internal static partial class StepMemoryMeasurement
 {
     // glibc keeps freed heap blocks resident, and its dynamic mmap threshold moves blocks of up to 32 MiB onto the heap
     // once a block that size was freed, so resident memory would measure the allocator's history (earlier tests, the
@@ -42,7 +81,7 @@ public partial class PlannerCalibrationTests(ITestOutputHelper output)
         return 0;
     }
 
-    private (long Measured, long MeasuredStep, MemoryPlan Plan) Measure(LlamaConfig config, PlanOptions o)
+    public static (long Measured, long MeasuredStep) Measure(LlamaConfig config, PlanOptions o, Action<string> output)
     {
         using (ones(8).sum()) { } // libtorch loaded and initialised
         SettleAllocator();
@@ -77,47 +116,16 @@ public partial class PlannerCalibrationTests(ITestOutputHelper output)
             Step();
             sampler.Sample();
             long p = Math.Max(sampler.PeakBytes, PeakResident() - file);
-            output.WriteLine($"step {i}: {p - sampler.Baseline:N0} above its start");
+            output($"step {i}: {p - sampler.Baseline:N0} above its start");
             if (p - sampler.Baseline < peak - stepBase) (peak, stepBase) = (p, sampler.Baseline);
         }
-        var plan = MemoryPlanner.Plan(config, o with { FrameworkOverheadBytes = 0 });
-        output.WriteLine(plan.ToTable());
-        output.WriteLine($"measured: {peak - before:N0} above the pre-model baseline; step base {stepBase - before:N0}; step peak {peak - stepBase:N0} above the step's start");
-        return (peak - before, peak - stepBase, plan);
+        output($"measured: {peak - before:N0} above the pre-model baseline; step base {stepBase - before:N0}; step peak {peak - stepBase:N0} above the step's start");
+        return (peak - before, peak - stepBase);
     }
 
-    private static LlamaConfig Config(int hidden, int inter, int layers, int heads, int kvHeads, int vocab) => new()
+    public static LlamaConfig Config(int hidden, int inter, int layers, int heads, int kvHeads, int vocab) => new()
     {
         HiddenSize = hidden, IntermediateSize = inter, NumHiddenLayers = layers, NumAttentionHeads = heads, NumKeyValueHeads = kvHeads,
         VocabSize = vocab, HeadDim = hidden / heads, RmsNormEps = 1e-5, RopeTheta = 10000, MaxPositionEmbeddings = 4096,
     };
-
-    /// <summary>
-    /// What is compared: the step's peak above resident memory at the step's start (model, LoRA weights and gradients,
-    /// optimizer state and the runtime are all in that baseline, after a warm-up step) against the planned peak minus
-    /// the planned persistent components. The absolute peak above a pre-model baseline is printed but not asserted:
-    /// loading leaves managed-heap garbage and JIT-compiled code (about 10 MB here) that the planner counts as
-    /// framework overhead, which is large against these tiny models.
-    /// </summary>
-    private void AssertTransientWithin15Percent(LlamaConfig config, PlanOptions o)
-    {
-        var (_, step, plan) = Measure(config, o);
-        long persistent = plan.Components.Where(c => c.Name is "quantized_weights" or "unquantized_weights" or "lora_weights" or "lora_gradients" or "optimizer_state").Sum(c => c.Bytes);
-        long predicted = plan.PeakBytes - persistent;
-        double error = (predicted - step) / (double)step;
-        output.WriteLine($"transient: planned {predicted:N0}, measured {step:N0}, error {error:P1}");
-        Assert.InRange(error, -0.15, 0.15);
-    }
-
-    [Fact]
-    public void CheckpointedStepWhoseLayerRecomputeSetsThePeak() =>
-        AssertTransientWithin15Percent(Config(512, 1408, 4, 8, 2, 2000), new PlanOptions { SequenceLength = 512, MicroBatch = 1, LossChunkTokens = 128 });
-
-    [Fact]
-    public void CheckpointedStepWhoseLossChunkSetsThePeak() =>
-        AssertTransientWithin15Percent(Config(256, 704, 2, 4, 2, 16000), new PlanOptions { SequenceLength = 256, MicroBatch = 2, LossChunkTokens = 256 });
-
-    [Fact]
-    public void StepWithoutCheckpointing() =>
-        AssertTransientWithin15Percent(Config(384, 1024, 4, 6, 6, 2000), new PlanOptions { SequenceLength = 384, MicroBatch = 1, LossChunkTokens = 128, GradientCheckpointing = false });
 }
