@@ -19,6 +19,7 @@ public static class Program
             InspectVerb.Create(stdout),
             MergeVerb.Create(stdout),
             GenerateVerb.Create(stdout),
+            PlanVerb.Create(stdout),
             BenchVerb.Create(stdout),
         };
         var parse = root.Parse(args);

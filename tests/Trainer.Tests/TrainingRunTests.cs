@@ -155,3 +155,25 @@ public class TrainingDivergenceTests
         Assert.True(state.History.All(h => !h.Skipped || state.ConsecutiveBadSteps > 0));
     }
 }
+
+public class TrainingBudgetTests
+{
+    [Fact]
+    public void AJobOverItsMemoryBudgetIsRefusedBeforeAnythingLoadsOrIsDeleted()
+    {
+        using var dir = new TempFolder();
+        var jobPath = TrainJobFixture.WriteJob(dir.Path, j => j["Memory"] = new JsonObject { ["Budget"] = "1MB" });
+        Directory.CreateDirectory(dir.File("out/checkpoints/checkpoint-000001"));
+        File.WriteAllText(dir.File("out/adapter_config.json"), "{}");
+        var job = JobConfiguration.LoadTrainJob(jobPath, ["--Output:Overwrite", "true"], environment: false);
+        var e = Assert.Throws<InvalidOperationException>(() => TrainingRun.Run(job));
+        Assert.Contains("over Memory:Budget 1MB", e.Message);
+        Assert.Contains("Nothing was loaded", e.Message);
+        Assert.True(File.Exists(dir.File("out/adapter_config.json"))); // the previous run is untouched
+        Assert.True(Directory.Exists(dir.File("out/checkpoints/checkpoint-000001")));
+        var fits = JobConfiguration.LoadTrainJob(jobPath, ["--Memory:Budget", "2GB", "--Output:Overwrite", "true", "--Training:MaxSteps", "1", "--Eval:ExactMatch", "false"], environment: false);
+        var log = new List<string>();
+        TrainingRun.Run(fits, new TrainingRun.RunOptions { Log = log.Add });
+        Assert.Contains(log, l => l.StartsWith("memory plan: peak", StringComparison.Ordinal) && l.Contains("budget", StringComparison.Ordinal));
+    }
+}

@@ -1,41 +1,56 @@
 using System.Globalization;
+using System.Text.RegularExpressions;
 
 namespace QLora.Trainer;
 
-/// <summary>Sizes written by people ("24GB", "8 GiB", "512MB", "1e9") as bytes, and bytes as short text.</summary>
-public static class ByteSize
+/// <summary>Byte counts written the way people write them: <c>24GB</c> (10⁹), <c>24GiB</c> (2³⁰), <c>8000MB</c>, <c>512KiB</c>, raw bytes.</summary>
+public static partial class ByteSize
 {
-    /// <summary>Parses a size: a number with an optional unit B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024).</summary>
-    public static long Parse(string text) =>
-        TryParse(text, out var b) ? b : throw new FormatException($"'{text}' is not a size (examples: 24GB, 8GiB, 6000MB, 1073741824)");
+    [GeneratedRegex(@"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", RegexOptions.IgnoreCase)]
+    private static partial Regex Pattern();
+
+    /// <summary>Parses a size; throws <see cref="FormatException"/> saying what is accepted.</summary>
+    public static long Parse(string text)
+    {
+        var m = Pattern().Match(text ?? "");
+        if (!m.Success)
+            throw new FormatException($"'{text}' is not a size: write bytes or a number with a unit (KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers of 1024), e.g. 24GB");
+        double value = double.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture);
+        string unit = m.Groups[2].Success ? m.Groups[2].Value.ToUpperInvariant() : "B";
+        double scale = unit switch
+        {
+            "B" => 1,
+            "KB" => 1e3, "MB" => 1e6, "GB" => 1e9, "TB" => 1e12,
+            "KIB" => 1L << 10, "MIB" => 1L << 20, "GIB" => 1L << 30, "TIB" => 1L << 40,
+            _ => throw new FormatException($"'{text}': unknown unit {unit}"),
+        };
+        double bytes = Math.Round(value * scale);
+        if (bytes <= 0 || bytes > long.MaxValue / 2) throw new FormatException($"'{text}': the size must be positive and below 4 EiB");
+        return (long)bytes;
+    }
 
     /// <summary>As <see cref="Parse"/>, without throwing.</summary>
     public static bool TryParse(string? text, out long bytes)
     {
         bytes = 0;
         if (string.IsNullOrWhiteSpace(text)) return false;
-        var s = text.Trim();
-        int i = 0;
-        while (i < s.Length && (char.IsDigit(s[i]) || s[i] is '.' or 'e' or 'E' or '+' or '-')) i++;
-        if (!double.TryParse(s[..i], NumberStyles.Float, CultureInfo.InvariantCulture, out var n) || n < 0 || !double.IsFinite(n)) return false;
-        double scale = s[i..].Trim().ToUpperInvariant() switch
+        try
         {
-            "" or "B" => 1,
-            "K" or "KB" => 1e3, "M" or "MB" => 1e6, "G" or "GB" => 1e9, "T" or "TB" => 1e12,
-            "KIB" => 1L << 10, "MIB" => 1L << 20, "GIB" => 1L << 30, "TIB" => 1L << 40,
-            _ => double.NaN,
-        };
-        if (double.IsNaN(scale) || n * scale > long.MaxValue) return false;
-        bytes = (long)Math.Round(n * scale);
-        return true;
+            bytes = Parse(text);
+            return true;
+        }
+        catch (FormatException)
+        {
+            return false;
+        }
     }
 
-    /// <summary>Bytes as "7.41 GB" (decimal units).</summary>
-    public static string Format(long bytes) => bytes switch
+    /// <summary>A readable form: GiB/MiB/KiB with two decimals.</summary>
+    public static string Format(long bytes) => Math.Abs(bytes) switch
     {
-        >= 1_000_000_000 => (bytes / 1e9).ToString("F2", CultureInfo.InvariantCulture) + " GB",
-        >= 1_000_000 => (bytes / 1e6).ToString("F1", CultureInfo.InvariantCulture) + " MB",
-        >= 1_000 => (bytes / 1e3).ToString("F1", CultureInfo.InvariantCulture) + " KB",
+        >= 1L << 30 => (bytes / (double)(1L << 30)).ToString("F2", CultureInfo.InvariantCulture) + " GiB",
+        >= 1L << 20 => (bytes / (double)(1L << 20)).ToString("F1", CultureInfo.InvariantCulture) + " MiB",
+        >= 1L << 10 => (bytes / (double)(1L << 10)).ToString("F1", CultureInfo.InvariantCulture) + " KiB",
         _ => bytes.ToString(CultureInfo.InvariantCulture) + " B",
     };
 }

@@ -17,7 +17,7 @@ public static class CausalLmLoss
     /// Σ CE(lmHead(hidden[:, t]), labels[:, t+1]) over unmasked targets, and their count. <paramref name="hidden"/> is
     /// [B, T, H] (after the final norm), <paramref name="labels"/> [B, T] int64.
     /// </summary>
-    public static (Tensor Sum, long Tokens) Compute(Tensor hidden, Tensor labels, Func<Tensor, Tensor> lmHead, int chunkTokens = 1024)
+    public static (Tensor Sum, long Tokens) Compute(Tensor hidden, Tensor labels, Func<Tensor, Tensor> lmHead, int chunkTokens = LlamaForCausalLM.DefaultLossChunkTokens)
     {
         if (chunkTokens <= 0) throw new ArgumentOutOfRangeException(nameof(chunkTokens), "chunk size must be positive");
         if (labels.shape[0] != hidden.shape[0] || labels.shape[1] != hidden.shape[1])

@@ -35,8 +35,15 @@ public sealed class LlamaForCausalLM : nn.Module
     public LlamaModel model { get; }
     /// <summary>Recompute each decoder layer in backward instead of keeping its activations (default on).</summary>
     public bool GradientCheckpointing { get; set; } = true;
-    /// <summary>Tokens per chunk of the loss's logits.</summary>
-    public int LossChunkTokens { get; set; } = 1024;
+    /// <summary>Tokens per chunk of the loss's logits (<see cref="DefaultLossChunkTokens"/> unless set).</summary>
+    public int LossChunkTokens { get; set; } = DefaultLossChunkTokens;
+    /// <summary>
+    /// The default loss chunk. A chunk's backward holds about 12 bytes per token per vocabulary entry (fp32 log-softmax,
+    /// its gradient and the logits' gradient): with 1024 tokens and Llama 3's 128,256 entries that is 1.6 GB, more than a
+    /// decoder layer's recompute, so the memory planner showed the loss setting the peak of an 8B job; 256 tokens
+    /// (0.4 GB) leaves the peak to the layers, and a 256-row matmul against the vocabulary is still large.
+    /// </summary>
+    public const int DefaultLossChunkTokens = 256;
     /// <summary>The adapted projections, by full HF module name.</summary>
     public IReadOnlyList<(string Name, LoraLinear Layer)> LoraLayers => _lora;
 

@@ -25,8 +25,6 @@ public sealed class TrainingRun
         public Action<TrainProgress>? Progress { get; init; }
         /// <summary>Cancelled (Ctrl-C): the run saves a checkpoint at the next step boundary and returns.</summary>
         public CancellationToken Cancellation { get; init; }
-        /// <summary>Refuses the job before loading when the planner's estimate exceeds the budget (set by the CLI).</summary>
-        public Action<TrainJob, LlamaConfig>? CheckMemory { get; init; }
     }
 
     /// <summary>The result of a run.</summary>
@@ -68,12 +66,21 @@ public sealed class TrainingRun
         var wall = Stopwatch.StartNew();
         using var sampler = new PeakMemorySampler();
         var checkpoints = new TrainingCheckpoints(Path.Combine(_out, CheckpointsFolder), _job.Output.KeepLast);
-        string? resumeFrom = PrepareOutput(checkpoints);
-
         var modelPath = _job.Model.Path!;
         if (!Directory.Exists(modelPath)) throw new DirectoryNotFoundException($"Model:Path {modelPath} does not exist; point it at a Hugging Face model folder");
         var config = LlamaConfig.Load(Path.Combine(modelPath, "config.json"));
-        _run.CheckMemory?.Invoke(_job, config);
+        var plan = MemoryPlanner.Plan(config, PlanOptionsOf(_job));
+        Log($"memory plan: peak {ByteSize.Format(plan.PeakBytes)} ({plan.PeakPhase})" + (plan.BudgetBytes is long b ? $" of the {ByteSize.Format(b)} budget" : ""));
+        if (!plan.Fits)
+        {
+            var largest = plan.Components.OrderByDescending(c => c.Bytes).Take(3).Select(c => $"{c.Name} {ByteSize.Format(c.Bytes)}");
+            var fixes = plan.Suggestions.Count == 0 ? "no single setting makes it fit; use a smaller model or a larger budget"
+                : "settings that fit: " + string.Join("; ", plan.Suggestions.Select(x => $"{x.Change} (peak {ByteSize.Format(x.PeakBytes)})"));
+            throw new InvalidOperationException($"the job is planned to peak at {ByteSize.Format(plan.PeakBytes)}, over Memory:Budget {_job.Memory.Budget} " +
+                $"(largest parts: {string.Join(", ", largest)}); {fixes}. Nothing was loaded; see qlora plan for the full table.");
+        }
+
+        string? resumeFrom = PrepareOutput(checkpoints);
 
         var t = _job.Training;
         if (t.Threads > 0) set_num_threads(t.Threads);
@@ -83,7 +90,7 @@ public sealed class TrainingRun
         var data = PrepareData(tokenizer, template);
 
         var dtype = ParseDType(_job.Model.ComputeDType);
-        var model = HfModelLoader.Load(modelPath, new HfModelLoader.Options
+        using var model = HfModelLoader.Load(modelPath, new HfModelLoader.Options
         {
             ComputeDType = dtype,
             Blocksize = _job.Quantization.Blocksize,
@@ -412,6 +419,25 @@ public sealed class TrainingRun
 
     static readonly JsonSerializerOptions JobJson = new() { WriteIndented = true, NewLine = "\n" };
     static readonly JsonSerializerOptions LineJson = new() { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals };
+
+    /// <summary>The memory planner's view of a job: its shapes, precision, optimizer and budget.</summary>
+    public static PlanOptions PlanOptionsOf(TrainJob job) => new()
+    {
+        SequenceLength = job.Data.MaxSeqLength,
+        MicroBatch = job.Training.MicroBatchSize,
+        LoraRank = job.Lora.Rank,
+        LoraTargets = job.Lora.TargetModules is { } m ? [.. m] : LoraOptions.AllLinear,
+        AdapterDType = ParseDType(job.Lora.DType),
+        QuantBlocksize = job.Quantization.Blocksize,
+        DoubleQuant = job.Quantization.DoubleQuant,
+        ComputeDType = ParseDType(job.Model.ComputeDType),
+        GradientCheckpointing = job.Training.GradientCheckpointing,
+        OptimizerBits = job.Training.Optimizer.Equals("adamw8bit", StringComparison.OrdinalIgnoreCase) ? 8 : 32,
+        PagedOptimizer = job.Training.PagedOptimizer,
+        LossChunkTokens = job.Training.LossChunkTokens,
+        AttentionMask = job.Data.Packing,
+        BudgetBytes = job.Memory.BudgetBytes,
+    };
 
     /// <summary>PEFT-style LoRA options from the job's section.</summary>
     public static LoraOptions LoraOptionsOf(LoraSection s) => new()

@@ -1,0 +1,60 @@
+using System.CommandLine;
+using QLora.Trainer;
+
+namespace QLora.Cli;
+
+/// <summary>
+/// <c>qlora plan</c>: the predicted memory of a QLoRA job on a model (folder, config.json or preset), component by
+/// component, whether it fits a budget and what would make it fit; ends with one JSON line.
+/// </summary>
+internal static class PlanVerb
+{
+    public static Command Create(TextWriter stdout)
+    {
+        var d = new PlanOptions();
+        var model = new Option<string>("--model") { Description = $"a model folder, a config.json, or a preset ({string.Join(", ", ModelPresets.Names)})", Required = true };
+        var budget = new Option<string?>("--budget") { Description = "memory budget: 24GB (10^9), 24GiB (2^30), 8000MB, or bytes" };
+        var stream = new Option<bool>("--stream") { Description = "layer streaming: keep the 4-bit weights in host memory, a window of layers resident" };
+        var seq = new Option<int>("--seq") { Description = "tokens per sequence", DefaultValueFactory = _ => d.SequenceLength };
+        var batch = new Option<int>("--batch") { Description = "sequences per micro-batch", DefaultValueFactory = _ => d.MicroBatch };
+        var rank = new Option<int>("--rank") { Description = "LoRA rank (all linear layers)", DefaultValueFactory = _ => d.LoraRank };
+        var chunk = new Option<int>("--loss-chunk") { Description = "tokens per chunk of the fp32 loss", DefaultValueFactory = _ => d.LossChunkTokens };
+        var noCheckpointing = new Option<bool>("--no-checkpointing") { Description = "keep every layer's activations instead of recomputing them" };
+        var bits = new Option<int>("--optimizer-bits") { Description = "AdamW state: 32 or 8", DefaultValueFactory = _ => d.OptimizerBits };
+        var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
+        {
+            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing,
+        };
+        cmd.SetAction(r =>
+        {
+            string name = r.GetValue(model)!;
+            var config = ModelPresets.Resolve(name);
+            var options = d with
+            {
+                SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), OptimizerBits = r.GetValue(bits),
+                LossChunkTokens = r.GetValue(chunk), GradientCheckpointing = !r.GetValue(noCheckpointing), LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
+            };
+            var plan = MemoryPlanner.Plan(config, options);
+            var c = plan.Config;
+            stdout.WriteLine($"{name}: {c.NumHiddenLayers} layers, hidden {c.HiddenSize}, intermediate {c.IntermediateSize}, heads {c.NumAttentionHeads}/{c.NumKeyValueHeads}, vocab {c.VocabSize}");
+            stdout.WriteLine($"job: {options.MicroBatch} x {options.SequenceLength} tokens, LoRA r={options.LoraRank} on {string.Join(", ", options.LoraTargets)}, " +
+                $"{(options.GradientCheckpointing ? "checkpointing" : "no checkpointing")}, {(options.PagedOptimizer ? "paged " : "")}{options.OptimizerBits}-bit AdamW, " +
+                $"loss chunk {options.LossChunkTokens}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}");
+            stdout.WriteLine(plan.ToTable());
+            stdout.WriteLine(Json.Line(new
+            {
+                plan = name,
+                budget_bytes = plan.BudgetBytes,
+                peak_bytes = plan.PeakBytes,
+                fits = plan.Fits,
+                peak_phase = plan.PeakPhase,
+                trainable_params = plan.TrainableParameters,
+                components = plan.Components.ToDictionary(x => x.Name, x => x.Bytes),
+                host = plan.HostComponents.ToDictionary(x => x.Name, x => x.Bytes),
+                suggestions = plan.Suggestions.Select(s => new { change = s.Change, peak_bytes = s.PeakBytes }).ToList(),
+            }));
+            return 0;
+        });
+        return cmd;
+    }
+}

@@ -1,0 +1,184 @@
+using System.Globalization;
+using QLora.Kernels;
+using QLora.Quant;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// Predicts the memory of a QLoRA training job before anything is loaded: the persistent parts counted exactly as this
+/// project stores them (4-bit weights with their absmax and nested double-quant parts, bf16 embeddings/lm_head/norms,
+/// LoRA master weights and gradients, optimizer state as <see cref="BnbAdamW"/> lays it out), and the step's transient
+/// memory by replaying the tensors the modules create, in order (see <see cref="StepMemorySimulation"/>). The peak is
+/// the largest total of that replay; a job over budget gets re-planned variants that fit.
+/// </summary>
+public static class MemoryPlanner
+{
+    private static readonly string[] AttentionProjections = ["q_proj", "k_proj", "v_proj", "o_proj"];
+    private static readonly string[] MlpProjections = ["gate_proj", "up_proj", "down_proj"];
+
+    /// <summary>Plans <paramref name="config"/> with <paramref name="options"/>; over budget, adds suggestions that fit.</summary>
+    public static MemoryPlan Plan(LlamaConfig config, PlanOptions options)
+    {
+        var plan = PlanOnce(config, options);
+        return plan.Fits ? plan : plan with { Suggestions = Suggest(config, options) };
+    }
+
+    /// <summary>
+    /// Bytes of one 4-bit weight of <paramref name="elements"/> elements as <see cref="Linear4bit"/> holds it: packed
+    /// codes (two per byte), then per block of <paramref name="blocksize"/> either a float32 absmax or, double-quantized,
+    /// a uint8 code plus a float32 absmax per 256 codes and the 256-entry float32 code map.
+    /// </summary>
+    public static long QuantizedWeightBytes(long elements, int blocksize, bool doubleQuant)
+    {
+        long packed = (elements + 1) / 2;
+        long blocks = (elements + blocksize - 1) / blocksize;
+        if (!doubleQuant) return packed + 4 * blocks;
+        long nested = (blocks + DoubleQuantizer.NestedBlocksize - 1) / DoubleQuantizer.NestedBlocksize;
+        return packed + blocks + 4 * nested + 4 * 256;
+    }
+
+    /// <summary>The (out, in) shape of each projection of a decoder layer, by HF name.</summary>
+    public static IReadOnlyList<(string Name, long Out, long In)> ProjectionShapes(LlamaConfig c)
+    {
+        long q = (long)c.NumAttentionHeads * c.HeadDim, kv = (long)c.NumKeyValueHeads * c.HeadDim;
+        return
+        [
+            ("q_proj", q, c.HiddenSize), ("k_proj", kv, c.HiddenSize), ("v_proj", kv, c.HiddenSize), ("o_proj", c.HiddenSize, q),
+            ("gate_proj", c.IntermediateSize, c.HiddenSize), ("up_proj", c.IntermediateSize, c.HiddenSize), ("down_proj", c.HiddenSize, c.IntermediateSize),
+        ];
+    }
+
+    /// <summary>Bytes of the optimizer state of one parameter of <paramref name="elements"/> elements, as <see cref="BnbAdamW"/> lays it out.</summary>
+    public static long OptimizerStateBytes(long elements, int bits, int minEightBitSize = 4096)
+    {
+        if (bits == 32 || elements < minEightBitSize) return 8 * elements;
+        long blocks = (elements + AdamW8bitStep.Blocksize - 1) / AdamW8bitStep.Blocksize;
+        return Align(2 * elements) + 8 * blocks;
+    }
+
+    private static long Align(long bytes) => (bytes + 63) & ~63L;
+
+    private static MemoryPlan PlanOnce(LlamaConfig cfg, PlanOptions o)
+    {
+        cfg.Validate();
+        o.Validate();
+        int c = StepMemorySimulation.DTypeBytes(o.ComputeDType);
+        int m = StepMemorySimulation.DTypeBytes(o.AdapterDType);
+        int layers = cfg.NumHiddenLayers;
+        var shapes = ProjectionShapes(cfg);
+
+        long layerQuant = shapes.Sum(s => QuantizedWeightBytes(s.Out * s.In, o.QuantBlocksize, o.DoubleQuant));
+        long quantAll = layerQuant * layers;
+
+        long h = cfg.HiddenSize, v = cfg.VocabSize;
+        long q = (long)cfg.NumAttentionHeads * cfg.HeadDim, kv = (long)cfg.NumKeyValueHeads * cfg.HeadDim;
+        long biasPerLayer = (cfg.AttentionBias ? q + 2 * kv + (cfg.QkvBiasOnly ? 0 : h) : 0) + (cfg.MlpBias ? 2L * cfg.IntermediateSize + h : 0);
+        long embed = v * h * c;
+        long head = cfg.TieWordEmbeddings ? 0 : v * h * c;
+        long norms = (2L * layers + 1) * h * c;
+        long unquant = embed + head + norms + biasPerLayer * c * layers;
+
+        // LoRA: A [r, in] and B [out, r] per target projection.
+        var loraTensors = new List<long>();
+        foreach (var (name, outF, inF) in shapes)
+            if (o.LoraTargets.Contains(name))
+            {
+                loraTensors.Add(o.LoraRank * inF);
+                loraTensors.Add(outF * o.LoraRank);
+            }
+        if (loraTensors.Count == 0) throw new ArgumentException("the LoRA targets select no projection");
+        long loraParams = loraTensors.Sum() * layers;
+        long loraBytes = loraParams * m;
+        long optTotal = loraTensors.Sum(n => Align(OptimizerStateBytes(n, o.OptimizerBits))) * layers;
+        long optLargest = loraTensors.Max(n => OptimizerStateBytes(n, o.OptimizerBits));
+        long optDevice = o.PagedOptimizer ? optLargest : optTotal;
+        // bf16 master weights are updated through float32 copies of one tensor at a time (BnbAdamW).
+        long optUpdate = m == 2 ? 8 * loraTensors.Max() : 0;
+
+        var persistent = new List<(string, long)>
+        {
+            (StepMemorySimulation.QuantizedWeights, o.LayerStreaming ? 0 : quantAll),
+            (StepMemorySimulation.StreamingWindow, o.LayerStreaming ? layerQuant * Math.Min(o.StreamingWindow, layers) : 0),
+            (StepMemorySimulation.UnquantizedWeights, unquant),
+            (StepMemorySimulation.LoraWeights, loraBytes),
+            (StepMemorySimulation.LoraGradients, loraBytes),
+            (StepMemorySimulation.OptimizerState, optDevice),
+            (StepMemorySimulation.FrameworkOverhead, o.FrameworkOverheadBytes),
+        };
+        var sim = StepMemorySimulation.Run(cfg, o, persistent, optUpdate);
+
+        string Bits(long bytes, long n) => (8.0 * bytes / n).ToString("F3", CultureInfo.InvariantCulture);
+        long linearParams = shapes.Sum(s => s.Out * s.In) * layers;
+        var descriptions = new Dictionary<string, string>
+        {
+            [StepMemorySimulation.QuantizedWeights] = o.LayerStreaming ? "4-bit decoder weights: streamed, none resident"
+                : $"4-bit decoder weights: {linearParams:N0} parameters at {Bits(quantAll, linearParams)} bits (packed codes, absmax{(o.DoubleQuant ? ", nested absmax and code maps" : "")})",
+            [StepMemorySimulation.StreamingWindow] = o.LayerStreaming ? $"{Math.Min(o.StreamingWindow, layers)} resident layers of 4-bit weights ({ByteSize.Format(layerQuant)} each)" : "no layer streaming",
+            [StepMemorySimulation.UnquantizedWeights] = $"embeddings{(cfg.TieWordEmbeddings ? " (tied with lm_head)" : ", lm_head")}, norms{(biasPerLayer > 0 ? ", biases" : "")} in {o.ComputeDType}",
+            [StepMemorySimulation.LoraWeights] = $"{loraParams:N0} LoRA parameters (r={o.LoraRank}, {string.Join("/", o.LoraTargets)}) in {o.AdapterDType}",
+            [StepMemorySimulation.LoraGradients] = $"LoRA gradients in {o.AdapterDType}",
+            [StepMemorySimulation.OptimizerState] = $"AdamW {o.OptimizerBits}-bit state{(o.PagedOptimizer ? ": paged, one tensor's state resident" : "")}",
+            [StepMemorySimulation.SavedActivations] = o.GradientCheckpointing ? "checkpointed layer inputs, RoPE tables, and what the recomputed layer saved for backward" : "every layer's tensors saved for backward",
+            [StepMemorySimulation.LayerWorkingSet] = "intermediates and activation gradients of the layer being computed",
+            [StepMemorySimulation.AttentionBuffers] = o.AttentionMask ? "math SDPA score matrices, repeated K/V heads" : "SDPA log-sum-exp, repeated K/V heads",
+            [StepMemorySimulation.LossBuffers] = $"loss: selected hidden rows, one chunk of {Math.Min(o.LossChunkTokens, (long)o.MicroBatch * (o.SequenceLength - 1))} tokens' logits (compute dtype and fp32) and their gradients",
+            [StepMemorySimulation.DequantBuffers] = "one weight dequantized to the compute dtype for its matmul",
+            [StepMemorySimulation.FrameworkOverhead] = "runtime before any tensor (libtorch, .NET)",
+        };
+        var components = StepMemorySimulation.Order
+            .Select(name => new MemoryComponent(name, sim.AtPeak.GetValueOrDefault(name), descriptions[name]))
+            .Where(comp => comp.Bytes != 0 || comp.Name is StepMemorySimulation.QuantizedWeights or StepMemorySimulation.OptimizerState)
+            .ToList();
+        var host = new List<MemoryComponent>();
+        if (o.PagedOptimizer) host.Add(new MemoryComponent("optimizer_state_host", optTotal, "paged AdamW state (memory-mapped file)"));
+        if (o.LayerStreaming) host.Add(new MemoryComponent("streamed_weights_host", quantAll, "4-bit decoder weights held in host memory"));
+        return new MemoryPlan
+        {
+            Config = cfg, Options = o, Components = components, PeakBytes = sim.PeakBytes, PeakPhase = sim.PeakPhase,
+            HostComponents = host, TrainableParameters = loraParams,
+        };
+    }
+
+    /// <summary>Single changes first (each re-planned), then all memory-saving switches together, then shorter batches on top.</summary>
+    private static IReadOnlyList<PlanSuggestion> Suggest(LlamaConfig cfg, PlanOptions o)
+    {
+        long budget = o.BudgetBytes!.Value;
+        var found = new List<PlanSuggestion>();
+        bool Try(string change, PlanOptions changed)
+        {
+            var p = PlanOnce(cfg, changed);
+            if (p.PeakBytes > budget) return false;
+            found.Add(new PlanSuggestion(change, changed, p.PeakBytes));
+            return true;
+        }
+
+        if (!o.GradientCheckpointing) Try("gradient checkpointing on", o with { GradientCheckpointing = true });
+        if (!o.PagedOptimizer) Try("paged optimizer", o with { PagedOptimizer = true });
+        if (o.OptimizerBits == 32) Try("8-bit optimizer state", o with { OptimizerBits = 8 });
+        if (o.LossChunkTokens > 256) Try("loss chunk of 256 tokens", o with { LossChunkTokens = 256 });
+        for (int b = o.MicroBatch / 2; b >= 1; b /= 2)
+            if (Try($"micro-batch {b} instead of {o.MicroBatch} (raise gradient accumulation to keep the batch)", o with { MicroBatch = b })) break;
+        for (int t = o.SequenceLength / 2; t >= 128; t /= 2)
+            if (Try($"sequence length {t} instead of {o.SequenceLength}", o with { SequenceLength = t })) break;
+        if (!o.LayerStreaming) Try($"layer streaming ({o.StreamingWindow} layers resident)", o with { LayerStreaming = true });
+        if (found.Count > 0) return found;
+
+        // Nothing alone fits: the switches that cost little speed together, then smaller batches and sequences on top,
+        // first without layer streaming (it costs host-to-device traffic every step), then with it.
+        var free = o with { GradientCheckpointing = true, PagedOptimizer = true, OptimizerBits = 8, LossChunkTokens = Math.Min(o.LossChunkTokens, 256) };
+        foreach (var (baseOptions, switches) in new[]
+                 {
+                     (free, "checkpointing, paged 8-bit optimizer, loss chunk 256"),
+                     (free with { LayerStreaming = true }, "checkpointing, paged 8-bit optimizer, loss chunk 256, layer streaming"),
+                 })
+        {
+            if (Try(switches, baseOptions)) return found;
+            for (int b = o.MicroBatch / 2; b >= 1; b /= 2)
+                if (Try($"{switches}, micro-batch {b}", baseOptions with { MicroBatch = b })) return found;
+            for (int t = o.SequenceLength / 2; t >= 128; t /= 2)
+                if (Try($"{switches}, micro-batch 1, sequence length {t}", baseOptions with { MicroBatch = 1, SequenceLength = t })) return found;
+        }
+        return found;
+    }
+}

@@ -1,0 +1,73 @@
+namespace QLora.Trainer;
+
+/// <summary>
+/// Architectures of well-known models by short name, with the shapes of their Hugging Face config.json files, so a
+/// memory plan needs no download.
+/// </summary>
+public static class ModelPresets
+{
+    private static readonly RopeScaling Llama31Rope = new("llama3", 8.0, 1.0, 4.0, 8192);
+
+    private static readonly Dictionary<string, LlamaConfig> Presets = new(StringComparer.OrdinalIgnoreCase)
+    {
+        // meta-llama/Llama-2-7b-hf
+        ["llama-2-7b"] = new LlamaConfig
+        {
+            HiddenSize = 4096, IntermediateSize = 11008, NumHiddenLayers = 32, NumAttentionHeads = 32, NumKeyValueHeads = 32,
+            VocabSize = 32000, HeadDim = 128, RmsNormEps = 1e-5, RopeTheta = 10000, MaxPositionEmbeddings = 4096,
+        },
+        // meta-llama/Llama-3.1-8B
+        ["llama-3.1-8b"] = new LlamaConfig
+        {
+            HiddenSize = 4096, IntermediateSize = 14336, NumHiddenLayers = 32, NumAttentionHeads = 32, NumKeyValueHeads = 8,
+            VocabSize = 128256, HeadDim = 128, RmsNormEps = 1e-5, RopeTheta = 500000, RopeScaling = Llama31Rope, MaxPositionEmbeddings = 131072,
+        },
+        // meta-llama/Llama-2-13b-hf
+        ["llama-2-13b"] = new LlamaConfig
+        {
+            HiddenSize = 5120, IntermediateSize = 13824, NumHiddenLayers = 40, NumAttentionHeads = 40, NumKeyValueHeads = 40,
+            VocabSize = 32000, HeadDim = 128, RmsNormEps = 1e-5, RopeTheta = 10000, MaxPositionEmbeddings = 4096,
+        },
+        // Qwen/Qwen2.5-32B: q/k/v biases, untied embeddings
+        ["qwen2.5-32b"] = new LlamaConfig
+        {
+            Architecture = "Qwen2ForCausalLM", HiddenSize = 5120, IntermediateSize = 27648, NumHiddenLayers = 64, NumAttentionHeads = 40,
+            NumKeyValueHeads = 8, VocabSize = 152064, HeadDim = 128, RmsNormEps = 1e-5, RopeTheta = 1000000, MaxPositionEmbeddings = 131072,
+            AttentionBias = true, QkvBiasOnly = true, TieWordEmbeddings = false,
+        },
+        // meta-llama/Llama-3.1-70B
+        ["llama-3.1-70b"] = new LlamaConfig
+        {
+            HiddenSize = 8192, IntermediateSize = 28672, NumHiddenLayers = 80, NumAttentionHeads = 64, NumKeyValueHeads = 8,
+            VocabSize = 128256, HeadDim = 128, RmsNormEps = 1e-5, RopeTheta = 500000, RopeScaling = Llama31Rope, MaxPositionEmbeddings = 131072,
+        },
+    };
+
+    /// <summary>The preset names.</summary>
+    public static IReadOnlyList<string> Names { get; } = Presets.Keys.ToList();
+
+    /// <summary>The architecture of a preset, or false for an unknown name (case-insensitive).</summary>
+    public static bool TryGet(string name, out LlamaConfig config)
+    {
+        if (Presets.TryGetValue(name, out var c)) { config = c; return true; }
+        config = null!;
+        return false;
+    }
+
+    /// <summary>
+    /// The architecture behind <paramref name="model"/>: a model folder holding config.json, a config.json file, or a
+    /// preset name; anything else is an <see cref="ArgumentException"/> that lists the presets.
+    /// </summary>
+    public static LlamaConfig Resolve(string model)
+    {
+        if (Directory.Exists(model))
+        {
+            var path = Path.Combine(model, "config.json");
+            if (!File.Exists(path)) throw new FileNotFoundException($"{model}: the folder has no config.json");
+            return LlamaConfig.Load(path);
+        }
+        if (File.Exists(model)) return LlamaConfig.Load(model);
+        if (TryGet(model, out var preset)) return preset;
+        throw new ArgumentException($"'{model}' is neither a model folder, a config.json nor a preset; presets: {string.Join(", ", Names)}");
+    }
+}

@@ -1,0 +1,75 @@
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// The settings of a training job that decide its memory, as plain values so that any caller (the job configuration,
+/// <c>qlora plan</c>, <c>qlora bench memory</c>) can ask <see cref="MemoryPlanner.Plan"/> for a plan. Defaults are the
+/// QLoRA recipe this project trains with: NF4 blocksize 64 with double quantization, bf16 compute, LoRA r 16 on every
+/// linear layer with float32 master weights, gradient checkpointing, paged 32-bit AdamW.
+/// </summary>
+public sealed record PlanOptions
+{
+    /// <summary>Tokens per sequence.</summary>
+    public int SequenceLength { get; init; } = 2048;
+    /// <summary>Sequences per micro-batch (per forward/backward).</summary>
+    public int MicroBatch { get; init; } = 1;
+    /// <summary>LoRA rank r.</summary>
+    public int LoraRank { get; init; } = 16;
+    /// <summary>Projections that get adapters (last name segment, PEFT style).</summary>
+    public IReadOnlyList<string> LoraTargets { get; init; } = LoraOptions.AllLinear;
+    /// <summary>dtype of the LoRA master weights (and so of their gradients): Float32 (default) or BFloat16.</summary>
+    public ScalarType AdapterDType { get; init; } = ScalarType.Float32;
+    /// <summary>Elements per absmax block of the 4-bit weights.</summary>
+    public int QuantBlocksize { get; init; } = 64;
+    /// <summary>Double quantization of the absmax (8-bit codes, 256 per nested block).</summary>
+    public bool DoubleQuant { get; init; } = true;
+    /// <summary>The dtype activations, embeddings, norms, lm_head and dequantized weight tiles use.</summary>
+    public ScalarType ComputeDType { get; init; } = ScalarType.BFloat16;
+    /// <summary>Recompute each decoder layer in backward, keeping only its input.</summary>
+    public bool GradientCheckpointing { get; init; } = true;
+    /// <summary>AdamW state bits: 32 (float32 moments) or 8 (blockwise 8-bit moments).</summary>
+    public int OptimizerBits { get; init; } = 32;
+    /// <summary>Paged optimizer: state in host memory, one tensor's state brought into device memory per update.</summary>
+    public bool PagedOptimizer { get; init; } = true;
+    /// <summary>Tokens per chunk of the fp32 loss's logits (<see cref="LlamaForCausalLM.LossChunkTokens"/>).</summary>
+    public int LossChunkTokens { get; init; } = LlamaForCausalLM.DefaultLossChunkTokens;
+    /// <summary>Layer streaming: the 4-bit weights stay in host memory and only a window of layers is resident.</summary>
+    public bool LayerStreaming { get; init; }
+    /// <summary>Decoder layers resident at once when streaming (the one computing and the one being prefetched).</summary>
+    public int StreamingWindow { get; init; } = 2;
+    /// <summary>An explicit attention mask (packed sequences): SDPA falls back to the math path, which materialises B·heads·T² scores.</summary>
+    public bool AttentionMask { get; init; }
+    /// <summary>
+    /// Memory the runtime takes before any tensor exists (on the CPU backend the .NET runtime plus libtorch's resident
+    /// anonymous memory, measured; on a GPU it would be the CUDA context). Counted once in the peak.
+    /// </summary>
+    public long FrameworkOverheadBytes { get; init; } = DefaultFrameworkOverheadBytes;
+    /// <summary>The budget the peak is compared with, or null for none.</summary>
+    public long? BudgetBytes { get; init; }
+
+    /// <summary>
+    /// The framework overhead used when none is given (see <see cref="FrameworkOverheadBytes"/>): the CPU backend's,
+    /// measured as resident anonymous memory of a test host after libtorch's first op (85 MB), plus room for the code a
+    /// step JIT-compiles. A CUDA context (several hundred MB) is not in it: a GPU job should pass its own figure.
+    /// </summary>
+    public const long DefaultFrameworkOverheadBytes = 96L << 20;
+
+    /// <summary>Checks every value; throws <see cref="ArgumentException"/> naming the bad one and what is allowed.</summary>
+    public void Validate()
+    {
+        foreach (var (name, v) in new[] { ("SequenceLength", SequenceLength), ("MicroBatch", MicroBatch), ("LoraRank", LoraRank),
+                     ("QuantBlocksize", QuantBlocksize), ("LossChunkTokens", LossChunkTokens), ("StreamingWindow", StreamingWindow) })
+            if (v <= 0) throw new ArgumentException($"{name} {v}: must be positive");
+        if (SequenceLength < 2) throw new ArgumentException($"SequenceLength {SequenceLength}: needs at least 2 tokens for a next-token loss");
+        foreach (var t in LoraTargets)
+            if (!LoraOptions.AllLinear.Contains(t))
+                throw new ArgumentException($"LoRA target '{t}' is not a projection of a Llama layer; use {string.Join(", ", LoraOptions.AllLinear)}");
+        if (AdapterDType is not (ScalarType.Float32 or ScalarType.BFloat16)) throw new ArgumentException($"AdapterDType {AdapterDType}: must be Float32 or BFloat16");
+        if (ComputeDType is not (ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float32))
+            throw new ArgumentException($"ComputeDType {ComputeDType}: must be BFloat16, Float16 or Float32");
+        if (OptimizerBits is not (32 or 8)) throw new ArgumentException($"OptimizerBits {OptimizerBits}: must be 32 or 8");
+        if (FrameworkOverheadBytes < 0) throw new ArgumentException($"FrameworkOverheadBytes {FrameworkOverheadBytes}: must be >= 0");
+        if (BudgetBytes is <= 0) throw new ArgumentException($"BudgetBytes {BudgetBytes}: must be positive");
+    }
+}

@@ -1,0 +1,559 @@
+using static TorchSharp.torch;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// Replays the tensor allocations of one training step of this project's modules, in the order the code makes them, and
+/// keeps the largest total with its make-up. It mirrors the code, not a textbook: TorchSharp frees a tensor when its
+/// dispose scope ends (so every intermediate of <c>LlamaAttention.Forward</c> lives until it returns), autograd keeps
+/// what each op saves for backward (RmsNorm's float32 input and rsqrt, the LoRA A input and A output, SDPA's q/k/v,
+/// output and log-sum-exp, SwiGLU's gate, silu and up outputs), <c>Linear4bit</c> saves nothing and dequantizes one
+/// weight at a time, <see cref="Checkpoint"/> keeps only each layer's input, and the loss works in chunks of
+/// <see cref="PlanOptions.LossChunkTokens"/> tokens. Flash-style SDPA (no score matrix) is assumed without an attention
+/// mask, the math path (B·heads·T² scores) with one.
+/// </summary>
+internal sealed class StepMemorySimulation
+{
+    // Component names (the keys of MemoryPlan.Components).
+    public const string QuantizedWeights = "quantized_weights";
+    public const string StreamingWindow = "streaming_window";
+    public const string UnquantizedWeights = "unquantized_weights";
+    public const string LoraWeights = "lora_weights";
+    public const string LoraGradients = "lora_gradients";
+    public const string OptimizerState = "optimizer_state";
+    public const string FrameworkOverhead = "framework_overhead";
+    public const string SavedActivations = "saved_activations";
+    public const string LayerWorkingSet = "layer_working_set";
+    public const string AttentionBuffers = "attention_buffers";
+    public const string LossBuffers = "loss_buffers";
+    public const string DequantBuffers = "dequant_buffers";
+
+    public static readonly string[] Order =
+    [
+        QuantizedWeights, StreamingWindow, UnquantizedWeights, LoraWeights, LoraGradients, OptimizerState, SavedActivations,
+        LayerWorkingSet, AttentionBuffers, LossBuffers, DequantBuffers, FrameworkOverhead,
+    ];
+
+    private sealed class Buf(string category, long bytes)
+    {
+        public string Category = category;
+        public readonly long Bytes = bytes;
+        public bool Live = true;
+        public bool Saved;
+        public bool Pinned;
+    }
+
+    private sealed class Scope : List<Buf>;
+
+    /// <summary>What one decoder layer saved for backward, by the part that releases it.</summary>
+    private sealed class LayerSaved
+    {
+        public readonly List<Buf> Norm1 = [], Attention = [], Norm2 = [], Mlp = [];
+    }
+
+    private readonly Dictionary<string, long> _current = new(StringComparer.Ordinal);
+    private long _total;
+    private string _phase = "setup";
+
+    private readonly LlamaConfig _cfg;
+    private readonly PlanOptions _o;
+    private readonly long _n;            // tokens per micro-batch
+    private readonly int _c;             // compute dtype bytes
+    private readonly int _m;             // adapter master dtype bytes
+    private readonly long _h, _i, _q, _kv, _r;
+    private readonly HashSet<string> _targets;
+
+    private StepMemorySimulation(LlamaConfig cfg, PlanOptions o)
+    {
+        _cfg = cfg;
+        _o = o;
+        _n = (long)o.MicroBatch * o.SequenceLength;
+        _c = DTypeBytes(o.ComputeDType);
+        _m = DTypeBytes(o.AdapterDType);
+        _h = cfg.HiddenSize;
+        _i = cfg.IntermediateSize;
+        _q = (long)cfg.NumAttentionHeads * cfg.HeadDim;
+        _kv = (long)cfg.NumKeyValueHeads * cfg.HeadDim;
+        _r = o.LoraRank;
+        _targets = new HashSet<string>(o.LoraTargets, StringComparer.Ordinal);
+    }
+
+    /// <summary>The largest total seen.</summary>
+    public long PeakBytes { get; private set; } = -1;
+    /// <summary>The make-up of the total at the peak.</summary>
+    public IReadOnlyDictionary<string, long> AtPeak { get; private set; } = new Dictionary<string, long>();
+    /// <summary>The phase of the step at the peak.</summary>
+    public string PeakPhase { get; private set; } = "";
+
+    /// <summary>Bytes per element of a dtype the planner supports.</summary>
+    public static int DTypeBytes(ScalarType t) => t switch
+    {
+        ScalarType.Float32 => 4,
+        ScalarType.BFloat16 or ScalarType.Float16 => 2,
+        _ => throw new ArgumentException($"dtype {t} is not supported here"),
+    };
+
+    /// <summary>Runs the step given the persistent components (bytes by name) and the bytes the optimizer's update adds.</summary>
+    public static StepMemorySimulation Run(LlamaConfig cfg, PlanOptions o, IEnumerable<(string Name, long Bytes)> persistent, long optimizerUpdateBytes)
+    {
+        var s = new StepMemorySimulation(cfg, o);
+        foreach (var (name, bytes) in persistent) s.Alloc(name, bytes);
+        s.Step(optimizerUpdateBytes);
+        return s;
+    }
+
+    private Buf Alloc(string category, long bytes)
+    {
+        var b = new Buf(category, bytes);
+        _current[category] = _current.GetValueOrDefault(category) + bytes;
+        _total += bytes;
+        if (_total > PeakBytes)
+        {
+            PeakBytes = _total;
+            AtPeak = new Dictionary<string, long>(_current);
+            PeakPhase = _phase;
+        }
+        return b;
+    }
+
+    private Buf A(Scope s, string category, long bytes)
+    {
+        var b = Alloc(category, bytes);
+        s.Add(b);
+        return b;
+    }
+
+    private void Free(Buf? b)
+    {
+        if (b is null || !b.Live || b.Pinned) return;
+        b.Live = false;
+        _current[b.Category] -= b.Bytes;
+        _total -= b.Bytes;
+    }
+
+    /// <summary>Autograd keeps <paramref name="b"/> for backward: it outlives its scope, and is counted as a saved activation.</summary>
+    private void Save(Buf b, List<Buf>? into, string category = SavedActivations)
+    {
+        if (into is null || b.Saved) return;
+        b.Saved = true;
+        if (b.Category != category && b.Live)
+        {
+            _current[b.Category] -= b.Bytes;
+            _current[category] = _current.GetValueOrDefault(category) + b.Bytes;
+        }
+        b.Category = category;
+        into.Add(b);
+    }
+
+    /// <summary>Ends a dispose scope: frees what is neither saved nor returned; the returned buffers join <paramref name="outer"/>.</summary>
+    private void End(Scope s, Scope? outer, params Buf[] keep)
+    {
+        foreach (var b in s)
+        {
+            if (keep.Contains(b)) { outer?.Add(b); continue; }
+            if (!b.Saved) Free(b);
+        }
+        s.Clear();
+    }
+
+    /// <summary>
+    /// A custom autograd function's backward (Linear4bit, Checkpoint) receives its output gradient and returns its input
+    /// gradient as TorchSharp handles, which are registered in the dispose scope open at that moment and hold the
+    /// storage until that scope ends (inside a checkpoint: the recompute's scope; otherwise the caller's scope around
+    /// the backward call), even after autograd is done with them.
+    /// </summary>
+    private void Pin(Buf b, List<Buf> into)
+    {
+        if (b.Pinned) return;
+        b.Pinned = true;
+        into.Add(b);
+    }
+
+    private void Unpin(List<Buf> pinned)
+    {
+        foreach (var b in pinned) { b.Pinned = false; Free(b); }
+        pinned.Clear();
+    }
+
+    private void Release(List<Buf> saved)
+    {
+        foreach (var b in saved) Free(b);
+        saved.Clear();
+    }
+
+    private bool Lora(string proj) => _targets.Contains(proj);
+
+    private void Step(long optimizerUpdateBytes)
+    {
+        int layers = _cfg.NumHiddenLayers;
+        bool ckpt = _o.GradientCheckpointing;
+        long hd = _cfg.HeadDim;
+
+        // ---- forward (LlamaForCausalLM.Forward: one dispose scope) ----
+        _phase = "forward";
+        var fwd = new Scope();
+        var keepAlive = new List<Buf>();
+        var cos = A(fwd, LayerWorkingSet, _n * hd * _c);
+        var sin = A(fwd, LayerWorkingSet, _n * hd * _c);
+        Save(cos, keepAlive);   // checkpoint constants / RoPE's saved multipliers
+        Save(sin, keepAlive);
+        var h = A(fwd, LayerWorkingSet, _n * _h * _c); // embedding rows
+        var inputs = new List<Buf>();
+        var layerSaved = new List<LayerSaved>();
+        for (int l = 0; l < layers; l++)
+        {
+            _phase = $"forward: layer {l}";
+            if (ckpt)
+            {
+                Save(h, inputs);   // the checkpoint keeps its input
+                h = LayerForward(fwd, h, grad: false, null);
+            }
+            else
+            {
+                var ls = new LayerSaved();
+                layerSaved.Add(ls);
+                h = LayerForward(fwd, h, grad: true, ls);
+            }
+        }
+        _phase = "forward: final norm";
+        var finalSaved = new List<Buf>();
+        var hidden = Norm(fwd, grad: true, finalSaved);
+        End(fwd, null, hidden);
+
+        // ---- loss (CausalLmLoss.Compute: chunks checkpointed) ----
+        _phase = "loss forward";
+        long b = _o.MicroBatch, t = _o.SequenceLength, v = _cfg.VocabSize;
+        long targets = b * (t - 1);
+        var loss = new Scope();
+        if (b > 1) A(loss, LossBuffers, targets * _h * _c);          // reshape of the narrowed rows copies
+        A(loss, LossBuffers, targets * 8 * 2);                        // targets, kept indices (int64)
+        var selected = A(loss, LossBuffers, targets * _h * _c);      // index_select copy
+        var selectedTargets = A(loss, LossBuffers, targets * 8);
+        var lossSaved = new List<Buf>();
+        Save(selected, lossSaved, LossBuffers);
+        Save(selectedTargets, lossSaved, LossBuffers);
+        long chunk = Math.Min(_o.LossChunkTokens, targets);
+        var chunkScope = new Scope();
+        A(chunkScope, LossBuffers, chunk * v * _c);                   // logits in the compute dtype
+        if (_c != 4) A(chunkScope, LossBuffers, chunk * v * 4);       // upcast
+        A(chunkScope, LossBuffers, chunk * v * 4);                    // log_softmax inside cross_entropy
+        End(chunkScope, null);
+        Free(hidden);
+        End(loss, null);
+
+        // ---- backward: loss chunks (each recomputed), last one first ----
+        _phase = "backward: loss chunk";
+        var stepPins = new List<Buf>();   // handles the caller's scope around backward holds until the step ends
+        Buf? gSelected = null;
+        long chunks = (targets + chunk - 1) / chunk;
+        for (long k = 0; k < chunks; k++)
+        {
+            var logits = Alloc(LossBuffers, chunk * v * _c);
+            var up = _c != 4 ? Alloc(LossBuffers, chunk * v * 4) : null;
+            var lsm = Alloc(LossBuffers, chunk * v * 4);               // saved by log_softmax
+            Free(logits);
+            Free(up);
+            var gLsm = Alloc(LossBuffers, chunk * v * 4);              // nll_loss backward
+            var gLogits32 = Alloc(LossBuffers, chunk * v * 4);         // log_softmax backward
+            Free(gLsm);
+            Free(lsm);
+            var gLogits = _c != 4 ? Alloc(LossBuffers, chunk * v * _c) : null;
+            var gx = Alloc(LossBuffers, chunk * _h * _c);              // lm_head input gradient
+            Free(gLogits32);
+            Free(gLogits);
+            Pin(gx, stepPins);                                          // the checkpoint's returned input gradient
+            var gNarrow = Alloc(LossBuffers, targets * _h * _c);       // narrow backward: zeros + slice
+            Free(gx);
+            if (gSelected is null) gSelected = gNarrow;
+            else Free(gNarrow);                                      // accumulated in place
+        }
+        Release(lossSaved);
+        _phase = "backward: final norm";
+        var gStates = Alloc(LossBuffers, targets * _h * _c);          // index_select backward
+        Free(gSelected);
+        var gHidden = Alloc(LayerWorkingSet, _n * _h * _c);           // narrow backward
+        Free(gStates);
+        var g = NormBackward(gHidden);
+        Free(gHidden);
+        Release(finalSaved);
+
+        // ---- backward: decoder layers, last first ----
+        for (int l = layers - 1; l >= 0; l--)
+        {
+            LayerSaved ls;
+            Buf? output = null;
+            if (ckpt)
+            {
+                _phase = $"backward: recompute of layer {l}";
+                ls = new LayerSaved();
+                var recompute = new Scope();
+                output = LayerForward(recompute, inputs[l], grad: true, ls);
+                End(recompute, null, output);
+            }
+            else ls = layerSaved[l];
+            _phase = $"backward: layer {l}";
+            var layerPins = ckpt ? new List<Buf>() : stepPins;
+            var gIn = LayerBackward(g, ls, layerPins);
+            if (ckpt)
+            {
+                Unpin(layerPins);              // the recompute's scope ends
+                Pin(g, stepPins);              // the checkpoint's output gradient and returned input gradient
+                Pin(gIn, stepPins);
+            }
+            Free(output);
+            Free(g);
+            if (ckpt) Free(inputs[l]);
+            g = gIn;
+        }
+        Free(g);
+        Release(keepAlive);
+        if (!ckpt) Free(h);
+        _phase = "backward: end";
+        Unpin(stepPins);
+
+        // ---- optimizer ----
+        _phase = "optimizer step";
+        Free(Alloc(LayerWorkingSet, optimizerUpdateBytes));
+    }
+
+    /// <summary>RmsNorm.forward: float32 copy, square, mean, rsqrt, product, cast back, scale. Saves x32 and rsqrt.</summary>
+    private Buf Norm(Scope outer, bool grad, List<Buf>? saved)
+    {
+        var s = new Scope();
+        var x32 = _c != 4 ? A(s, LayerWorkingSet, _n * _h * 4) : null;
+        A(s, LayerWorkingSet, _n * _h * 4);                 // pow
+        A(s, LayerWorkingSet, _n * 4 * 2);                  // mean, + eps
+        var rs = A(s, LayerWorkingSet, _n * 4);             // rsqrt
+        A(s, LayerWorkingSet, _n * _h * 4);                 // x32 · rsqrt
+        if (_c != 4) A(s, LayerWorkingSet, _n * _h * _c);    // cast back
+        var o = A(s, LayerWorkingSet, _n * _h * _c);         // weight · normed
+        if (grad)
+        {
+            if (x32 is not null) Save(x32, saved);
+            Save(rs, saved);
+        }
+        End(s, outer, o);
+        return o;
+    }
+
+    /// <summary>RmsNorm backward: the weight product, the float32 chain (about three float32 temporaries) and the cast back.</summary>
+    private Buf NormBackward(Buf g)
+    {
+        var t = new[]
+        {
+            Alloc(LayerWorkingSet, _n * _h * _c), Alloc(LayerWorkingSet, _n * _h * 4),
+            Alloc(LayerWorkingSet, _n * _h * 4), Alloc(LayerWorkingSet, _n * _h * 4), Alloc(LayerWorkingSet, _n * _h * 4),
+        };
+        var result = Alloc(LayerWorkingSet, _n * _h * _c);
+        foreach (var x in t) Free(x);
+        return result;
+    }
+
+    /// <summary>LoraLinear over Linear4bit: dequantized tile + matmul, then the LoRA branch in the compute dtype.</summary>
+    private Buf Proj(Scope s, Buf x, long inF, long outF, string name, bool grad, List<Buf>? saved)
+    {
+        var dq = Alloc(DequantBuffers, outF * inF * _c);
+        var y = A(s, LayerWorkingSet, _n * outF * _c);
+        Free(dq);
+        if (!Lora(name)) return y;
+        Buf? wa = _m != _c ? A(s, LayerWorkingSet, _r * inF * _c) : null;
+        var aOut = A(s, LayerWorkingSet, _n * _r * _c);
+        Buf? wb = _m != _c ? A(s, LayerWorkingSet, outF * _r * _c) : null;
+        A(s, LayerWorkingSet, _n * outF * _c);               // B(A(x))
+        A(s, LayerWorkingSet, _n * outF * _c);               // · scaling
+        var sum = A(s, LayerWorkingSet, _n * outF * _c);     // base + update
+        if (grad)
+        {
+            Save(x, saved);
+            Save(aOut, saved);
+            if (wa is not null) Save(wa, saved);
+            if (wb is not null) Save(wb, saved);
+        }
+        return sum;
+    }
+
+    /// <summary>Input gradient of a projection: LoRA branch (scaled gradient, A-output and weight gradients), then the base's dequantized tile.</summary>
+    private Buf ProjBackward(Buf gy, long inF, long outF, string name, List<Buf> pins)
+    {
+        Pin(gy, pins);
+        Buf? gxLora = null;
+        if (Lora(name))
+        {
+            var gs = Alloc(LayerWorkingSet, _n * outF * _c);
+            var gA = Alloc(LayerWorkingSet, _n * _r * _c);
+            var gWb = Alloc(LayerWorkingSet, outF * _r * _c);
+            var gWb32 = _m != _c ? Alloc(LayerWorkingSet, outF * _r * _m) : null;
+            Free(gWb); Free(gWb32); Free(gs);
+            gxLora = Alloc(LayerWorkingSet, _n * inF * _c);
+            var gWa = Alloc(LayerWorkingSet, _r * inF * _c);
+            var gWa32 = _m != _c ? Alloc(LayerWorkingSet, _r * inF * _m) : null;
+            Free(gWa); Free(gWa32); Free(gA);
+        }
+        var dq = Alloc(DequantBuffers, outF * inF * _c);
+        var gx = Alloc(LayerWorkingSet, _n * inF * _c);
+        Free(dq);
+        Pin(gx, pins);
+        // Autograd runs the LoRA branch first (its nodes are newer) and adds the base gradient into that buffer in place.
+        return gxLora ?? gx;
+    }
+
+    private Buf Rope(Scope outer, long width)
+    {
+        var s = new Scope();
+        A(s, LayerWorkingSet, _n * width / 2 * _c);  // −x2
+        A(s, LayerWorkingSet, _n * width * _c);      // cat
+        A(s, LayerWorkingSet, _n * width * _c);      // x·cos
+        A(s, LayerWorkingSet, _n * width * _c);      // rotated·sin
+        var o = A(s, LayerWorkingSet, _n * width * _c);
+        End(s, outer, o);
+        return o;
+    }
+
+    private Buf RopeBackward(long width)
+    {
+        var t = new[] { Alloc(LayerWorkingSet, _n * width * _c), Alloc(LayerWorkingSet, _n * width * _c), Alloc(LayerWorkingSet, _n * width * _c) };
+        var result = Alloc(LayerWorkingSet, _n * width * _c);
+        foreach (var x in t) Free(x);
+        return result;
+    }
+
+    private long ScoreBytes => (long)_o.MicroBatch * _cfg.NumAttentionHeads * _o.SequenceLength * (long)_o.SequenceLength * _c;
+
+    /// <summary>LlamaDecoderLayer.Forward; returns the output, left in <paramref name="outer"/>.</summary>
+    private Buf LayerForward(Scope outer, Buf input, bool grad, LayerSaved? ls)
+    {
+        var d = new Scope();
+        var n1 = Norm(d, grad, ls?.Norm1);
+        Attention(d, n1, grad, ls?.Attention);
+        A(d, LayerWorkingSet, _n * _h * _c);                 // h = x + attn (attn's handle keeps it until the scope ends)
+        var n2 = Norm(d, grad, ls?.Norm2);
+        Mlp(d, n2, grad, ls?.Mlp);
+        var o = A(d, LayerWorkingSet, _n * _h * _c);
+        End(d, outer, o);
+        return o;
+    }
+
+    private Buf Attention(Scope outer, Buf n1, bool grad, List<Buf>? saved)
+    {
+        var s = new Scope();
+        Proj(s, n1, _h, _q, "q_proj", grad, saved);
+        Proj(s, n1, _h, _kv, "k_proj", grad, saved);
+        var vOut = Proj(s, n1, _h, _kv, "v_proj", grad, saved);
+        var qr = Rope(s, _q);
+        var kr = Rope(s, _kv);
+        Buf kx = kr, vx = vOut;
+        if (_kv != _q)
+        {
+            kx = A(s, AttentionBuffers, _n * _q * _c);   // repeat_interleave of K and V heads
+            vx = A(s, AttentionBuffers, _n * _q * _c);
+        }
+        Buf o;
+        if (_o.AttentionMask)
+        {
+            // math SDPA: scaled q, scores, masked scores, softmax (saved), output
+            var qs = A(s, AttentionBuffers, _n * _q * _c);
+            var scores = Alloc(AttentionBuffers, ScoreBytes);
+            var masked = Alloc(AttentionBuffers, ScoreBytes);
+            var sm = A(s, AttentionBuffers, ScoreBytes);
+            Free(scores);
+            Free(masked);
+            o = A(s, LayerWorkingSet, _n * _q * _c);
+            if (grad) { Save(qs, saved, AttentionBuffers); Save(sm, saved, AttentionBuffers); }
+        }
+        else
+        {
+            o = A(s, LayerWorkingSet, _n * _q * _c);
+            var lse = A(s, AttentionBuffers, _n * _cfg.NumAttentionHeads * 4L);
+            if (grad) Save(lse, saved, AttentionBuffers);
+        }
+        if (grad)
+        {
+            Save(qr, saved);
+            Save(kx, saved, kx == kr ? SavedActivations : AttentionBuffers);
+            Save(vx, saved, vx == vOut ? SavedActivations : AttentionBuffers);
+            Save(o, saved);
+        }
+        var result = Proj(s, o, _q, _h, "o_proj", grad, saved);
+        End(s, outer, result);
+        return result;
+    }
+
+    private void Mlp(Scope outer, Buf n2, bool grad, List<Buf>? saved)
+    {
+        var s = new Scope();
+        var gate = Proj(s, n2, _h, _i, "gate_proj", grad, saved);
+        var silu = A(s, LayerWorkingSet, _n * _i * _c);
+        var up = Proj(s, n2, _h, _i, "up_proj", grad, saved);
+        var prod = A(s, LayerWorkingSet, _n * _i * _c);
+        if (grad)
+        {
+            Save(gate, saved);
+            Save(silu, saved);
+            Save(up, saved);
+        }
+        var down = Proj(s, prod, _i, _h, "down_proj", grad, saved);
+        End(s, outer, down);
+    }
+
+    /// <summary>Backward of one decoder layer (MLP first), releasing each part's saved tensors once it is done.</summary>
+    private Buf LayerBackward(Buf gOut, LayerSaved ls, List<Buf> pins)
+    {
+        // MLP
+        var gProd = ProjBackward(gOut, _i, _h, "down_proj", pins);
+        var gSilu = Alloc(LayerWorkingSet, _n * _i * _c);
+        var gUp = Alloc(LayerWorkingSet, _n * _i * _c);
+        Free(gProd);
+        var gGate = Alloc(LayerWorkingSet, _n * _i * _c);   // silu backward
+        Free(gSilu);
+        var gN2 = ProjBackward(gUp, _h, _i, "up_proj", pins);
+        Free(gUp);
+        var gN2b = ProjBackward(gGate, _h, _i, "gate_proj", pins);
+        Free(gGate);
+        Free(gN2b);
+        Release(ls.Mlp);
+        var gH2 = NormBackward(gN2);
+        Free(gN2);
+        Release(ls.Norm2);
+        var gH = Alloc(LayerWorkingSet, _n * _h * _c);      // residual: output grad + norm path
+        Free(gH2);
+
+        // attention
+        var gMerged = ProjBackward(gH, _q, _h, "o_proj", pins);
+        Buf? gScores = null, gScores2 = null;
+        if (_o.AttentionMask)
+        {
+            gScores = Alloc(AttentionBuffers, ScoreBytes);
+            gScores2 = Alloc(AttentionBuffers, ScoreBytes);
+        }
+        var gq = Alloc(LayerWorkingSet, _n * _q * _c);
+        var gk = Alloc(LayerWorkingSet, _n * _q * _c);
+        var gv = Alloc(LayerWorkingSet, _n * _q * _c);
+        Free(gScores); Free(gScores2);
+        Free(gMerged);
+        if (_kv != _q)
+        {
+            var gk2 = Alloc(LayerWorkingSet, _n * _kv * _c);
+            var gv2 = Alloc(LayerWorkingSet, _n * _kv * _c);
+            Free(gk); Free(gv);
+            gk = gk2; gv = gv2;
+        }
+        var gqr = RopeBackward(_q);
+        Free(gq);
+        var gkr = RopeBackward(_kv);
+        Free(gk);
+        var gN1 = ProjBackward(gqr, _h, _q, "q_proj", pins);
+        Free(gqr);
+        Free(ProjBackward(gkr, _h, _kv, "k_proj", pins));
+        Free(gkr);
+        Free(ProjBackward(gv, _h, _kv, "v_proj", pins));
+        Free(gv);
+        Release(ls.Attention);
+        var gX = NormBackward(gN1);
+        Free(gN1);
+        Release(ls.Norm1);
+        var gIn = Alloc(LayerWorkingSet, _n * _h * _c);
+        Free(gX);
+        Free(gH);
+        return gIn;
+    }
+}

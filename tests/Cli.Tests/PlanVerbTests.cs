@@ -1,0 +1,68 @@
+using System.Text.Json.Nodes;
+
+namespace QLora.Cli.Tests;
+
+public class PlanVerbTests
+{
+    [Fact]
+    public void PlansAPresetAgainstABudgetAndEndsWithJson()
+    {
+        var r = CliRunner.Run("plan", "--model", "llama-3.1-8b", "--budget", "24GB");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var json = JsonNode.Parse(r.LastLine)!;
+        Assert.Equal("llama-3.1-8b", json["plan"]!.GetValue<string>());
+        Assert.Equal(24_000_000_000, json["budget_bytes"]!.GetValue<long>());
+        Assert.True(json["fits"]!.GetValue<bool>());
+        var components = json["components"]!.AsObject();
+        long sum = components.Sum(c => c.Value!.GetValue<long>());
+        Assert.Equal(json["peak_bytes"]!.GetValue<long>(), sum);
+        Assert.True(components["quantized_weights"]!.GetValue<long>() > 3_000_000_000);
+        Assert.Contains("quantized_weights", r.Stdout); // the table before the JSON
+        Assert.Contains("fits the budget", r.Stdout);
+    }
+
+    [Fact]
+    public void A70bWithoutStreamingDoesNotFitAndSaysWhatWould()
+    {
+        var r = CliRunner.Run("plan", "--model", "llama-3.1-70b", "--budget", "24GiB");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var json = JsonNode.Parse(r.LastLine)!;
+        Assert.False(json["fits"]!.GetValue<bool>());
+        Assert.Equal(24L << 30, json["budget_bytes"]!.GetValue<long>());
+        Assert.Contains(json["suggestions"]!.AsArray(), s => s!["change"]!.GetValue<string>().Contains("layer streaming"));
+
+        var streamed = CliRunner.Run("plan", "--model", "llama-3.1-70b", "--budget", "24GiB", "--stream");
+        Assert.True(JsonNode.Parse(streamed.LastLine)!["fits"]!.GetValue<bool>());
+    }
+
+    [Fact]
+    public void ReadsAModelFolder()
+    {
+        using var tmp = new TempDir();
+        TinyHfFolder.Write(tmp["model"], sharded: false);
+        var r = CliRunner.Run("plan", "--model", tmp["model"], "--seq", "64");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var json = JsonNode.Parse(r.LastLine)!;
+        Assert.True(json["fits"]!.GetValue<bool>()); // no budget: nothing to exceed
+        Assert.Null(json["budget_bytes"]);
+    }
+
+    [Fact]
+    public void AnUnknownPresetIsAOneLineErrorListingThePresets()
+    {
+        var r = CliRunner.Run("plan", "--model", "llama-9");
+        Assert.Equal(1, r.ExitCode);
+        var line = Assert.Single(r.Stderr.TrimEnd().Split('\n'));
+        Assert.StartsWith("qlora plan:", line);
+        Assert.Contains("llama-3.1-8b", line);
+        Assert.Contains("qwen2.5-32b", line);
+    }
+
+    [Fact]
+    public void ABadSizeIsAOneLineError()
+    {
+        var r = CliRunner.Run("plan", "--model", "llama-2-7b", "--budget", "24XB");
+        Assert.Equal(1, r.ExitCode);
+        Assert.Contains("not a size", Assert.Single(r.Stderr.TrimEnd().Split('\n')));
+    }
+}
