@@ -26,7 +26,7 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         foreach (var prompt in options.Prompts ?? [])
         {
             var ids = tokenizer.Encode(prompt, addSpecialTokens: true);
-            var output = TextGenerator.Generate(model, ids, Greedy());
+            var output = Generate(ids);
             log($"eval at step {step}: {prompt} -> {tokenizer.Decode(output).ReplaceLineEndings("\\n")}");
         }
         return new EvalRecord(step, loss, Math.Exp(loss), em);
@@ -76,7 +76,7 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         string? example = null;
         foreach (var s in chosen)
         {
-            var output = TextGenerator.Generate(model, encoder.EncodePrompt(s), Greedy());
+            var output = Generate(encoder.EncodePrompt(s));
             var answer = tokenizer.Decode(output).Trim();
             if (answer == s.ReferenceAnswer!.Trim()) hits++;
             example ??= $"'{answer.ReplaceLineEndings("\\n")}' (expected '{s.ReferenceAnswer.Trim().ReplaceLineEndings("\\n")}')";
@@ -84,6 +84,25 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         double em = (double)hits / chosen.Count;
         log($"exact match {when}: {hits}/{chosen.Count} = {em.ToString("P1", CultureInfo.InvariantCulture)}; first answer {example}");
         return Math.Round(em, 6);
+    }
+
+    /// <summary>
+    /// Generation of a small model runs many tiny ops per token, where splitting each across threads costs more than it
+    /// saves (and collapses when the machine is busy): such models decode on one intra-op thread.
+    /// </summary>
+    IReadOnlyList<int> Generate(IReadOnlyList<int> prompt)
+    {
+        int threads = get_num_threads();
+        bool small = model.Config.HiddenSize <= 1024;
+        if (small) set_num_threads(1);
+        try
+        {
+            return TextGenerator.Generate(model, prompt, Greedy());
+        }
+        finally
+        {
+            if (small) set_num_threads(threads);
+        }
     }
 
     GenerationOptions Greedy() => new()
