@@ -16,6 +16,7 @@ internal static class MemoryBenchmarkVerb
         var steps = new Option<int>("--steps") { Description = "training steps", DefaultValueFactory = _ => 1 };
         var window = new Option<int>("--window") { Description = "decoder layers resident at once when streaming", DefaultValueFactory = _ => 2 };
         var scratch = new Option<string>("--scratch") { Description = "folder for the streamed checkpoint", DefaultValueFactory = _ => Path.Combine("scratch", "bench-memory") };
+        var lossChunk = new Option<int?>("--loss-chunk") { Description = "tokens per chunk of the fp32 loss (default: the model's, 1024)" };
         var layers = new Option<int?>("--layers") { Description = "override the preset's decoder layer count (e.g. to extrapolate)" };
         var hidden = new Option<int?>("--hidden") { Description = "override hidden_size" };
         var intermediate = new Option<int?>("--intermediate") { Description = "override intermediate_size" };
@@ -24,7 +25,7 @@ internal static class MemoryBenchmarkVerb
         var vocab = new Option<int?>("--vocab") { Description = "override vocab_size" };
         var cmd = new Command("memory", "Peak resident (device) memory and time of one QLoRA step (random NF4 base of a real shape, LoRA on all linear layers, checkpointing, paged AdamW), optionally streaming the layers from disk.")
         {
-            preset, stream, seq, rank, steps, window, scratch, layers, hidden, intermediate, heads, kvHeads, vocab,
+            preset, stream, seq, rank, steps, window, scratch, lossChunk, layers, hidden, intermediate, heads, kvHeads, vocab,
         };
         cmd.SetAction(r =>
         {
@@ -56,7 +57,7 @@ internal static class MemoryBenchmarkVerb
             var o = new MemoryBenchmark.Options
             {
                 Preset = name.ToLowerInvariant(), Config = config, Sequence = r.GetValue(seq), Rank = r.GetValue(rank), Steps = r.GetValue(steps),
-                Stream = r.GetValue(stream), StreamWindow = r.GetValue(window), ScratchFolder = r.GetValue(scratch)!,
+                Stream = r.GetValue(stream), StreamWindow = r.GetValue(window), ScratchFolder = r.GetValue(scratch)!, LossChunkTokens = r.GetValue(lossChunk),
             };
             string cpu = DequantBenchmark.CpuName();
             int cores = Environment.ProcessorCount;
@@ -80,6 +81,7 @@ internal static class MemoryBenchmarkVerb
             stdout.WriteLine(Json.Line(new
             {
                 bench = "memory", preset = o.Preset, overrides, layers = config.NumHiddenLayers, seq = o.Sequence, rank = o.Rank, steps = o.Steps,
+                loss_chunk = o.LossChunkTokens,
                 stream = o.Stream, window = o.Stream ? o.StreamWindow : (int?)null,
                 measured_peak_bytes = res.PeakBytes, baseline_bytes = res.BaselineBytes, peak_above_baseline_bytes = res.PeakBytes - res.BaselineBytes,
                 planned_peak_bytes = (long?)null,

@@ -30,6 +30,8 @@ public static class MemoryBenchmark
         public bool Stream { get; init; }
         /// <summary>Most decoder layers resident at once when streaming.</summary>
         public int StreamWindow { get; init; } = 2;
+        /// <summary>Tokens per chunk of the fp32 loss's logits (<see cref="LlamaForCausalLM.LossChunkTokens"/>; null: the model's default).</summary>
+        public int? LossChunkTokens { get; init; }
         /// <summary>Folder of the streamed checkpoint (written if it does not hold these weights yet).</summary>
         public string ScratchFolder { get; init; } = Path.Combine("scratch", "bench-memory");
     }
@@ -52,6 +54,7 @@ public static class MemoryBenchmark
         if (o.Rank <= 0) throw new ArgumentException($"--rank {o.Rank}: must be positive");
         if (o.Steps <= 0) throw new ArgumentException($"--steps {o.Steps}: must be positive");
         if (o.StreamWindow <= 0) throw new ArgumentException($"--window {o.StreamWindow}: must be positive");
+        if (o.LossChunkTokens <= 0) throw new ArgumentException($"--loss-chunk {o.LossChunkTokens}: must be positive");
         o.Config.Validate();
         bool ownSampler = sampler is null;
         sampler ??= new PeakMemorySampler();
@@ -70,7 +73,7 @@ public static class MemoryBenchmark
                 checkpointBytes = Directory.EnumerateFiles(folder, "*.safetensors").Sum(f => new FileInfo(f).Length);
                 // The checkpoint is a one-off preparation (qlora quantize's job in real use): measure from here on.
                 System.Runtime.GCSettings.LargeObjectHeapCompactionMode = System.Runtime.GCLargeObjectHeapCompactionMode.CompactOnce;
-                GC.Collect(2, GCCollectionMode.Forced, blocking: true, compacting: true);
+                GC.Collect(2, GCCollectionMode.Aggressive, blocking: true, compacting: true);
                 preparePeak = sampler.PeakBytes;
                 sampler.Reset();
             }
@@ -82,11 +85,12 @@ public static class MemoryBenchmark
                 : LlamaForCausalLM.FromWeights(config, random, projections: random);
             // Building the model leaves managed garbage (absmax arrays, quant states, JSON): return it before measuring the step.
             System.Runtime.GCSettings.LargeObjectHeapCompactionMode = System.Runtime.GCLargeObjectHeapCompactionMode.CompactOnce;
-            GC.Collect(2, GCCollectionMode.Forced, blocking: true, compacting: true);
+            GC.Collect(2, GCCollectionMode.Aggressive, blocking: true, compacting: true);
             long fourBit = model.named_modules().Select(m => m.module).OfType<Linear4bit>().Distinct().Sum(l => l.QuantizedBytes);
             long dense = model.named_parameters().Sum(p => p.parameter.numel() * p.parameter.element_size());
             model.ApplyLora(new LoraOptions { Rank = o.Rank, Alpha = 2 * o.Rank }, new Generator(1));
             model.GradientCheckpointing = true;
+            if (o.LossChunkTokens is int chunk) model.LossChunkTokens = chunk;
             model.train();
             long lora = model.TrainableParameters().Sum(p => p.Parameter.numel());
             using var optimizer = new BnbAdamW(model.ParameterGroups(2e-4), new AdamWOptions { Paged = true });
