@@ -10,6 +10,7 @@ internal static class BenchVerb
         var bench = new Command("bench", "Benchmarks (speed and memory), reported as ratios measured in the same run.");
         bench.Subcommands.Add(DequantBenchmark.Create(stdout));
         bench.Subcommands.Add(TrainBenchmarkVerb.Create(stdout));
+        bench.Subcommands.Add(MemoryBenchmarkVerb.Create(stdout));
         return bench;
     }
 }

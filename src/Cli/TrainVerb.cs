@@ -26,6 +26,7 @@ internal static class TrainVerb
         cmd.TreatUnmatchedTokensAsErrors = false;
         cmd.SetAction(r =>
         {
+            NativeHeap.UseLeanPolicy(); // freed activations go back to the system, as the planner assumes
             var jobPath = r.GetValue(config) ?? Path.Combine(Directory.GetCurrentDirectory(), "appsettings.json");
             var job = JobConfiguration.LoadTrainJob(jobPath, r.UnmatchedTokens);
             using var cts = new CancellationTokenSource();

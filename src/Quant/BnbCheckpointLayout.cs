@@ -59,11 +59,17 @@ public static class BnbCheckpointLayout
     }
 
     /// <summary>The tensors bitsandbytes writes for <paramref name="weightKey"/>, in its order.</summary>
-    public static IReadOnlyList<Entry> ToEntries(string weightKey, QuantizedTensor tensor)
+    public static IReadOnlyList<Entry> ToEntries(string weightKey, QuantizedTensor tensor) =>
+        [new Entry(weightKey, TensorDType.U8, [tensor.Packed.LongLength, 1], tensor.Packed), .. StateEntries(weightKey, tensor.State)];
+
+    /// <summary>
+    /// The tensors of <see cref="ToEntries"/> after the packed codes (absmax, maps, nested absmax, quant-state JSON), for
+    /// writers that hold the packed codes elsewhere (e.g. generated straight into a native buffer).
+    /// </summary>
+    public static IReadOnlyList<Entry> StateEntries(string weightKey, QuantState s)
     {
-        var s = tensor.State;
         var slots = Describe(weightKey, s, out var json);
-        var data = new List<byte[]> { tensor.Packed };
+        var data = new List<byte[]> { Array.Empty<byte>() };
         if (s.Nested is { } nested)
         {
             data.Add(nested.Codes);
@@ -77,7 +83,7 @@ public static class BnbCheckpointLayout
             data.Add(FloatBytes(s.QuantType.Table()));
         }
         data.Add(json);
-        return slots.Select((slot, i) => new Entry(slot.Name, slot.DType, slot.Shape, data[i])).ToList();
+        return slots.Skip(1).Select((slot, i) => new Entry(slot.Name, slot.DType, slot.Shape, data[i + 1])).ToList();
     }
 
     /// <summary>

@@ -27,6 +27,13 @@ public static class HfModelLoader
         public QuantType QuantType { get; init; } = QuantType.Nf4;
         /// <summary>Double quantization when quantizing on load.</summary>
         public bool DoubleQuant { get; init; } = true;
+        /// <summary>
+        /// Stream the decoder layers' 4-bit weights from the memory-mapped checkpoint (a bnb-4bit folder) instead of
+        /// loading them: see <see cref="LayerStreamer"/>.
+        /// </summary>
+        public bool Streaming { get; init; }
+        /// <summary>Most decoder layers resident at once when streaming (2: the current one and the prefetched one).</summary>
+        public int StreamWindow { get; init; } = 2;
     }
 
     /// <summary>Loads the model in <paramref name="folder"/>; errors name the file, field or tensor that is wrong.</summary>
@@ -44,14 +51,30 @@ public static class HfModelLoader
         var bnb = BnbQuantizationConfig.FromConfig(raw);
         log?.Invoke($"config: {config.Architecture}, {config.NumHiddenLayers} layers, hidden {config.HiddenSize}, vocab {config.VocabSize}{(bnb is null ? "" : $", bitsandbytes {bnb.QuantType.Name()} checkpoint")}");
 
-        using var checkpoint = SafetensorsCheckpoint.Open(folder);
-        long stored = checkpoint.Tensors.Sum(t => t.ByteLength);
-        log?.Invoke($"weights: {checkpoint.Tensors.Count} tensors, {stored / 1e6:F1} MB in {checkpoint.Shards.Count} file(s), memory-mapped");
-        var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize || bnb is not null,
-            options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant);
-        long quantized = model.named_modules().Select(m => m.module).OfType<Linear4bit>().Distinct().Sum(l => l.QuantizedBytes);
-        long dense = model.named_parameters().Sum(p => p.parameter.numel() * p.parameter.element_size());
-        log?.Invoke($"model: {quantized / 1e6:F1} MB of 4-bit projections + {dense / 1e6:F1} MB dense ({options.ComputeDType}) in {sw.Elapsed.TotalSeconds:F1} s");
-        return model;
+        if (options.Streaming && bnb is null)
+            throw new ArgumentException($"{folder}: layer streaming reads a bnb-4bit checkpoint, and this folder has no quantization_config (quantize it first with 'qlora quantize')");
+        var checkpoint = SafetensorsCheckpoint.Open(folder);
+        LayerStreamer? streamer = null;
+        try
+        {
+            long stored = checkpoint.Tensors.Sum(t => t.ByteLength);
+            log?.Invoke($"weights: {checkpoint.Tensors.Count} tensors, {stored / 1e6:F1} MB in {checkpoint.Shards.Count} file(s), memory-mapped");
+            if (options.Streaming) streamer = new LayerStreamer(checkpoint, config.NumHiddenLayers, options.StreamWindow);
+            var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize || bnb is not null,
+                options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer);
+            long quantized = model.named_modules().Select(m => m.module).OfType<Linear4bit>().Distinct().Sum(l => l.QuantizedBytes);
+            long dense = model.named_parameters().Sum(p => p.parameter.numel() * p.parameter.element_size());
+            log?.Invoke($"model: {quantized / 1e6:F1} MB of 4-bit projections{(streamer is null ? "" : $" streamed from disk (at most {streamer.Window} layers of {streamer.LargestLayerBytes / 1e6:F1} MB resident)")} + {dense / 1e6:F1} MB dense ({options.ComputeDType}) in {sw.Elapsed.TotalSeconds:F1} s");
+            return model;
+        }
+        catch
+        {
+            streamer?.Dispose(); // closes the checkpoint too; without a streamer, finally closes it
+            throw;
+        }
+        finally
+        {
+            if (streamer is null) checkpoint.Dispose();
+        }
     }
 }

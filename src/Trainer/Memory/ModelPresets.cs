@@ -54,6 +54,10 @@ public static class ModelPresets
         return false;
     }
 
+    /// <summary>The architecture of preset <paramref name="name"/>; an unknown name is an <see cref="ArgumentException"/> listing the valid ones.</summary>
+    public static LlamaConfig Get(string name) =>
+        TryGet(name, out var c) ? c : throw new ArgumentException($"unknown preset '{name}'; valid presets: {string.Join(", ", Names)}");
+
     /// <summary>
     /// The architecture behind <paramref name="model"/>: a model folder holding config.json, a config.json file, or a
     /// preset name; anything else is an <see cref="ArgumentException"/> that lists the presets.

@@ -25,17 +25,29 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
 
     /// <summary>Wraps a quantized weight of shape [out, in] and an optional bias of shape [out].</summary>
     public Linear4bit(QuantizedTensor weight, Tensor? bias = null, ScalarType computeDType = ScalarType.BFloat16, string name = "Linear4bit")
+        : this(tensor(weight.Packed, ScalarType.Byte), weight.State, bias, computeDType, name)
+    {
+    }
+
+    /// <summary>
+    /// Wraps packed codes already in a uint8 tensor (taken over, not copied) with their state (whose own packed bytes
+    /// are not needed): how generated or device-resident weights avoid a managed copy.
+    /// </summary>
+    public Linear4bit(Tensor packed, QuantState state, Tensor? bias = null, ScalarType computeDType = ScalarType.BFloat16, string name = "Linear4bit")
         : base(name)
     {
-        var s = weight.State;
+        var s = state;
         if (s.Shape.Length != 2) throw new ArgumentException($"a Linear4bit weight must be 2-D [out, in], not [{string.Join(", ", s.Shape)}]");
+        s.Validate();
+        if (packed.dtype != ScalarType.Byte || packed.numel() != s.PackedBytes)
+            throw new ArgumentException($"packed codes are {packed.dtype} x {packed.numel()}, expected Byte x {s.PackedBytes} for shape [{string.Join(", ", s.Shape)}]");
         OutFeatures = s.Shape[0];
         InFeatures = s.Shape[1];
         QuantType = s.QuantType;
         Blocksize = s.Blocksize;
         OriginalDType = s.DType;
         ComputeDType = computeDType;
-        register_buffer("weight", tensor(weight.Packed, ScalarType.Byte));
+        register_buffer("weight", packed.is_contiguous() ? packed : packed.contiguous());
         if (s.Nested is { } nested)
         {
             _doubleQuant = true;
@@ -49,13 +61,43 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
         {
             register_buffer("weight_absmax", tensor(s.Absmax!, ScalarType.Float32));
         }
-        if (bias is not null)
-        {
-            if (bias.numel() != OutFeatures) throw new ArgumentException($"bias has {bias.numel()} elements, expected {OutFeatures}");
-            register_buffer("bias", bias.detach().to(computeDType).clone());
-            _hasBias = true;
-        }
+        _hasBias = RegisterBias(bias, computeDType);
     }
+
+    /// <summary>
+    /// A streamed weight: its packed codes and absmax are not held here but brought into device memory with their
+    /// layer by <paramref name="weight"/>'s <see cref="LayerStreamer"/> whenever this layer dequantizes.
+    /// </summary>
+    public Linear4bit(StreamedFourBitWeight weight, Tensor? bias = null, ScalarType computeDType = ScalarType.BFloat16, string name = "Linear4bit")
+        : base(name)
+    {
+        var s = weight.State;
+        if (s.Shape.Length != 2) throw new ArgumentException($"a Linear4bit weight must be 2-D [out, in], not [{string.Join(", ", s.Shape)}]");
+        _streamed = weight;
+        OutFeatures = s.Shape[0];
+        InFeatures = s.Shape[1];
+        QuantType = s.QuantType;
+        Blocksize = s.Blocksize;
+        OriginalDType = s.DType;
+        ComputeDType = computeDType;
+        _doubleQuant = weight.IsDoubleQuantized;
+        _offset = weight.NestedOffset;
+        _nestedBlocksize = weight.NestedBlocksize;
+        _hasBias = RegisterBias(bias, computeDType);
+    }
+
+    private bool RegisterBias(Tensor? bias, ScalarType computeDType)
+    {
+        if (bias is null) return false;
+        if (bias.numel() != OutFeatures) throw new ArgumentException($"bias has {bias.numel()} elements, expected {OutFeatures}");
+        register_buffer("bias", bias.detach().to(computeDType).clone());
+        return true;
+    }
+
+    private readonly StreamedFourBitWeight? _streamed;
+
+    /// <summary>The streamed weight this layer reads, or null when its parts are held here.</summary>
+    public StreamedFourBitWeight? Streamed => _streamed;
 
     /// <summary>Quantizes a dense [out, in] weight (any float dtype) into NF4 + double quantization (blocksize 64 by default).</summary>
     public static Linear4bit Quantize(Tensor weight, Tensor? bias = null, ScalarType computeDType = ScalarType.BFloat16,
@@ -92,7 +134,7 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
     public bool IsDoubleQuantized => _doubleQuant;
 
     /// <summary>Bytes the quantized weight occupies (packed codes and absmax, nested parts included).</summary>
-    public long QuantizedBytes => _packed.numel() + _absmax.numel() * _absmax.element_size() +
+    public long QuantizedBytes => _streamed?.Bytes ?? _packed.numel() + _absmax.numel() * _absmax.element_size() +
         (_nestedAbsmax?.numel() ?? 0) * 4 + (_nestedMap?.numel() ?? 0) * 4;
 
     /// <summary>Changes the compute dtype (bf16, fp16 or fp32).</summary>
@@ -113,6 +155,13 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
     {
         var dt = dtype ?? ComputeDType;
         var floatType = TorchDTypes.ToFloatType(dt);
+        if (_streamed is not null)
+        {
+            // Streamed: the layer's resident copy (brought in now if the schedule did not prefetch it).
+            var streamedOutput = empty([OutFeatures, InFeatures], dtype: dt);
+            DequantizerFor(streamedOutput.device).Dequantize(_streamed.Layer.Streamer.Pointers(_streamed), floatType, TensorMemory.DataPointer(streamedOutput));
+            return streamedOutput;
+        }
         var output = empty([OutFeatures, InFeatures], dtype: dt, device: _packed.device);
         var source = new FourBitPointers
         {
@@ -136,6 +185,8 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
     {
         if (input.shape[^1] != InFeatures)
             throw new ArgumentException($"input's last dimension is {input.shape[^1]}, this layer takes {InFeatures}");
+        if (_streamed is not null && input.device_type != DeviceType.CPU)
+            throw new NotSupportedException("layer streaming runs on the CPU backend only: its resident layer copies are host buffers");
         var x = input.dtype == ComputeDType ? input : input.to(ComputeDType);
         var y = Linear4bitFunction.apply(x, this);
         if (Bias is not null) y = y.add_(Bias);

@@ -46,6 +46,22 @@ public sealed class LlamaForCausalLM : nn.Module
     public const int DefaultLossChunkTokens = 256;
     /// <summary>The adapted projections, by full HF module name.</summary>
     public IReadOnlyList<(string Name, LoraLinear Layer)> LoraLayers => _lora;
+    /// <summary>
+    /// The streamer the decoder layers' 4-bit weights come from (owned: disposed with the model), or null when they are
+    /// held in memory.
+    /// </summary>
+    public LayerStreamer? Streamer { get; private set; }
+
+    /// <summary>Releases the streamer (resident layers and the memory-mapped checkpoint) with the modules.</summary>
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            Streamer?.Dispose();
+            Streamer = null;
+        }
+        base.Dispose(disposing);
+    }
 
     /// <summary>
     /// Builds the model from dense weights by HF name (any float dtype); decoder projections are quantized to NF4 +
@@ -61,8 +77,14 @@ public sealed class LlamaForCausalLM : nn.Module
     /// Linear; embeddings, norms and lm_head stay dense in the compute dtype. A missing tensor or a shape that disagrees with
     /// the config is an <see cref="ArgumentException"/> naming the tensor.
     /// </summary>
+    /// <remarks>
+    /// With <paramref name="projections"/>, every decoder projection is a <see cref="Linear4bit"/> that factory builds
+    /// (biases still come from <paramref name="weights"/>); a <see cref="LayerStreamer"/> factory becomes the model's
+    /// <see cref="Streamer"/>, owned by the model.
+    /// </remarks>
     public static LlamaForCausalLM FromWeights(LlamaConfig config, IModelWeights weights, bool quantize = true,
-        ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64, QuantType quantType = QuantType.Nf4, bool doubleQuant = true)
+        ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64, QuantType quantType = QuantType.Nf4, bool doubleQuant = true,
+        IFourBitProjectionFactory? projections = null)
     {
         void Check(string name, long[] shape)
         {
@@ -79,6 +101,11 @@ public sealed class LlamaForCausalLM : nn.Module
         Tensor? Bias(string name, bool present, long size) => present ? Get(name, size) : null;
         nn.Module<Tensor, Tensor> Proj(string name, long outF, long inF, bool bias)
         {
+            if (projections is not null)
+            {
+                using var pb = Bias(name + ".bias", bias, outF);
+                return projections.Create(name + ".weight", [outF, inF], pb, computeDType);
+            }
             Check(name + ".weight", [outF, inF]);
             using var b = Bias(name + ".bias", bias, outF);
             if (quantize) return new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType);
@@ -127,7 +154,7 @@ public sealed class LlamaForCausalLM : nn.Module
             lin.weight!.requires_grad = false;
             head = lin;
         }
-        return new LlamaForCausalLM(config, model, head, computeDType);
+        return new LlamaForCausalLM(config, model, head, computeDType) { Streamer = projections as LayerStreamer };
     }
 
     /// <summary>
@@ -249,12 +276,27 @@ public sealed class LlamaForCausalLM : nn.Module
         var h = model.embed_tokens.forward(inputIds);
         bool checkpoint = GradientCheckpointing && is_grad_enabled() && training;
         if (checkpoint) h = h.detach().requires_grad_(true); // the checkpoint node is only recorded when its input requires grad
-        foreach (var layer in model.layers)
+        var streamer = Streamer;
+        for (int index = 0; index < model.layers.Count; index++)
         {
-            var l = layer;
-            h = checkpoint
-                ? Checkpoint.Run((x, c) => l.Forward(x, c[0], c[1], c.Count > 2 ? c[2] : null), h, attentionMask is null ? [cos, sin] : [cos, sin, attentionMask])
-                : l.Forward(h, cos, sin, attentionMask);
+            var l = model.layers[index];
+            int i = index;
+            if (checkpoint)
+            {
+                // Streaming: the first call is the forward (prefetch the next layer), the second the backward
+                // recompute, which runs the layers in reverse (prefetch the previous one).
+                int calls = 0;
+                h = Checkpoint.Run((x, c) =>
+                {
+                    streamer?.Acquire(i, calls++ == 0 ? i + 1 : i - 1);
+                    return l.Forward(x, c[0], c[1], c.Count > 2 ? c[2] : null);
+                }, h, attentionMask is null ? [cos, sin] : [cos, sin, attentionMask]);
+            }
+            else
+            {
+                streamer?.Acquire(i, i + 1);
+                h = l.Forward(h, cos, sin, attentionMask);
+            }
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();
     }
@@ -273,8 +315,11 @@ public sealed class LlamaForCausalLM : nn.Module
         var pos = arange(cache.Length, cache.Length + t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
         var (cos, sin) = _rope.CosSin(pos, ComputeDType);
         var h = model.embed_tokens.forward(inputIds);
-        int i = 0;
-        foreach (var layer in model.layers) h = layer.Forward(h, cos, sin, null, cache, i++);
+        for (int i = 0; i < model.layers.Count; i++)
+        {
+            Streamer?.Acquire(i, (i + 1) % model.layers.Count); // the next token starts again at layer 0
+            h = model.layers[i].Forward(h, cos, sin, null, cache, i);
+        }
         return model.norm.forward(h).MoveToOuterDisposeScope();
     }
 

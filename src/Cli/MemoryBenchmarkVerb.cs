@@ -1,0 +1,104 @@
+using System.CommandLine;
+using QLora.Trainer;
+using TorchSharp;
+
+namespace QLora.Cli;
+
+/// <summary><c>qlora bench memory</c>: measured peak device memory and step time of a QLoRA step on a model of true shape.</summary>
+internal static class MemoryBenchmarkVerb
+{
+    public static Command Create(TextWriter stdout)
+    {
+        var preset = new Option<string>("--preset") { Description = $"model shape: {string.Join(", ", ModelPresets.Names)}", Required = true };
+        var stream = new Option<bool>("--stream") { Description = "stream the decoder layers from a bnb-4bit checkpoint on disk (written to --scratch once)" };
+        var seq = new Option<int>("--seq") { Description = "tokens per sequence", DefaultValueFactory = _ => 512 };
+        var rank = new Option<int>("--rank") { Description = "LoRA rank on every linear layer", DefaultValueFactory = _ => 16 };
+        var steps = new Option<int>("--steps") { Description = "training steps", DefaultValueFactory = _ => 1 };
+        var window = new Option<int>("--window") { Description = "decoder layers resident at once when streaming", DefaultValueFactory = _ => 2 };
+        var scratch = new Option<string>("--scratch") { Description = "folder for the streamed checkpoint", DefaultValueFactory = _ => Path.Combine("scratch", "bench-memory") };
+        var lossChunk = new Option<int?>("--loss-chunk") { Description = "tokens per chunk of the fp32 loss (default: the model's, 1024)" };
+        var layers = new Option<int?>("--layers") { Description = "override the preset's decoder layer count (e.g. to extrapolate)" };
+        var hidden = new Option<int?>("--hidden") { Description = "override hidden_size" };
+        var intermediate = new Option<int?>("--intermediate") { Description = "override intermediate_size" };
+        var heads = new Option<int?>("--heads") { Description = "override num_attention_heads (head_dim = hidden / heads)" };
+        var kvHeads = new Option<int?>("--kv-heads") { Description = "override num_key_value_heads" };
+        var vocab = new Option<int?>("--vocab") { Description = "override vocab_size" };
+        var cmd = new Command("memory", "Peak resident (device) memory and time of one QLoRA step (random NF4 base of a real shape, LoRA on all linear layers, checkpointing, paged AdamW), optionally streaming the layers from disk.")
+        {
+            preset, stream, seq, rank, steps, window, scratch, lossChunk, layers, hidden, intermediate, heads, kvHeads, vocab,
+        };
+        cmd.SetAction(r =>
+        {
+            bool leanHeap = NativeHeap.UseLeanPolicy(); // before libtorch allocates: freed tensors go back to the system
+            using var sampler = new PeakMemorySampler(); // the baseline: before anything is loaded
+            string name = r.GetValue(preset)!;
+            var config = ModelPresets.Get(name);
+            var overrides = new List<string>();
+            int? Override(Option<int?> option, string flag)
+            {
+                var v = r.GetValue(option);
+                if (v is null) return null;
+                if (v <= 0) throw new ArgumentException($"{flag} {v}: must be positive");
+                overrides.Add($"{flag} {v}");
+                return v;
+            }
+            int? l = Override(layers, "--layers"), h = Override(hidden, "--hidden"), i = Override(intermediate, "--intermediate"),
+                a = Override(heads, "--heads"), kv = Override(kvHeads, "--kv-heads"), v = Override(vocab, "--vocab");
+            config = config with
+            {
+                NumHiddenLayers = l ?? config.NumHiddenLayers, HiddenSize = h ?? config.HiddenSize, IntermediateSize = i ?? config.IntermediateSize,
+                NumAttentionHeads = a ?? config.NumAttentionHeads, NumKeyValueHeads = kv ?? config.NumKeyValueHeads, VocabSize = v ?? config.VocabSize,
+            };
+            config = config with { HeadDim = config.HiddenSize / config.NumAttentionHeads };
+            if (config.HiddenSize % config.NumAttentionHeads != 0 || config.NumAttentionHeads % config.NumKeyValueHeads != 0)
+                throw new ArgumentException($"hidden {config.HiddenSize}, heads {config.NumAttentionHeads}, kv heads {config.NumKeyValueHeads}: hidden must be a multiple of heads, heads of kv heads");
+            try { config.Validate(); }
+            catch (FormatException e) { throw new ArgumentException(e.Message); }
+            var o = new MemoryBenchmark.Options
+            {
+                Preset = name.ToLowerInvariant(), Config = config, Sequence = r.GetValue(seq), Rank = r.GetValue(rank), Steps = r.GetValue(steps),
+                Stream = r.GetValue(stream), StreamWindow = r.GetValue(window), ScratchFolder = r.GetValue(scratch)!, LossChunkTokens = r.GetValue(lossChunk),
+            };
+            string cpu = DequantBenchmark.CpuName();
+            int cores = Environment.ProcessorCount;
+            stdout.WriteLine($"bench memory: {o.Preset}{(overrides.Count > 0 ? $" with {string.Join(", ", overrides)}" : "")}: {config.NumHiddenLayers} layers, hidden {config.HiddenSize}, " +
+                $"MLP {config.IntermediateSize}, {config.NumAttentionHeads}/{config.NumKeyValueHeads} heads, vocab {config.VocabSize}; seq {o.Sequence}, LoRA r={o.Rank}, " +
+                $"{(o.Stream ? $"streamed (window {o.StreamWindow})" : "in memory")}; {cpu}, {cores} cores, {torch.get_num_threads()} torch threads; " +
+                $"{(leanHeap ? "glibc heap: 1 MB mmap threshold, 2 arenas" : "default C heap")}");
+            var result = MemoryBenchmark.Run(o, stdout.WriteLine, sampler);
+            var res = result;
+            stdout.WriteLine($"baseline resident anonymous memory (before loading): {res.BaselineBytes / 1e9:F2} GB");
+            stdout.WriteLine($"model: {res.FourBitBytes / 1e9:F2} GB 4-bit projections{(o.Stream ? $" on disk ({res.CheckpointBytes / 1e9:F2} GB checkpoint in {res.CheckpointFolder})" : " in memory")}, " +
+                $"{res.DenseBytes / 1e9:F2} GB dense bf16 (embeddings, lm_head, norms), LoRA {res.LoraParams / 1e6:F1} M fp32 parameters; " +
+                $"paged AdamW: {res.OptimizerHostBytes / 1e9:F2} GB in host memory, {res.OptimizerDeviceBytes / 1e6:F1} MB device scratch");
+            if (o.Stream)
+                stdout.WriteLine($"streaming: {res.StreamLoads} layer copies ({res.StreamSyncLoads} not prefetched), at most {res.StreamMaxResident} of " +
+                    $"{config.NumHiddenLayers} layers resident ({res.StreamLayerBytes / 1e6:F1} MB each); compute waited {res.StreamWaitSeconds:F1} s for copies");
+            stdout.WriteLine($"measured peak resident anonymous memory: {res.PeakBytes / 1e9:F2} GB ({(res.PeakBytes - res.BaselineBytes) / 1e9:F2} GB above the baseline)" +
+                (o.Stream ? $"; writing/checking the checkpoint peaked at {res.PreparePeakBytes / 1e9:F2} GB ({res.PrepareSeconds:F0} s)" : ""));
+            var plan = MemoryPlanner.Plan(config, new PlanOptions
+            {
+                SequenceLength = o.Sequence, MicroBatch = 1, LoraRank = o.Rank, GradientCheckpointing = true, OptimizerBits = 32, PagedOptimizer = true,
+                LossChunkTokens = o.LossChunkTokens ?? LlamaForCausalLM.DefaultLossChunkTokens, LayerStreaming = o.Stream, StreamingWindow = o.StreamWindow,
+            });
+            double planError = (double)res.PeakBytes / plan.PeakBytes - 1;
+            stdout.WriteLine($"planned peak (qlora plan, same settings): {plan.PeakBytes / 1e9:F2} GB ({plan.PeakPhase}); measured is {planError:+0.0%;-0.0%} of planned");
+            stdout.WriteLine($"step time: {res.ReportedStepSeconds:F1} s ({string.Join(", ", res.StepSeconds.Select(s => $"{s:F1}"))}); load {res.LoadSeconds:F1} s; loss {string.Join(", ", res.Losses.Select(x => $"{x:F3}"))}");
+            stdout.WriteLine(Json.Line(new
+            {
+                bench = "memory", preset = o.Preset, overrides, layers = config.NumHiddenLayers, seq = o.Sequence, rank = o.Rank, steps = o.Steps,
+                loss_chunk = o.LossChunkTokens,
+                stream = o.Stream, window = o.Stream ? o.StreamWindow : (int?)null,
+                measured_peak_bytes = res.PeakBytes, baseline_bytes = res.BaselineBytes, peak_above_baseline_bytes = res.PeakBytes - res.BaselineBytes,
+                planned_peak_bytes = plan.PeakBytes, measured_over_planned = Math.Round(planError + 1, 4),
+                step_s = Math.Round(res.ReportedStepSeconds, 3), step_times_s = res.StepSeconds.Select(s => Math.Round(s, 3)).ToArray(), load_s = Math.Round(res.LoadSeconds, 3),
+                loss = res.Losses[^1], fourbit_bytes = res.FourBitBytes, dense_bytes = res.DenseBytes, lora_params = res.LoraParams,
+                stream_loads = o.Stream ? res.StreamLoads : (int?)null, stream_max_resident_layers = o.Stream ? res.StreamMaxResident : (int?)null,
+                stream_wait_s = o.Stream ? Math.Round(res.StreamWaitSeconds, 3) : (double?)null,
+                lean_heap = leanHeap, hardware = new { cpu, cores, torch_threads = torch.get_num_threads() },
+            }));
+            return 0;
+        });
+        return cmd;
+    }
+}

@@ -1,0 +1,122 @@
+using QLora.Quant;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace QLora.Trainer.Tests;
+
+public class LayerStreamerTests
+{
+    private const int Layers = 4;
+
+    /// <summary>A tiny random Llama written as a bnb-4bit folder (quantized by the project's own quantizer).</summary>
+    private static string BnbFolder(TempFolder dir, bool qwen = false)
+    {
+        var c = TinyLlama.Config(layers: Layers, qwen: qwen);
+        HfModelLoaderTests.WriteFolder(dir.File("dense"), c, qwen ? "Qwen2ForCausalLM" : "LlamaForCausalLM");
+        CheckpointQuantizer.QuantizeFolder(dir.File("dense"), dir.File("bnb"), new QuantizeOptions());
+        return dir.File("bnb");
+    }
+
+    /// <summary>LoRA on every projection with identical, non-zero A and B in each model, so every LoRA weight gets a gradient.</summary>
+    private static void AddLora(LlamaForCausalLM model)
+    {
+        model.ApplyLora(new LoraOptions { Rank = 4, Alpha = 8 }, new Generator(3));
+        var gen = new Generator(4);
+        using (no_grad())
+            foreach (var (_, lora) in model.LoraLayers) lora.LoraB("default").normal_(0, 0.05, generator: gen);
+        model.train();
+    }
+
+    private static (float Loss, Dictionary<string, Tensor> Grads) Step(LlamaForCausalLM model, Tensor ids)
+    {
+        var (sum, n) = model.Loss(ids, ids);
+        using var loss = sum / n;
+        Checkpoint.Backward(loss);
+        var grads = model.TrainableParameters().ToDictionary(p => p.Name, p => p.Parameter.grad!.detach().clone());
+        float value = loss.item<float>();
+        sum.Dispose();
+        return (value, grads);
+    }
+
+    private static void AssertSameBits(Tensor expected, Tensor actual, string what) =>
+        Assert.True(expected.dtype == actual.dtype && expected.shape.SequenceEqual(actual.shape) && expected.eq(actual).all().item<bool>(), $"{what} differs");
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void StreamedLogitsEqualTheLoadedModelsBitForBit(bool qwen)
+    {
+        using var dir = new TempFolder();
+        var folder = BnbFolder(dir, qwen);
+        using var loaded = HfModelLoader.Load(folder);
+        var log = new List<string>();
+        using var streamed = HfModelLoader.Load(folder, new HfModelLoader.Options { Streaming = true }, log.Add);
+        Assert.NotNull(streamed.Streamer);
+        Assert.Null(loaded.Streamer);
+        // The streamed projections hold no packed weights of their own.
+        Assert.DoesNotContain(streamed.named_buffers(), b => b.name.EndsWith("_proj.weight", StringComparison.Ordinal));
+        Assert.Contains(log, l => l.Contains("streamed from disk"));
+        loaded.eval(); streamed.eval();
+        var ids = tensor(new long[] { 1, 2, 3, 40, 50, 60, 7, 9 }).unsqueeze(0);
+        using (no_grad()) AssertSameBits(loaded.Logits(ids), streamed.Logits(ids), "logits");
+        Assert.True(streamed.Streamer!.MaxResidentLayers <= 2);
+        // The KV-cache path streams too.
+        using var cacheA = new KvCache(Layers);
+        using var cacheB = new KvCache(Layers);
+        using (no_grad()) AssertSameBits(loaded.LmHead(loaded.Forward(ids, cacheA)), streamed.LmHead(streamed.Forward(ids, cacheB)), "cached logits");
+    }
+
+    [Theory]
+    [InlineData(true, 2)]
+    [InlineData(true, 1)]
+    [InlineData(true, 3)]
+    [InlineData(false, 2)]
+    public void StreamedLossAndLoraGradientsEqualTheLoadedModelsAndTheWindowHolds(bool checkpointing, int window)
+    {
+        using var dir = new TempFolder();
+        var folder = BnbFolder(dir);
+        using var loaded = HfModelLoader.Load(folder);
+        using var streamed = HfModelLoader.Load(folder, new HfModelLoader.Options { Streaming = true, StreamWindow = window });
+        var streamer = streamed.Streamer!;
+        var counts = new List<int>();
+        streamer.ResidencyChanged = resident => counts.Add(resident.Count);
+        foreach (var m in new[] { loaded, streamed })
+        {
+            AddLora(m);
+            m.GradientCheckpointing = checkpointing;
+        }
+        var ids = tensor(new long[] { 5, 1, 2, 3, 40, 50, 60, 7, 9, 11 }).unsqueeze(0);
+        var (lossA, gradsA) = Step(loaded, ids);
+        var (lossB, gradsB) = Step(streamed, ids);
+        Assert.Equal(BitConverter.SingleToInt32Bits(lossA), BitConverter.SingleToInt32Bits(lossB));
+        Assert.Equal(gradsA.Keys.Order(), gradsB.Keys.Order());
+        Assert.Equal(Layers * 7 * 2, gradsA.Count);
+        foreach (var (name, g) in gradsA)
+        {
+            Assert.True(g.abs().sum().item<float>() > 0, $"{name} got no gradient");
+            AssertSameBits(g, gradsB[name], name);
+        }
+        Assert.NotEmpty(counts);
+        Assert.All(counts, c => Assert.InRange(c, 0, window));
+        Assert.InRange(streamer.MaxResidentLayers, 1, window);
+        if (checkpointing && window >= 2)
+        {
+            // Forward and recompute prefetch every layer but the first; only layers the turnaround keeps are not copied again.
+            Assert.Equal(1, streamer.SynchronousLoads);
+            Assert.Equal(2 * Layers - window, streamer.Loads);
+        }
+        Assert.True(streamer.ResidentBytes <= window * streamer.LargestLayerBytes);
+    }
+
+    [Fact]
+    public void StreamingNeedsABnbFolderAndAValidWindow()
+    {
+        using var dir = new TempFolder();
+        var c = TinyLlama.Config(layers: 2);
+        HfModelLoaderTests.WriteFolder(dir.File("dense"), c);
+        var e = Assert.Throws<ArgumentException>(() => HfModelLoader.Load(dir.File("dense"), new HfModelLoader.Options { Streaming = true }));
+        Assert.Contains("bnb-4bit", e.Message);
+        CheckpointQuantizer.QuantizeFolder(dir.File("dense"), dir.File("bnb"), new QuantizeOptions());
+        Assert.Throws<ArgumentOutOfRangeException>(() => HfModelLoader.Load(dir.File("bnb"), new HfModelLoader.Options { Streaming = true, StreamWindow = 0 }));
+    }
+}
