@@ -1,7 +1,7 @@
 // Pretrains the bundled tiny base model from scratch on a generated corpus, reproducibly, and writes the quick-start
 // fine-tuning dataset. Run from the repository root (Release is ~3x faster):
 //   dotnet run --project examples/PretrainTiny -c Release -- [--out models/tiny-llama-base] [--data data/quickstart]
-//                                                           [--steps 600] [--seed 42] [--dataset-only]
+//                                                           [--steps 1500] [--seed 42] [--dataset-only]
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json.Nodes;
@@ -12,7 +12,7 @@ using TorchSharp;
 using static TorchSharp.torch;
 
 string outDir = "models/tiny-llama-base", dataDir = "data/quickstart";
-int steps = 600, seed = 42;
+int steps = 1500, seed = 42;
 bool datasetOnly = false;
 for (int i = 0; i < args.Length; i++)
 {

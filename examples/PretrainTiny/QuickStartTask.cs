@@ -4,12 +4,15 @@ using static QLora.Examples.PretrainTiny.Calendar;
 namespace QLora.Examples.PretrainTiny;
 
 /// <summary>
-/// The fine-tuning task: convert a long-form date to ISO 8601 ("March 7, 2021" → "2021-03-07"), as instruction
-/// samples. Train and eval dates are disjoint.
+/// The fine-tuning task: the month of a long-form date as its two-digit number ("March 7, 2021" → "03"), as
+/// instruction samples. Train and eval dates are disjoint. The base knows the pieces (where a date's month is, and
+/// "March is month 03") but has never been asked this question in a prompt and answers it 0 % of the time.
+/// (A full ISO conversion needs exact copying of the digits, which a 3 M-parameter model pretrained for ten minutes does
+/// only approximately: it gets the month right and the year and day off by a few.)
 /// </summary>
 internal static class QuickStartTask
 {
-    public const string Instruction = "Convert the date to ISO format (YYYY-MM-DD).";
+    public const string Instruction = "Write the month of this date as a two-digit number.";
 
     public static void Write(string folder, int trainCount, int evalCount, int seed)
     {
@@ -23,7 +26,7 @@ internal static class QuickStartTask
             {
                 var d = RandomDate(rng);
                 if (!seen.Add(d)) continue;
-                lines.Add(new JsonObject { ["instruction"] = Instruction, ["input"] = Long(d), ["output"] = Iso(d) }.ToJsonString());
+                lines.Add(new JsonObject { ["instruction"] = Instruction, ["input"] = Long(d), ["output"] = TwoDigits(d.Month) }.ToJsonString());
             }
             return lines;
         }
