@@ -34,19 +34,12 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
     /// are not needed): how generated or device-resident weights avoid a managed copy.
     /// </summary>
     public Linear4bit(Tensor packed, QuantState state, Tensor? bias = null, ScalarType computeDType = ScalarType.BFloat16, string name = "Linear4bit")
-        : base(name)
+        : this(state, computeDType, name)
     {
         var s = state;
-        if (s.Shape.Length != 2) throw new ArgumentException($"a Linear4bit weight must be 2-D [out, in], not [{string.Join(", ", s.Shape)}]");
         s.Validate();
         if (packed.dtype != ScalarType.Byte || packed.numel() != s.PackedBytes)
             throw new ArgumentException($"packed codes are {packed.dtype} x {packed.numel()}, expected Byte x {s.PackedBytes} for shape [{string.Join(", ", s.Shape)}]");
-        OutFeatures = s.Shape[0];
-        InFeatures = s.Shape[1];
-        QuantType = s.QuantType;
-        Blocksize = s.Blocksize;
-        OriginalDType = s.DType;
-        ComputeDType = computeDType;
         register_buffer("weight", packed.is_contiguous() ? packed : packed.contiguous());
         if (s.Nested is { } nested)
         {
@@ -69,21 +62,25 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
     /// layer by <paramref name="weight"/>'s <see cref="LayerStreamer"/> whenever this layer dequantizes.
     /// </summary>
     public Linear4bit(StreamedFourBitWeight weight, Tensor? bias = null, ScalarType computeDType = ScalarType.BFloat16, string name = "Linear4bit")
-        : base(name)
+        : this(weight.State, computeDType, name)
     {
-        var s = weight.State;
-        if (s.Shape.Length != 2) throw new ArgumentException($"a Linear4bit weight must be 2-D [out, in], not [{string.Join(", ", s.Shape)}]");
         _streamed = weight;
+        _doubleQuant = weight.IsDoubleQuantized;
+        _offset = weight.NestedOffset;
+        _nestedBlocksize = weight.NestedBlocksize;
+        _hasBias = RegisterBias(bias, computeDType);
+    }
+
+    // What both kinds of weight (held or streamed) share: the 2-D shape check and the metadata of the quant state.
+    private Linear4bit(QuantState s, ScalarType computeDType, string name) : base(name)
+    {
+        if (s.Shape.Length != 2) throw new ArgumentException($"a Linear4bit weight must be 2-D [out, in], not [{string.Join(", ", s.Shape)}]");
         OutFeatures = s.Shape[0];
         InFeatures = s.Shape[1];
         QuantType = s.QuantType;
         Blocksize = s.Blocksize;
         OriginalDType = s.DType;
         ComputeDType = computeDType;
-        _doubleQuant = weight.IsDoubleQuantized;
-        _offset = weight.NestedOffset;
-        _nestedBlocksize = weight.NestedBlocksize;
-        _hasBias = RegisterBias(bias, computeDType);
     }
 
     private bool RegisterBias(Tensor? bias, ScalarType computeDType)
