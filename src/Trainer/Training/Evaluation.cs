@@ -8,7 +8,7 @@ namespace QLora.Trainer;
 /// exact-match accuracy on eval samples that have a reference answer, and completions of fixed prompts for the log.
 /// </summary>
 internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, SampleEncoder encoder, IReadOnlyList<TokenRow> rows,
-    IReadOnlyList<TrainingSample> samples, EvalSection options, Action<string> log)
+    IReadOnlyList<TrainingSample> samples, EvalSection options, int padId, Action<string> log)
 {
     /// <summary>How many samples exact match uses.</summary>
     public static int ExactMatchCount(IReadOnlyList<TrainingSample> samples, EvalSection options)
@@ -44,11 +44,10 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         try
         {
             using var noGrad = no_grad();
-            int pad = tokenizer.PadTokenId ?? tokenizer.EosTokenId ?? 0;
             foreach (var row in use)
             {
                 using var scope = NewDisposeScope();
-                using var batch = MicroBatch.Create([row], pad);
+                using var batch = MicroBatch.Create([row], padId);
                 if (batch.TargetTokens == 0) continue;
                 var (s, n) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask);
                 sum += s.to(ScalarType.Float64).item<double>();

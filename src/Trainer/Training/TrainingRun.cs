@@ -117,7 +117,7 @@ public sealed class TrainingRun
         int totalSteps = t.MaxSteps > 0 ? t.MaxSteps
             : Math.Max(1, (int)Math.Ceiling(t.Epochs * schedule.BatchesPerEpoch / t.GradientAccumulationSteps));
         var lr = new LearningRateSchedule(t.Scheduler, t.WarmupSteps, totalSteps, t.MinLearningRateRatio);
-        var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, Log);
+        var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, PadId, Log);
 
         int? resumedFrom = null;
         if (resumeFrom is not null)
@@ -426,7 +426,7 @@ public sealed class TrainingRun
         SequenceLength = job.Data.MaxSeqLength,
         MicroBatch = job.Training.MicroBatchSize,
         LoraRank = job.Lora.Rank,
-        LoraTargets = job.Lora.TargetModules is { } m ? [.. m] : LoraOptions.AllLinear,
+        LoraTargets = LoraOptionsOf(job.Lora).TargetModules,
         AdapterDType = ParseDType(job.Lora.DType),
         QuantBlocksize = job.Quantization.Blocksize,
         DoubleQuant = job.Quantization.DoubleQuant,
@@ -453,11 +453,6 @@ public sealed class TrainingRun
         DType = ParseDType(s.DType),
     };
 
-    static ScalarType ParseDType(string name) => name.ToLowerInvariant() switch
-    {
-        "bfloat16" => ScalarType.BFloat16,
-        "float16" => ScalarType.Float16,
-        "float32" => ScalarType.Float32,
-        _ => throw new FormatException($"unknown dtype '{name}': expected bfloat16, float16 or float32"),
-    };
+    // The job's values are already validated against bfloat16/float16/float32.
+    static ScalarType ParseDType(string name) => TorchDTypes.ToScalarType(FloatTypes.Parse(name));
 }
