@@ -1,4 +1,4 @@
-using Microsoft.Extensions.Configuration;
+using QLora.Trainer;
 
 namespace QLora.Cli;
 
@@ -16,11 +16,10 @@ internal sealed class QuantizeJob
     public string? Include { get; set; }
     public bool? Overwrite { get; set; }
 
-    private static readonly string[] Keys = [nameof(Input), nameof(Output), nameof(QuantType), nameof(Blocksize), nameof(DoubleQuant), nameof(Include), nameof(Overwrite)];
-
     /// <summary>
     /// Reads the section from <paramref name="path"/>; returns an empty job if the default file is absent. An unknown key
-    /// or a value of the wrong type is an error naming the file, the key and what is allowed.
+    /// or a value of the wrong type is an error naming the file, the key and what is allowed (the same checks as the
+    /// training job's, <see cref="JobConfiguration"/>).
     /// </summary>
     public static QuantizeJob Load(string? path)
     {
@@ -32,29 +31,7 @@ internal sealed class QuantizeJob
             return new QuantizeJob();
         }
         var full = Path.GetFullPath(path);
-        IConfigurationRoot config;
-        try
-        {
-            config = new ConfigurationBuilder().AddJsonFile(full, optional: false, reloadOnChange: false).Build();
-        }
-        catch (Exception e) when (e is FormatException or InvalidDataException or IOException)
-        {
-            throw new FormatException($"{full}: not valid JSON ({(e.InnerException ?? e).Message})");
-        }
-        var section = config.GetSection("Quantize");
-        foreach (var child in section.GetChildren())
-            if (!Keys.Contains(child.Key, StringComparer.OrdinalIgnoreCase))
-                throw new FormatException($"{full}: unknown key Quantize:{child.Key}; allowed keys are {string.Join(", ", Keys)}");
-        var job = new QuantizeJob();
-        try
-        {
-            section.Bind(job, o => o.ErrorOnUnknownConfiguration = true);
-        }
-        catch (InvalidOperationException e)
-        {
-            var detail = e.InnerException is { } inner ? $"{e.Message} ({inner.Message})" : e.Message;
-            throw new FormatException($"{full}: {detail.ReplaceLineEndings(" ")}");
-        }
+        var job = JobConfiguration.BindSection<QuantizeJob>(JobConfiguration.Build(full, environment: false), "Quantize", full);
         var dir = Path.GetDirectoryName(full)!;
         if (job.Input is { } i) job.Input = Path.Combine(dir, i);
         if (job.Output is { } o) job.Output = Path.Combine(dir, o);

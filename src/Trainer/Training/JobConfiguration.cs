@@ -29,16 +29,6 @@ public static class JobConfiguration
         var full = Path.GetFullPath(jsonPath);
         if (!File.Exists(full)) throw new FileNotFoundException($"job file {full} does not exist; pass --config <job.json> or run from a folder with appsettings.json");
         var builder = new ConfigurationBuilder();
-        try
-        {
-            // Parse once here so that a syntax error names the file and position, not a stack of providers.
-            using var stream = File.OpenRead(full);
-            using var doc = System.Text.Json.JsonDocument.Parse(stream, new System.Text.Json.JsonDocumentOptions { CommentHandling = System.Text.Json.JsonCommentHandling.Skip, AllowTrailingCommas = true });
-        }
-        catch (System.Text.Json.JsonException e)
-        {
-            throw new FormatException($"{full}: not valid JSON ({e.Message})");
-        }
         builder.AddJsonFile(full, optional: false, reloadOnChange: false);
         if (environment) builder.AddEnvironmentVariables(EnvironmentPrefix);
         var args = overrides?.ToArray() ?? [];
@@ -54,7 +44,14 @@ public static class JobConfiguration
             }
         }
         builder.AddCommandLine(args);
-        return builder.Build();
+        try
+        {
+            return builder.Build();
+        }
+        catch (Exception e) when (e is FormatException or InvalidDataException)
+        {
+            throw new FormatException($"{full}: not valid JSON ({(e.InnerException ?? e).Message})");
+        }
     }
 
     /// <summary>
@@ -99,6 +96,22 @@ public static class JobConfiguration
             if (prop.GetValue(result) is { } existing && !prop.PropertyType.IsValueType && prop.PropertyType != typeof(string)) child.Bind(existing, o => o.ErrorOnUnknownConfiguration = true);
             else prop.SetValue(result, child.Get(prop.PropertyType, o => o.ErrorOnUnknownConfiguration = true));
         }
+        return result;
+    }
+
+    /// <summary>
+    /// Binds section <paramref name="section"/> of <paramref name="config"/> to a new <typeparamref name="T"/> after
+    /// checking its keys and leaf values against it (other sections are not looked at): how a verb reads its own section
+    /// of a shared job file.
+    /// </summary>
+    public static T BindSection<T>(IConfiguration config, string section, string source) where T : new()
+    {
+        var errors = new List<string>();
+        var s = config.GetSection(section);
+        foreach (var child in s.GetChildren()) Check(child, typeof(T), errors);
+        if (errors.Count > 0) throw new FormatException($"{source}: {string.Join("; ", errors)}");
+        var result = new T();
+        s.Bind(result, o => o.ErrorOnUnknownConfiguration = true);
         return result;
     }
 
