@@ -9,7 +9,7 @@ internal static class MemoryBenchmarkVerb
 {
     public static Command Create(TextWriter stdout)
     {
-        var preset = new Option<string>("--preset") { Description = $"model shape: {string.Join(", ", ModelPresets.Names)}", Required = true };
+        var preset = new Option<string?>("--preset") { Description = $"model shape: {string.Join(", ", ModelPresets.Names)} (not needed with --from-folder alone)" };
         var stream = new Option<bool>("--stream") { Description = "stream the decoder layers from a bnb-4bit checkpoint on disk (written to --scratch once)" };
         var seq = new Option<int>("--seq") { Description = "tokens per sequence", DefaultValueFactory = _ => 512 };
         var rank = new Option<int>("--rank") { Description = "LoRA rank on every linear layer", DefaultValueFactory = _ => 16 };
@@ -23,15 +23,26 @@ internal static class MemoryBenchmarkVerb
         var heads = new Option<int?>("--heads") { Description = "override num_attention_heads (head_dim = hidden / heads)" };
         var kvHeads = new Option<int?>("--kv-heads") { Description = "override num_key_value_heads" };
         var vocab = new Option<int?>("--vocab") { Description = "override vocab_size" };
-        var cmd = new Command("memory", "Peak resident (device) memory and time of one QLoRA step (random NF4 base of a real shape, LoRA on all linear layers, checkpointing, paged AdamW), optionally streaming the layers from disk.")
+        var fromFolder = new Option<string?>("--from-folder") { Description = "measure a whole real qlora train job (load, steps, eval, checkpoint, adapter, loss plot) on this Hugging Face folder" };
+        var writeFolder = new Option<string?>("--write-folder") { Description = "first write the preset's random weights into --from-folder: 'dense' (bf16 shards, as downloaded) or 'bnb-4bit'; kept when it already holds them" };
+        var shardBytes = new Option<long>("--shard-bytes") { Description = "largest shard of a written dense folder, in bytes", DefaultValueFactory = _ => 5_000_000_000 };
+        var evalRows = new Option<int>("--eval-rows") { Description = "eval rows of a --from-folder job", DefaultValueFactory = _ => 2 };
+        var cmd = new Command("memory", "Peak resident (device) memory and time of one QLoRA step (random NF4 base of a real shape, LoRA on all linear layers, checkpointing, paged AdamW), optionally streaming the layers from disk; with --from-folder, of a whole qlora train job.")
         {
-            preset, stream, seq, rank, steps, window, scratch, lossChunk, layers, hidden, intermediate, heads, kvHeads, vocab,
+            preset, stream, seq, rank, steps, window, scratch, lossChunk, layers, hidden, intermediate, heads, kvHeads, vocab, fromFolder, writeFolder, shardBytes, evalRows,
         };
         cmd.SetAction(r =>
         {
             bool leanHeap = NativeHeap.UseLeanPolicy(); // before libtorch allocates: freed tensors go back to the system
             using var sampler = new PeakMemorySampler(); // the baseline: before anything is loaded
-            string name = r.GetValue(preset)!;
+            string? name = r.GetValue(preset);
+            if (name is null)
+            {
+                if (r.GetValue(fromFolder) is not { } existing || r.GetValue(writeFolder) is not null)
+                    throw new ArgumentException("--preset is required (a model shape to generate), unless --from-folder names an existing model folder");
+                return RunJob(stdout, sampler, leanHeap, Path.GetFileName(Path.GetFullPath(existing).TrimEnd('/')), null, existing, null, 0, r.GetValue(seq), r.GetValue(steps),
+                    r.GetValue(evalRows), r.GetValue(rank), r.GetValue(stream), r.GetValue(window), r.GetValue(lossChunk), r.GetValue(scratch)!);
+            }
             var config = ModelPresets.Get(name);
             var overrides = new List<string>();
             int? Override(Option<int?> option, string flag)
@@ -54,6 +65,10 @@ internal static class MemoryBenchmarkVerb
                 throw new ArgumentException($"hidden {config.HiddenSize}, heads {config.NumAttentionHeads}, kv heads {config.NumKeyValueHeads}: hidden must be a multiple of heads, heads of kv heads");
             try { config.Validate(); }
             catch (FormatException e) { throw new ArgumentException(e.Message); }
+            if (r.GetValue(fromFolder) is { } folder)
+                return RunJob(stdout, sampler, leanHeap, name, config, folder, r.GetValue(writeFolder), r.GetValue(shardBytes), r.GetValue(seq), r.GetValue(steps),
+                    r.GetValue(evalRows), r.GetValue(rank), r.GetValue(stream), r.GetValue(window), r.GetValue(lossChunk), r.GetValue(scratch)!);
+            if (r.GetValue(writeFolder) is not null) throw new ArgumentException("--write-folder writes the folder of --from-folder; give both");
             var o = new MemoryBenchmark.Options
             {
                 Preset = name.ToLowerInvariant(), Config = config, Sequence = r.GetValue(seq), Rank = r.GetValue(rank), Steps = r.GetValue(steps),
@@ -100,5 +115,52 @@ internal static class MemoryBenchmarkVerb
             return 0;
         });
         return cmd;
+    }
+
+    /// <summary>--from-folder: writes the folder if asked, then measures a whole train job on it beside its plan.</summary>
+    private static int RunJob(TextWriter stdout, PeakMemorySampler sampler, bool leanHeap, string presetName, LlamaConfig? config, string folder,
+        string? write, long shardBytes, int seq, int steps, int evalRows, int rank, bool stream, int window, int? lossChunk, string scratch)
+    {
+        if (write is not null)
+        {
+            var random = new RandomFourBitModel(config!);
+            if (write.Equals("dense", StringComparison.OrdinalIgnoreCase)) random.WriteDenseFolder(folder, shardBytes, stdout.WriteLine);
+            else if (write.Equals("bnb-4bit", StringComparison.OrdinalIgnoreCase)) random.WriteFolder(folder, stdout.WriteLine);
+            else throw new ArgumentException($"--write-folder {write}: use 'dense' or 'bnb-4bit'");
+            // Writing the folder is a one-off preparation (the download, in real use): measure from here on.
+            ManagedHeap.ReturnFreeMemory();
+            sampler.Reset();
+        }
+        string cpu = DequantBenchmark.CpuName();
+        stdout.WriteLine($"bench memory --from-folder {folder}: a qlora train job, seq {seq}, {steps} step(s), {evalRows} eval row(s), LoRA r={rank}, " +
+            $"{(stream ? $"streamed (window {window})" : "in memory")}; {cpu}, {Environment.ProcessorCount} cores, {torch.get_num_threads()} torch threads; " +
+            $"{(leanHeap ? "glibc heap: 1 MB mmap threshold, 2 arenas" : "default C heap")}");
+        long baseline = sampler.PeakBytes;
+        var result = JobMemoryBenchmark.Run(new JobMemoryBenchmark.Options
+        {
+            ModelFolder = folder, WorkFolder = Path.Combine(scratch, "job-" + Path.GetFileName(Path.GetFullPath(folder).TrimEnd('/'))), Sequence = seq, Steps = steps,
+            EvalRows = evalRows, Rank = rank, Stream = stream, StreamWindow = window, LossChunkTokens = lossChunk,
+        }, sampler, stdout.WriteLine);
+        var summary = result.Run.Summary;
+        sampler.Phase = "loss plot";
+        string png = Path.Combine(summary.OutputDir, "loss.png");
+        LossCurvePlot.Write(result.Run.State, png, $"{Path.GetFileName(folder)} QLoRA r={rank}");
+        sampler.Phase = "end";
+        var plan = result.Plan;
+        double ratio = (double)sampler.PeakBytes / plan.PeakBytes;
+        stdout.WriteLine($"measured peak resident anonymous memory of the whole job: {sampler.PeakBytes / 1e9:F2} GB during {sampler.PeakPhase} " +
+            $"(baseline {baseline / 1e9:F2} GB); the run's own summary: {summary.PeakMemoryBytes / 1e9:F2} GB during {summary.PeakMemoryPhase}");
+        stdout.WriteLine($"planned peak (qlora plan, same job): {plan.PeakBytes / 1e9:F2} GB ({plan.PeakPhase}); measured is {ratio - 1:+0.0%;-0.0%} of planned");
+        stdout.WriteLine($"wall {summary.WallSeconds:F1} s; train loss {summary.TrainLoss}; eval loss {summary.EvalLoss}; output {summary.OutputDir}");
+        stdout.WriteLine(Json.Line(new
+        {
+            bench = "memory", mode = "job", preset = presetName, folder, seq, steps, eval_rows = evalRows, rank, stream, window = stream ? window : (int?)null,
+            layers = plan.Config.NumHiddenLayers,
+            measured_peak_bytes = sampler.PeakBytes, peak_phase = sampler.PeakPhase, baseline_bytes = baseline,
+            planned_peak_bytes = plan.PeakBytes, planned_peak_phase = plan.PeakPhase, measured_over_planned = Math.Round(ratio, 4),
+            wall_s = summary.WallSeconds, train_loss = summary.TrainLoss, eval_loss = summary.EvalLoss,
+            lean_heap = leanHeap, hardware = new { cpu, cores = Environment.ProcessorCount, torch_threads = torch.get_num_threads() },
+        }));
+        return 0;
     }
 }

@@ -72,8 +72,7 @@ public static class MemoryBenchmark
                 random.WriteFolder(folder, log);
                 checkpointBytes = Directory.EnumerateFiles(folder, "*.safetensors").Sum(f => new FileInfo(f).Length);
                 // The checkpoint is a one-off preparation (qlora quantize's job in real use): measure from here on.
-                System.Runtime.GCSettings.LargeObjectHeapCompactionMode = System.Runtime.GCLargeObjectHeapCompactionMode.CompactOnce;
-                GC.Collect(2, GCCollectionMode.Aggressive, blocking: true, compacting: true);
+                ManagedHeap.ReturnFreeMemory();
                 preparePeak = sampler.PeakBytes;
                 sampler.Reset();
             }
@@ -84,8 +83,7 @@ public static class MemoryBenchmark
                 ? HfModelLoader.Load(folder!, new HfModelLoader.Options { Streaming = true, StreamWindow = o.StreamWindow }, log)
                 : LlamaForCausalLM.FromWeights(config, random, projections: random);
             // Building the model leaves managed garbage (absmax arrays, quant states, JSON): return it before measuring the step.
-            System.Runtime.GCSettings.LargeObjectHeapCompactionMode = System.Runtime.GCLargeObjectHeapCompactionMode.CompactOnce;
-            GC.Collect(2, GCCollectionMode.Aggressive, blocking: true, compacting: true);
+            ManagedHeap.ReturnFreeMemory();
             long fourBit = model.named_modules().Select(m => m.module).OfType<Linear4bit>().Distinct().Sum(l => l.QuantizedBytes);
             long dense = model.named_parameters().Sum(p => p.parameter.numel() * p.parameter.element_size());
             model.ApplyLora(new LoraOptions { Rank = o.Rank, Alpha = 2 * o.Rank }, new Generator(1));

@@ -149,27 +149,14 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
 
     /// <summary>
     /// Writes the model as a bnb-4bit Hugging Face folder (sharded safetensors + index, config.json with
-    /// quantization_config, and a marker naming the generator), or keeps the folder when its marker shows it already
-    /// holds exactly these weights. Returns true when it wrote.
+    /// quantization_config, a byte-level tokenizer and a marker naming the generator), or keeps the folder when its
+    /// marker shows it already holds exactly these weights. Returns true when it wrote.
     /// </summary>
     public bool WriteFolder(string folder, Action<string>? log = null)
     {
-        string marker = Path.Combine(folder, "qlora-random-model.json");
+        const string format = "bnb-4bit";
+        if (!StartFolder(folder, format, FourBitBytes + DenseBytes, log, out var marker)) return false;
         var config = ConfigJson();
-        string expected = new JsonObject { ["generator"] = Generator, ["seed"] = Seed, ["weight_std"] = WeightStd, ["config"] = config.DeepClone() }.ToJsonString();
-        if (File.Exists(marker) && File.ReadAllText(marker) == expected)
-        {
-            log?.Invoke($"reusing the random bnb-4bit checkpoint in {folder}");
-            return false;
-        }
-        if (Directory.Exists(folder)) Directory.Delete(folder, recursive: true);
-        Directory.CreateDirectory(folder);
-        long total = FourBitBytes + DenseBytes;
-        long free = new DriveInfo(Path.GetFullPath(folder)).AvailableFreeSpace;
-        if (free < total + (1L << 30))
-            throw new IOException($"{folder}: writing the {total / 1e9:F1} GB checkpoint needs that much free disk plus 1 GB; {free / 1e9:F1} GB are free");
-        log?.Invoke($"writing a random bnb-4bit checkpoint of {total / 1e9:F2} GB to {folder}");
-
         using var writer = new ShardedSafetensorsWriter(folder, metadata: new Dictionary<string, string> { ["format"] = "pt" });
         // Pass 1 lays the files out: a 4-bit weight's entries depend on its shape and, through the quant-state JSON,
         // on the double-quantization offset, which the absmax alone gives.
@@ -204,10 +191,72 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
             if (++written % 7 == 0) log?.Invoke($"  {written / 7} of {Config.NumHiddenLayers} layers written");
         }
         writer.Commit();
-        CheckpointQuantizer.WriteJson(Path.Combine(folder, "config.json"), config);
-        File.WriteAllText(marker, expected); // last: a folder without it is incomplete and is rewritten
+        FinishFolder(folder, format, config, marker);
         return true;
     }
+
+    /// <summary>
+    /// Writes the model as the folder a user downloads from the Hub: every tensor dense bf16 (the decoder projections
+    /// normal(0, <see cref="WeightStd"/>) like the embeddings, not the 4-bit values), split into safetensors shards of at
+    /// most <paramref name="maxShardBytes"/> with an index, config.json without quantization_config, and a byte-level
+    /// tokenizer. Kept as it is when its marker shows it holds these weights already. Returns true when it wrote.
+    /// </summary>
+    public bool WriteDenseFolder(string folder, long maxShardBytes = ShardedSafetensorsWriter.DefaultMaxShardBytes, Action<string>? log = null)
+    {
+        long total = _tensors.Values.Sum(t => 2 * TensorShape.ElementCount(t.Shape));
+        string format = $"dense-bf16, shards of at most {maxShardBytes} bytes";
+        if (!StartFolder(folder, format, total, log, out var marker)) return false;
+        var config = ConfigJson();
+        config.Remove("quantization_config");
+        using var writer = new ShardedSafetensorsWriter(folder, maxShardBytes, metadata: new Dictionary<string, string> { ["format"] = "pt" });
+        foreach (var name in _order) writer.Declare(name, TensorDType.BF16, _tensors[name].Shape);
+        int written = 0;
+        foreach (var name in _order)
+        {
+            var (shape, fourBit) = _tensors[name];
+            WriteDense(writer, name, shape);
+            if (fourBit && ++written % 7 == 0) log?.Invoke($"  {written / 7} of {Config.NumHiddenLayers} layers written");
+        }
+        writer.Commit();
+        FinishFolder(folder, format, config, marker);
+        return true;
+    }
+
+    /// <summary>The marker's text for a folder of <paramref name="format"/>: generator, seed, scale and architecture.</summary>
+    private string MarkerText(string format) =>
+        new JsonObject { ["generator"] = Generator, ["format"] = format, ["seed"] = Seed, ["weight_std"] = WeightStd, ["config"] = ConfigJson() }.ToJsonString();
+
+    /// <summary>False when the folder already holds these weights; otherwise empties it (it is this generator's scratch) and checks the disk.</summary>
+    private bool StartFolder(string folder, string format, long bytes, Action<string>? log, out string marker)
+    {
+        marker = Path.Combine(folder, MarkerFile);
+        if (File.Exists(marker) && File.ReadAllText(marker) == MarkerText(format))
+        {
+            log?.Invoke($"reusing the random {format} checkpoint in {folder}");
+            return false;
+        }
+        if (Directory.Exists(folder))
+        {
+            if (Directory.EnumerateFileSystemEntries(folder).Any() && !File.Exists(marker) && !Directory.EnumerateFiles(folder, "*.safetensors*").Any())
+                throw new IOException($"{folder}: the folder holds files this generator did not write; choose an empty or new scratch folder");
+            Directory.Delete(folder, recursive: true);
+        }
+        Directory.CreateDirectory(folder);
+        long free = new DriveInfo(Path.GetFullPath(folder)).AvailableFreeSpace;
+        if (free < bytes + (1L << 30))
+            throw new IOException($"{folder}: writing the {bytes / 1e9:F1} GB checkpoint needs that much free disk plus 1 GB; {free / 1e9:F1} GB are free");
+        log?.Invoke($"writing a random {format} checkpoint of {bytes / 1e9:F2} GB to {folder}");
+        return true;
+    }
+
+    private void FinishFolder(string folder, string format, JsonObject config, string marker)
+    {
+        CheckpointQuantizer.WriteJson(Path.Combine(folder, "config.json"), config);
+        ByteLevelTokenizerFiles.Write(folder);
+        File.WriteAllText(marker, MarkerText(format)); // last: a folder without it is incomplete and is rewritten
+    }
+
+    private const string MarkerFile = "qlora-random-model.json";
 
     /// <summary>config.json of the architecture, with bitsandbytes' quantization_config (NF4, double quant, bf16 compute).</summary>
     public JsonObject ConfigJson()

@@ -64,6 +64,8 @@ public static class HfModelLoader
                 options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer);
             long quantized = model.named_modules().Select(m => m.module).OfType<Linear4bit>().Distinct().Sum(l => l.QuantizedBytes);
             long dense = model.named_parameters().Sum(p => p.parameter.numel() * p.parameter.element_size());
+            // Quantizing on load leaves the managed arrays of every weight behind: give them back before training starts.
+            ManagedHeap.ReturnFreeMemory();
             log?.Invoke($"model: {quantized / 1e6:F1} MB of 4-bit projections{(streamer is null ? "" : $" streamed from disk (at most {streamer.Window} layers of {streamer.LargestLayerBytes / 1e6:F1} MB resident)")} + {dense / 1e6:F1} MB dense ({options.ComputeDType}) in {sw.Elapsed.TotalSeconds:F1} s");
             return model;
         }

@@ -3,7 +3,8 @@ namespace QLora.Trainer;
 /// <summary>
 /// Samples resident anonymous memory on a background thread and keeps the maximum, because the kernel keeps a
 /// high-water mark only for total RSS (which includes memory-mapped files). Also samples on demand
-/// (<see cref="Sample"/>) at the points a caller knows are peaks.
+/// (<see cref="Sample"/>) at the points a caller knows are peaks. A caller that names its phases (<see cref="Phase"/>:
+/// "load", "step 3", "save") learns in which one the peak happened (<see cref="PeakPhase"/>).
 /// </summary>
 public sealed class PeakMemorySampler : IDisposable
 {
@@ -11,6 +12,8 @@ public sealed class PeakMemorySampler : IDisposable
     readonly CancellationTokenSource stop = new();
     readonly TimeSpan interval;
     long peak;
+    volatile string phase = "start";
+    volatile string peakPhase = "start";
 
     /// <summary>Starts sampling every <paramref name="intervalMs"/> milliseconds.</summary>
     public PeakMemorySampler(int intervalMs = 5)
@@ -31,17 +34,41 @@ public sealed class PeakMemorySampler : IDisposable
     /// <summary>The peak above the baseline: what the work since construction added.</summary>
     public long PeakAboveBaseline => PeakBytes - Baseline;
 
+    /// <summary>What the process is doing now (set by the caller); the peak remembers the phase it was reached in.</summary>
+    public string Phase
+    {
+        get => phase;
+        set
+        {
+            Sample(); // the end of the previous phase belongs to it
+            phase = value;
+        }
+    }
+
+    /// <summary>The <see cref="Phase"/> during which <see cref="PeakBytes"/> was sampled.</summary>
+    public string PeakPhase => peakPhase;
+
     /// <summary>Takes one sample now and returns it.</summary>
     public long Sample()
     {
         long now = ResidentMemory.AnonymousBytes();
+        string current = phase;
         long seen;
-        while (now > (seen = Interlocked.Read(ref peak)) && Interlocked.CompareExchange(ref peak, now, seen) != seen) { }
+        while (now > (seen = Interlocked.Read(ref peak)))
+            if (Interlocked.CompareExchange(ref peak, now, seen) == seen)
+            {
+                peakPhase = current;
+                break;
+            }
         return now;
     }
 
     /// <summary>Restarts the peak from the current value.</summary>
-    public void Reset() => Interlocked.Exchange(ref peak, ResidentMemory.AnonymousBytes());
+    public void Reset()
+    {
+        Interlocked.Exchange(ref peak, ResidentMemory.AnonymousBytes());
+        peakPhase = phase;
+    }
 
     void Loop()
     {

@@ -70,10 +70,18 @@ public sealed class ModelSection
     public string ComputeDType { get; set; } = "bfloat16";
     /// <summary>Chat template by name (llama3, llama3.1, chatml, mistral, alpaca); default: the tokenizer's, else alpaca.</summary>
     public string? ChatTemplate { get; set; }
+    /// <summary>
+    /// Layer streaming (bnb-4bit folders only): the decoder layers' 4-bit weights stay in the memory-mapped checkpoint
+    /// and only <see cref="StreamWindow"/> layers are resident at once, for models whose weights exceed the budget.
+    /// </summary>
+    public bool Stream { get; set; }
+    /// <summary>Decoder layers resident at once when streaming (the one computing and the one being prefetched).</summary>
+    public int StreamWindow { get; set; } = 2;
 
     internal void Validate(List<string> e)
     {
         TrainJob.Check(e, !string.IsNullOrWhiteSpace(Path), "Model:Path", Path, "a Hugging Face model folder is required");
+        TrainJob.Check(e, StreamWindow >= 1, "Model:StreamWindow", StreamWindow, "must be at least 1");
         TrainJob.OneOf(e, "Model:ComputeDType", ComputeDType, "bfloat16", "float16", "float32");
         if (ChatTemplate is not null) TrainJob.OneOf(e, "Model:ChatTemplate", ChatTemplate, [.. QLora.Trainer.ChatTemplate.Names]);
     }

@@ -19,6 +19,8 @@ public sealed record TrainSummary
     [JsonPropertyName("tokens_per_s")] public double TokensPerSecond { get; init; }
     /// <summary>Peak resident anonymous memory of the process (sampled).</summary>
     [JsonPropertyName("peak_memory_bytes")] public long PeakMemoryBytes { get; init; }
+    /// <summary>The phase of the run in which the peak was sampled ("load", "step 3", "final eval", ...).</summary>
+    [JsonPropertyName("peak_memory_phase")] public string? PeakMemoryPhase { get; init; }
     /// <summary>Wall time of the whole job, loading included.</summary>
     [JsonPropertyName("wall_s")] public double WallSeconds { get; init; }
     /// <summary>The run's folder.</summary>

@@ -25,6 +25,11 @@ public sealed class TrainingRun
         public Action<TrainProgress>? Progress { get; init; }
         /// <summary>Cancelled (Ctrl-C): the run saves a checkpoint at the next step boundary and returns.</summary>
         public CancellationToken Cancellation { get; init; }
+        /// <summary>
+        /// The sampler the run reports its peak memory from and names its phases to (a caller that measures more than
+        /// the run, such as <c>qlora bench memory --from-folder</c>, passes its own); null: the run makes one.
+        /// </summary>
+        public PeakMemorySampler? MemorySampler { get; init; }
     }
 
     /// <summary>The result of a run.</summary>
@@ -43,6 +48,7 @@ public sealed class TrainingRun
     readonly RunOptions _run;
     readonly string _out;
     TrainerState _state = new();
+    PeakMemorySampler? _sampler;
 
     TrainingRun(TrainJob job, RunOptions run)
     {
@@ -64,7 +70,9 @@ public sealed class TrainingRun
     Result Execute()
     {
         var wall = Stopwatch.StartNew();
-        using var sampler = new PeakMemorySampler();
+        using var ownSampler = _run.MemorySampler is null ? new PeakMemorySampler() : null;
+        var sampler = _sampler = _run.MemorySampler ?? ownSampler!;
+        sampler.Phase = "plan";
         var checkpoints = new TrainingCheckpoints(Path.Combine(_out, CheckpointsFolder), _job.Output.KeepLast);
         var modelPath = _job.Model.Path!;
         if (!Directory.Exists(modelPath)) throw new DirectoryNotFoundException($"Model:Path {modelPath} does not exist; point it at a Hugging Face model folder");
@@ -85,19 +93,24 @@ public sealed class TrainingRun
         var t = _job.Training;
         if (t.Threads > 0) set_num_threads(t.Threads);
         manual_seed(t.Seed);
+        sampler.Phase = "data";
         using var tokenizer = HfTokenizer.Load(modelPath);
         var template = ChooseTemplate(tokenizer);
         var data = PrepareData(tokenizer, template);
 
         var dtype = ParseDType(_job.Model.ComputeDType);
+        sampler.Phase = "load";
         using var model = HfModelLoader.Load(modelPath, new HfModelLoader.Options
         {
             ComputeDType = dtype,
             Blocksize = _job.Quantization.Blocksize,
             QuantType = QuantTypes.Parse(_job.Quantization.QuantType),
             DoubleQuant = _job.Quantization.DoubleQuant,
+            Streaming = _job.Model.Stream,
+            StreamWindow = _job.Model.StreamWindow,
         }, Log);
         tokenizer.EnsureMatchesEmbedding(model.Config.VocabSize);
+        sampler.Phase = "lora";
         model.GradientCheckpointing = t.GradientCheckpointing;
         model.LossChunkTokens = t.LossChunkTokens;
         var lora = LoraOptionsOf(_job.Lora);
@@ -159,6 +172,7 @@ public sealed class TrainingRun
                     }
                     rows.Add(epochBatches[_state.BatchIndex++].Select(i => schedule.Rows[i]).ToList());
                 }
+                sampler.Phase = $"step {_state.Step + 1}";
                 var record = Step(model, optimizer, rows, lr.Factor(_state.Step), t);
                 _state.Step++;
                 stepTimer.Stop();
@@ -182,7 +196,10 @@ public sealed class TrainingRun
                 _run.Progress?.Invoke(new TrainProgress(_state.Step, totalSteps, record.Loss, record.LearningRate, tps,
                     TimeSpan.FromSeconds(_state.TrainSeconds), TimeSpan.FromSeconds(perStep * (totalSteps - _state.Step)), sampler.Sample()));
                 if (_job.Eval.EveryNSteps > 0 && _state.Step % _job.Eval.EveryNSteps == 0 && _state.Step < totalSteps)
+                {
+                    sampler.Phase = $"eval after step {_state.Step}";
                     _state.EvalHistory.Add(evaluator.Evaluate(_state.Step, exactMatch: false));
+                }
                 if (_job.Output.SaveEveryNSteps > 0 && _state.Step % _job.Output.SaveEveryNSteps == 0 && _state.Step < totalSteps)
                 {
                     lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
@@ -200,9 +217,11 @@ public sealed class TrainingRun
         }
         else
         {
+            sampler.Phase = "final eval";
             var final = evaluator.Evaluate(_state.Step, _job.Eval.ExactMatch);
             if (final.Loss is not double.NaN) _state.EvalHistory.Add(final);
             lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
+            sampler.Phase = "adapter save";
             PeftAdapter.Save(model, lora, _out, baseModel: modelPath);
             summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, double.IsNaN(final.Loss) ? null : final.Loss, final.ExactMatch, interrupted: false);
         }
@@ -279,6 +298,7 @@ public sealed class TrainingRun
 
     string SaveCheckpoint(TrainingCheckpoints checkpoints, LlamaForCausalLM model, LoraOptions lora, BnbAdamW optimizer)
     {
+        if (_sampler is not null) _sampler.Phase = $"checkpoint at step {_state.Step}";
         using (var rng = random.get_rng_state()) _state.RngState = Convert.ToBase64String(rng.bytes.ToArray());
         var path = checkpoints.Save(_state.Step, dir =>
         {
@@ -401,6 +421,7 @@ public sealed class TrainingRun
             EvalPerplexity = evalLoss is double l2 ? Math.Round(Math.Exp(l2), 4) : null,
             TokensPerSecond = Math.Round(_state.TokensSeen / Math.Max(_state.TrainSeconds, 1e-9), 1),
             PeakMemoryBytes = sampler.PeakBytes,
+            PeakMemoryPhase = sampler.PeakPhase,
             WallSeconds = Math.Round(wall.Elapsed.TotalSeconds, 2),
             OutputDir = _out,
             ExactMatchBefore = _state.ExactMatchBefore,
@@ -436,6 +457,8 @@ public sealed class TrainingRun
         PagedOptimizer = job.Training.PagedOptimizer,
         LossChunkTokens = job.Training.LossChunkTokens,
         AttentionMask = job.Data.Packing,
+        LayerStreaming = job.Model.Stream,
+        StreamingWindow = job.Model.StreamWindow,
         BudgetBytes = job.Memory.BudgetBytes,
     };
 
