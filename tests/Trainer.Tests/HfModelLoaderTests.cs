@@ -45,6 +45,35 @@ public class HfModelLoaderTests
     }
 
     [Fact]
+    public void TheHostEmbeddingReadsTheMappedCheckpointAndTrainsExactlyLikeADeviceCopy()
+    {
+        using var dir = new TempFolder();
+        var c = TinyLlama.Config();
+        var tensors = WriteFolder(dir.File("model"), c);
+        using var host = HfModelLoader.Load(dir.File("model"));
+        using var device = HfModelLoader.Load(dir.File("model"), new HfModelLoader.Options { HostEmbedding = false });
+        Assert.True(host.model.embed_tokens.IsOnHost);
+        Assert.False(device.model.embed_tokens.IsOnHost);
+        // not a parameter (nothing for the device, the optimizer or Module.to), and the stored values unchanged
+        Assert.DoesNotContain(host.named_parameters(), p => p.name == "model.embed_tokens.weight");
+        Assert.True(host.model.embed_tokens.Table.eq(tensors["model.embed_tokens.weight"]).all().item<bool>());
+        var grads = new List<Dictionary<string, Tensor>>();
+        var losses = new List<float>();
+        foreach (var m in new[] { host, device })
+        {
+            m.ApplyLora(new LoraOptions { Rank = 4, Alpha = 8, Init = "gaussian" }, new Generator(3));
+            m.train();
+            var ids = tensor(new long[] { 1, 2, 3, 40, 50, 60, 7, 8 }).unsqueeze(0);
+            var (sum, n) = m.Loss(ids, ids);
+            Checkpoint.Backward(sum / n);
+            losses.Add(sum.item<float>());
+            grads.Add(m.TrainableParameters().ToDictionary(p => p.Name, p => p.Parameter.grad!.clone()));
+        }
+        Assert.Equal(losses[1], losses[0]);
+        foreach (var (name, g) in grads[1]) Assert.True(g.eq(grads[0][name]).all().item<bool>(), $"{name} gradient differs");
+    }
+
+    [Fact]
     public void ABnbFourBitFolderWrittenHereReloadsWithIdenticalCodes()
     {
         using var dir = new TempFolder();

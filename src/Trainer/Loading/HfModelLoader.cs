@@ -34,6 +34,11 @@ public static class HfModelLoader
         public bool Streaming { get; init; }
         /// <summary>Most decoder layers resident at once when streaming (2: the current one and the prefetched one).</summary>
         public int StreamWindow { get; init; } = 2;
+        /// <summary>
+        /// Keep the input embedding table of an untied model in host memory, read in place from the memory-mapped
+        /// checkpoint; only the rows a batch uses reach the device (see <see cref="FrozenEmbedding.OnHost"/>).
+        /// </summary>
+        public bool HostEmbedding { get; init; } = true;
     }
 
     /// <summary>Loads the model in <paramref name="folder"/>; errors name the file, field or tensor that is wrong.</summary>
@@ -55,18 +60,25 @@ public static class HfModelLoader
             throw new ArgumentException($"{folder}: layer streaming reads a bnb-4bit checkpoint, and this folder has no quantization_config (quantize it first with 'qlora quantize')");
         var checkpoint = SafetensorsCheckpoint.Open(folder);
         LayerStreamer? streamer = null;
+        bool mapped = false;
         try
         {
             long stored = checkpoint.Tensors.Sum(t => t.ByteLength);
             log?.Invoke($"weights: {checkpoint.Tensors.Count} tensors, {stored / 1e6:F1} MB in {checkpoint.Shards.Count} file(s), memory-mapped");
             if (options.Streaming) streamer = new LayerStreamer(checkpoint, config.NumHiddenLayers, options.StreamWindow);
             var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize || bnb is not null,
-                options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer);
+                options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer, options.HostEmbedding);
+            if (model.model.embed_tokens.IsOnHost && streamer is null)
+            {
+                model.HostMemory = checkpoint; // the embedding reads the mapped file: the model keeps it open
+                mapped = true;
+            }
             long quantized = model.named_modules().Select(m => m.module).OfType<Linear4bit>().Distinct().Sum(l => l.QuantizedBytes);
             long dense = model.named_parameters().Sum(p => p.parameter.numel() * p.parameter.element_size());
+            var embedding = model.model.embed_tokens;
             // Quantizing on load leaves the managed arrays of every weight behind: give them back before training starts.
             ManagedHeap.ReturnFreeMemory();
-            log?.Invoke($"model: {quantized / 1e6:F1} MB of 4-bit projections{(streamer is null ? "" : $" streamed from disk (at most {streamer.Window} layers of {streamer.LargestLayerBytes / 1e6:F1} MB resident)")} + {dense / 1e6:F1} MB dense ({options.ComputeDType}) in {sw.Elapsed.TotalSeconds:F1} s");
+            log?.Invoke($"model: {quantized / 1e6:F1} MB of 4-bit projections{(streamer is null ? "" : $" streamed from disk (at most {streamer.Window} layers of {streamer.LargestLayerBytes / 1e6:F1} MB resident)")} + {dense / 1e6:F1} MB dense ({options.ComputeDType}){(embedding.IsOnHost ? $"; the {embedding.Table.numel() * embedding.Table.element_size() / 1e6:F1} MB input embedding is read in place from the memory-mapped checkpoint" : "")} in {sw.Elapsed.TotalSeconds:F1} s");
             return model;
         }
         catch
@@ -76,7 +88,7 @@ public static class HfModelLoader
         }
         finally
         {
-            if (streamer is null) checkpoint.Dispose();
+            if (streamer is null && !mapped) checkpoint.Dispose();
         }
     }
 }

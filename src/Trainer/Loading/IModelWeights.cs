@@ -17,4 +17,11 @@ public interface IModelWeights
 
     /// <summary>The weight as NF4/FP4: the stored one for a pre-quantized checkpoint, else quantized now from the dense values.</summary>
     QuantizedTensor FourBit(string name, QuantType quantType, int blocksize, bool doubleQuant);
+
+    /// <summary>
+    /// A CPU tensor (its stored dtype) that reads a densely stored tensor in place from host memory the source already
+    /// holds, such as a memory-mapped file, so it costs no anonymous memory; null when the source has no such memory.
+    /// The tensor is valid while the source's memory is (see <see cref="LlamaForCausalLM"/>, which keeps it).
+    /// </summary>
+    Tensor? Mapped(string name) => null;
 }

@@ -28,6 +28,18 @@ public sealed class SafetensorsModelWeights(SafetensorsCheckpoint checkpoint) : 
     }
 
     /// <inheritdoc />
+    public Tensor? Mapped(string name)
+    {
+        if (BnbCheckpointLayout.IsQuantized(checkpoint, name)) return null;
+        var info = checkpoint.GetInfo(name);
+        if (info.ByteLength == 0 || FloatTypes.FromTensorDType(info.DType) is null) return null;
+        nint address = checkpoint.GetPointer(name);
+        int elementSize = (int)(info.ByteLength / Math.Max(1, TensorShape.ElementCount(info.Shape)));
+        if (address % elementSize != 0) return null; // a misaligned tensor (unusual header padding): copy it instead
+        return TensorMemory.Alias(address, info.Shape, TorchDTypes.ToScalarType(info));
+    }
+
+    /// <inheritdoc />
     public QuantizedTensor FourBit(string name, QuantType quantType, int blocksize, bool doubleQuant)
     {
         if (BnbCheckpointLayout.IsQuantized(checkpoint, name)) return BnbCheckpointLayout.Read(checkpoint, name);

@@ -74,7 +74,8 @@ public static class MemoryPlanner
         long h = cfg.HiddenSize, v = cfg.VocabSize;
         long q = (long)cfg.NumAttentionHeads * cfg.HeadDim, kv = (long)cfg.NumKeyValueHeads * cfg.HeadDim;
         long biasPerLayer = (cfg.AttentionBias ? q + 2 * kv + (cfg.QkvBiasOnly ? 0 : h) : 0) + (cfg.MlpBias ? 2L * cfg.IntermediateSize + h : 0);
-        long embed = v * h * c;
+        bool hostEmbedding = o.HostEmbedding && !cfg.TieWordEmbeddings;
+        long embed = hostEmbedding ? 0 : v * h * c;
         long head = cfg.TieWordEmbeddings ? 0 : v * h * c;
         long norms = (2L * layers + 1) * h * c;
         long unquant = embed + head + norms + biasPerLayer * c * layers;
@@ -115,7 +116,7 @@ public static class MemoryPlanner
             [StepMemorySimulation.QuantizedWeights] = o.LayerStreaming ? "4-bit decoder weights: streamed, none resident"
                 : $"4-bit decoder weights: {linearParams:N0} parameters at {Bits(quantAll, linearParams)} bits (packed codes, absmax{(o.DoubleQuant ? ", nested absmax and code maps" : "")})",
             [StepMemorySimulation.StreamingWindow] = o.LayerStreaming ? $"{Math.Min(o.StreamingWindow, layers)} resident layers of 4-bit weights ({ByteSize.Format(layerQuant)} each)" : "no layer streaming",
-            [StepMemorySimulation.UnquantizedWeights] = $"embeddings{(cfg.TieWordEmbeddings ? " (tied with lm_head)" : ", lm_head")}, norms{(biasPerLayer > 0 ? ", biases" : "")} in {o.ComputeDType}",
+            [StepMemorySimulation.UnquantizedWeights] = $"{(hostEmbedding ? "lm_head" : cfg.TieWordEmbeddings ? "embeddings (tied with lm_head)" : "embeddings, lm_head")}, norms{(biasPerLayer > 0 ? ", biases" : "")} in {o.ComputeDType}",
             [StepMemorySimulation.LoraWeights] = $"{loraParams:N0} LoRA parameters (r={o.LoraRank}, {string.Join("/", o.LoraTargets)}) in {o.AdapterDType}",
             [StepMemorySimulation.LoraGradients] = $"LoRA gradients in {o.AdapterDType}",
             [StepMemorySimulation.OptimizerState] = $"AdamW {o.OptimizerBits}-bit state{(o.PagedOptimizer ? ": paged, one tensor's state resident" : "")}",
@@ -133,6 +134,7 @@ public static class MemoryPlanner
         var host = new List<MemoryComponent>();
         if (o.PagedOptimizer) host.Add(new MemoryComponent("optimizer_state_host", optTotal, "paged AdamW state (memory-mapped file)"));
         if (o.LayerStreaming) host.Add(new MemoryComponent("streamed_weights_host", quantAll, "4-bit decoder weights held in host memory"));
+        if (hostEmbedding) host.Add(new MemoryComponent("embedding_host", v * h * c, "input embedding table, read in place from the memory-mapped checkpoint; only a batch's rows reach the device"));
         return new MemoryPlan
         {
             Config = cfg, Options = o, Components = components, PeakBytes = sim.PeakBytes, PeakPhase = sim.PeakPhase,

@@ -38,6 +38,12 @@ public sealed record PlanOptions
     public bool LayerStreaming { get; init; }
     /// <summary>Decoder layers resident at once when streaming (the one computing and the one being prefetched).</summary>
     public int StreamingWindow { get; init; } = 2;
+    /// <summary>
+    /// The input embedding table of an untied model stays in host memory (the memory-mapped checkpoint) and only the
+    /// rows of a batch reach the device (<see cref="FrozenEmbedding.OnHost"/>); a tied table is needed whole by lm_head
+    /// and stays on the device either way.
+    /// </summary>
+    public bool HostEmbedding { get; init; } = true;
     /// <summary>An explicit attention mask (packed sequences): SDPA falls back to the math path, which materialises B·heads·T² scores.</summary>
     public bool AttentionMask { get; init; }
     /// <summary>

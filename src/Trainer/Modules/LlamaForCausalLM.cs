@@ -52,7 +52,13 @@ public sealed class LlamaForCausalLM : nn.Module
     /// </summary>
     public LayerStreamer? Streamer { get; private set; }
 
-    /// <summary>Releases the streamer (resident layers and the memory-mapped checkpoint) with the modules.</summary>
+    /// <summary>
+    /// Host memory tensors of the model read in place (the memory-mapped checkpoint behind a host embedding table),
+    /// owned: released after the modules, since their tensors alias it.
+    /// </summary>
+    public IDisposable? HostMemory { get; set; }
+
+    /// <summary>Releases the streamer (resident layers and the memory-mapped checkpoint) and the host memory with the modules.</summary>
     protected override void Dispose(bool disposing)
     {
         if (disposing)
@@ -61,6 +67,11 @@ public sealed class LlamaForCausalLM : nn.Module
             Streamer = null;
         }
         base.Dispose(disposing);
+        if (disposing)
+        {
+            HostMemory?.Dispose();
+            HostMemory = null;
+        }
     }
 
     /// <summary>
@@ -80,11 +91,13 @@ public sealed class LlamaForCausalLM : nn.Module
     /// <remarks>
     /// With <paramref name="projections"/>, every decoder projection is a <see cref="Linear4bit"/> that factory builds
     /// (biases still come from <paramref name="weights"/>); a <see cref="LayerStreamer"/> factory becomes the model's
-    /// <see cref="Streamer"/>, owned by the model.
+    /// <see cref="Streamer"/>, owned by the model. With <paramref name="hostEmbedding"/>, an untied model whose weights can
+    /// be read in place (<see cref="IModelWeights.Mapped"/>) keeps its input embedding there (<see cref="FrozenEmbedding.OnHost"/>);
+    /// the caller then hands the memory's owner to <see cref="HostMemory"/>.
     /// </remarks>
     public static LlamaForCausalLM FromWeights(LlamaConfig config, IModelWeights weights, bool quantize = true,
         ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64, QuantType quantType = QuantType.Nf4, bool doubleQuant = true,
-        IFourBitProjectionFactory? projections = null)
+        IFourBitProjectionFactory? projections = null, bool hostEmbedding = false)
     {
         void Check(string name, long[] shape)
         {
@@ -143,16 +156,19 @@ public sealed class LlamaForCausalLM : nn.Module
             return n;
         }
         FrozenEmbedding embed;
-        using (var e = Get("model.embed_tokens.weight", config.VocabSize, hsz)) embed = new FrozenEmbedding(e.to(computeDType));
+        Check("model.embed_tokens.weight", [config.VocabSize, hsz]);
+        // Only rows reach the device: a tied lm_head multiplies by the whole table, so it stays there.
+        if (hostEmbedding && !config.TieWordEmbeddings && weights.Mapped("model.embed_tokens.weight") is { } mapped)
+            embed = FrozenEmbedding.OnHost(mapped, computeDType);
+        else
+            using (var e = Get("model.embed_tokens.weight", config.VocabSize, hsz)) embed = new FrozenEmbedding(e.to(computeDType));
         var model = new LlamaModel(embed, layers, Norm("model.norm.weight"));
         nn.Module<Tensor, Tensor>? head = null;
         if (!config.TieWordEmbeddings)
         {
+            // The loaded tensor becomes the weight: no second [vocab, hidden] buffer (and no random init) while loading.
             using var w = Get("lm_head.weight", config.VocabSize, hsz);
-            var lin = nn.Linear(hsz, config.VocabSize, hasBias: false, dtype: computeDType);
-            using (no_grad()) lin.weight!.copy_(w);
-            lin.weight!.requires_grad = false;
-            head = lin;
+            head = nn.Linear(new Parameter(w.to(computeDType).contiguous().detach(), requires_grad: false));
         }
         return new LlamaForCausalLM(config, model, head, computeDType) { Streamer = projections as LayerStreamer };
     }

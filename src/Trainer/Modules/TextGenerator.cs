@@ -43,7 +43,7 @@ public static class TextGenerator
     {
         options.Validate();
         if (prompt.Count == 0) throw new ArgumentException("the prompt has no tokens");
-        var device = model.model.embed_tokens.weight.device;
+        var device = model.model.norm.weight.device; // the compute device (the embedding table may stay on the host)
         var generator = new Generator(options.Seed, device);
         var output = new List<int>();
         bool wasTraining = model.training;

@@ -38,8 +38,11 @@ public class MemoryPlannerTests
         long linear = 32L * (2L * 4096 * 4096 + 2L * 1024 * 4096 + 3L * 14336 * 4096);
         Assert.Equal(6_979_321_856, linear);
         Assert.Equal(4.127, 8.0 * p["quantized_weights"] / linear, 3);
-        // bf16 embeddings and an untied lm_head (128,256 x 4096 each) + 65 norms of 4096
-        Assert.Equal(2L * 128256 * 4096 * 2 + 65L * 4096 * 2, p["unquantized_weights"]);
+        // the untied lm_head (128,256 x 4096, bf16) + 65 norms of 4096 on the device; the input embedding stays on the host
+        Assert.Equal(128256L * 4096 * 2 + 65L * 4096 * 2, p["unquantized_weights"]);
+        Assert.Equal(128256L * 4096 * 2, p.HostComponents.Single(c => c.Name == "embedding_host").Bytes);
+        // without the host table both bf16 matrices are on the device
+        Assert.Equal(2L * 128256 * 4096 * 2 + 65L * 4096 * 2, Plan("llama-3.1-8b", Recipe with { HostEmbedding = false })["unquantized_weights"]);
         // LoRA r=16 per layer: 16 x ((4096+4096) + 2 x (4096+1024) + (4096+4096) + 3 x (4096+14336)) = 1,310,720; fp32
         Assert.Equal(32L * 1_310_720, p.TrainableParameters);
         Assert.Equal(32L * 1_310_720 * 4, p["lora_weights"]);
@@ -57,10 +60,17 @@ public class MemoryPlannerTests
     {
         var untied = TinyLlama.Config(layers: 2, hidden: 64, vocab: 1000);
         var tied = untied with { TieWordEmbeddings = true };
-        long untiedBytes = MemoryPlanner.Plan(untied, Recipe with { SequenceLength = 64 })["unquantized_weights"];
-        long tiedBytes = MemoryPlanner.Plan(tied, Recipe with { SequenceLength = 64 })["unquantized_weights"];
+        var onDevice = Recipe with { SequenceLength = 64, HostEmbedding = false };
+        long untiedBytes = MemoryPlanner.Plan(untied, onDevice)["unquantized_weights"];
+        long tiedBytes = MemoryPlanner.Plan(tied, onDevice)["unquantized_weights"];
         Assert.Equal(1000L * 64 * 2, untiedBytes - tiedBytes);
         Assert.Equal(1000L * 64 * 2 + 5L * 64 * 2, tiedBytes);
+        // a tied table is lm_head's weight: it stays on the device even when the input embedding could stay on the host
+        var tiedPlan = MemoryPlanner.Plan(tied, onDevice with { HostEmbedding = true });
+        Assert.Equal(tiedBytes, tiedPlan["unquantized_weights"]);
+        Assert.DoesNotContain(tiedPlan.HostComponents, c => c.Name == "embedding_host");
+        // untied, the host table leaves lm_head alone on the device
+        Assert.Equal(tiedBytes, MemoryPlanner.Plan(untied, onDevice with { HostEmbedding = true })["unquantized_weights"]);
     }
 
     [Fact]
