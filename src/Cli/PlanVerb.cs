@@ -21,9 +21,13 @@ internal static class PlanVerb
         var chunk = new Option<int>("--loss-chunk") { Description = "tokens per chunk of the fp32 loss", DefaultValueFactory = _ => d.LossChunkTokens };
         var noCheckpointing = new Option<bool>("--no-checkpointing") { Description = "keep every layer's activations instead of recomputing them" };
         var bits = new Option<int>("--optimizer-bits") { Description = "AdamW state: 32 or 8", DefaultValueFactory = _ => d.OptimizerBits };
+        var noOffload = new Option<bool>("--no-offload") { Description = "keep the checkpointed layer inputs in device memory instead of offloading them to the host" };
+        var noHostEmbedding = new Option<bool>("--no-host-embedding") { Description = "keep the input embedding table in device memory (it stays in host memory by default when untied)" };
+        var mlpTile = new Option<int>("--mlp-tile") { Description = "sequence-tiled MLP: tokens per tile, each checkpointed on its own (0: off)", DefaultValueFactory = _ => d.MlpTileTokens };
+        var maxSeq = new Option<bool>("--max-seq") { Description = "also find the longest sequence (a multiple of 1024) that fits --budget with these settings" };
         var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
         {
-            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing,
+            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, maxSeq,
         };
         cmd.SetAction(r =>
         {
@@ -33,14 +37,21 @@ internal static class PlanVerb
             {
                 SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), OptimizerBits = r.GetValue(bits),
                 LossChunkTokens = r.GetValue(chunk), GradientCheckpointing = !r.GetValue(noCheckpointing), LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
+                OffloadCheckpoints = !r.GetValue(noOffload), HostEmbedding = !r.GetValue(noHostEmbedding), MlpTileTokens = r.GetValue(mlpTile),
             };
+            if (r.GetValue(maxSeq) && options.BudgetBytes is null) throw new ArgumentException("--max-seq needs --budget: the longest sequence that fits what?");
             var plan = MemoryPlanner.Plan(config, options);
             var c = plan.Config;
             stdout.WriteLine($"{name}: {c.NumHiddenLayers} layers, hidden {c.HiddenSize}, intermediate {c.IntermediateSize}, heads {c.NumAttentionHeads}/{c.NumKeyValueHeads}, vocab {c.VocabSize}");
             stdout.WriteLine($"job: {options.MicroBatch} x {options.SequenceLength} tokens, LoRA r={options.LoraRank} on {string.Join(", ", options.LoraTargets)}, " +
                 $"{(options.GradientCheckpointing ? "checkpointing" : "no checkpointing")}, {(options.PagedOptimizer ? "paged " : "")}{options.OptimizerBits}-bit AdamW, " +
-                $"loss chunk {options.LossChunkTokens}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}");
+                $"loss chunk {options.LossChunkTokens}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}" +
+                $"{(options.GradientCheckpointing && options.OffloadCheckpoints ? ", offloaded checkpoints" : "")}{(options.MlpTileTokens > 0 ? $", MLP in tiles of {options.MlpTileTokens} tokens" : "")}");
             stdout.WriteLine(plan.ToTable());
+            int? longest = r.GetValue(maxSeq) ? MemoryPlanner.MaxSequenceLength(config, options, 1024) : null;
+            if (longest is int m)
+                stdout.WriteLine(m == 0 ? $"no sequence of 1024 tokens or more fits {ByteSize.Format(options.BudgetBytes!.Value)} with these settings"
+                    : $"longest sequence that fits {ByteSize.Format(options.BudgetBytes!.Value)}: {m:N0} tokens (peak {ByteSize.Format(MemoryPlanner.Plan(config, options with { SequenceLength = m }).PeakBytes)})");
             stdout.WriteLine(Json.Line(new
             {
                 plan = name,
@@ -52,6 +63,7 @@ internal static class PlanVerb
                 components = plan.Components.ToDictionary(x => x.Name, x => x.Bytes),
                 host = plan.HostComponents.ToDictionary(x => x.Name, x => x.Bytes),
                 suggestions = plan.Suggestions.Select(s => new { change = s.Change, peak_bytes = s.PeakBytes }).ToList(),
+                max_seq = longest,
             }));
             return 0;
         });

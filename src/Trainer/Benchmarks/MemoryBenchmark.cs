@@ -32,6 +32,8 @@ public static class MemoryBenchmark
         public int StreamWindow { get; init; } = 2;
         /// <summary>Tokens per chunk of the fp32 loss's logits (<see cref="LlamaForCausalLM.LossChunkTokens"/>; null: the model's default).</summary>
         public int? LossChunkTokens { get; init; }
+        /// <summary>Offloaded checkpoints (<see cref="LlamaForCausalLM.OffloadCheckpoints"/>).</summary>
+        public bool OffloadCheckpoints { get; init; } = true;
         /// <summary>Folder of the streamed checkpoint (written if it does not hold these weights yet).</summary>
         public string ScratchFolder { get; init; } = Path.Combine("scratch", "bench-memory");
     }
@@ -88,6 +90,7 @@ public static class MemoryBenchmark
             long dense = model.named_parameters().Sum(p => p.parameter.numel() * p.parameter.element_size());
             model.ApplyLora(new LoraOptions { Rank = o.Rank, Alpha = 2 * o.Rank }, new Generator(1));
             model.GradientCheckpointing = true;
+            model.OffloadCheckpoints = o.OffloadCheckpoints;
             if (o.LossChunkTokens is int chunk) model.LossChunkTokens = chunk;
             model.train();
             long lora = model.TrainableParameters().Sum(p => p.Parameter.numel());

@@ -52,7 +52,7 @@ public sealed record MemoryPlan
                 : $"does NOT fit the budget of {ByteSize.Format(b)} ({b:N0} bytes): {ByteSize.Format(PeakBytes - b)} over");
         if (!Fits)
         {
-            if (Suggestions.Count == 0) sb.AppendLine("no change tried makes it fit (checkpointing, paged 8-bit optimizer, loss chunk, micro-batch, sequence length, layer streaming)");
+            if (Suggestions.Count == 0) sb.AppendLine("no change tried makes it fit (checkpointing, offloaded checkpoints, tiled MLP, paged 8-bit optimizer, loss chunk, micro-batch, sequence length, layer streaming)");
             foreach (var s in Suggestions) sb.AppendLine($"  would fit with {s.Change}: peak {ByteSize.Format(s.PeakBytes)}");
         }
         return sb.ToString().TrimEnd();

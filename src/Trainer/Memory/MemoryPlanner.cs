@@ -25,6 +25,29 @@ public static class MemoryPlanner
     }
 
     /// <summary>
+    /// The longest sequence, a multiple of <paramref name="step"/>, whose plan with <paramref name="options"/> fits
+    /// its budget (0 when not even <paramref name="step"/> tokens fit). The peak grows with the sequence, so a doubling
+    /// search then a bisection finds it in a few dozen plans.
+    /// </summary>
+    public static int MaxSequenceLength(LlamaConfig config, PlanOptions options, int step = 1024)
+    {
+        long budget = options.BudgetBytes ?? throw new ArgumentException("the longest sequence that fits needs a budget");
+        if (step < 2) throw new ArgumentOutOfRangeException(nameof(step), "the step must be at least 2 tokens");
+        bool Fits(long units) => PlanOnce(config, options with { SequenceLength = checked((int)(units * step)) }).PeakBytes <= budget;
+        if (!Fits(1)) return 0;
+        long lo = 1, hi = 2;
+        long maxUnits = int.MaxValue / step;
+        while (hi <= maxUnits && Fits(hi)) { lo = hi; hi *= 2; }
+        hi = Math.Min(hi, maxUnits + 1);
+        while (hi - lo > 1)
+        {
+            long mid = (lo + hi) / 2;
+            if (Fits(mid)) lo = mid; else hi = mid;
+        }
+        return (int)(lo * step);
+    }
+
+    /// <summary>
     /// Bytes of one 4-bit weight of <paramref name="elements"/> elements as <see cref="Linear4bit"/> holds it: packed
     /// codes (two per byte), then per block of <paramref name="blocksize"/> either a float32 absmax or, double-quantized,
     /// a uint8 code plus a float32 absmax per 256 codes and the 256-entry float32 code map.
@@ -120,7 +143,9 @@ public static class MemoryPlanner
             [StepMemorySimulation.LoraWeights] = $"{loraParams:N0} LoRA parameters (r={o.LoraRank}, {string.Join("/", o.LoraTargets)}) in {o.AdapterDType}",
             [StepMemorySimulation.LoraGradients] = $"LoRA gradients in {o.AdapterDType}",
             [StepMemorySimulation.OptimizerState] = $"AdamW {o.OptimizerBits}-bit state{(o.PagedOptimizer ? ": paged, one tensor's state resident" : "")}",
-            [StepMemorySimulation.SavedActivations] = o.GradientCheckpointing ? "checkpointed layer inputs, RoPE tables, and what the recomputed layer saved for backward" : "every layer's tensors saved for backward",
+            [StepMemorySimulation.SavedActivations] = !o.GradientCheckpointing ? "every layer's tensors saved for backward"
+                : o.OffloadCheckpoints ? "the recomputed layer's input and the next one's (fetched from the host), RoPE tables, and what the recomputed layer saved for backward"
+                : "checkpointed layer inputs, RoPE tables, and what the recomputed layer saved for backward",
             [StepMemorySimulation.LayerWorkingSet] = "intermediates and activation gradients of the layer being computed",
             [StepMemorySimulation.AttentionBuffers] = o.AttentionMask ? "math SDPA score matrices, repeated K/V heads" : "SDPA log-sum-exp, repeated K/V heads",
             [StepMemorySimulation.LossBuffers] = $"loss: selected hidden rows, one chunk of {Math.Min(o.LossChunkTokens, (long)o.MicroBatch * (o.SequenceLength - 1))} tokens' logits (compute dtype and fp32) and their gradients",
@@ -134,6 +159,8 @@ public static class MemoryPlanner
         var host = new List<MemoryComponent>();
         if (o.PagedOptimizer) host.Add(new MemoryComponent("optimizer_state_host", optTotal, "paged AdamW state (memory-mapped file)"));
         if (o.LayerStreaming) host.Add(new MemoryComponent("streamed_weights_host", quantAll, "4-bit decoder weights held in host memory"));
+        if (o.GradientCheckpointing && o.OffloadCheckpoints)
+            host.Add(new MemoryComponent("checkpoint_offload_host", (long)layers * o.MicroBatch * o.SequenceLength * h * c, "offloaded checkpoint inputs (memory-mapped scratch file)"));
         if (hostEmbedding) host.Add(new MemoryComponent("embedding_host", v * h * c, "input embedding table, read in place from the memory-mapped checkpoint; only a batch's rows reach the device"));
         return new MemoryPlan
         {
@@ -159,6 +186,8 @@ public static class MemoryPlanner
         if (!o.PagedOptimizer) Try("paged optimizer", o with { PagedOptimizer = true });
         if (o.OptimizerBits == 32) Try("8-bit optimizer state", o with { OptimizerBits = 8 });
         if (o.LossChunkTokens > 256) Try("loss chunk of 256 tokens", o with { LossChunkTokens = 256 });
+        if (o.GradientCheckpointing && !o.OffloadCheckpoints) Try("offloaded checkpoints (layer inputs in host memory)", o with { OffloadCheckpoints = true });
+        if (o.MlpTileTokens == 0 && o.SequenceLength > 4096) Try("sequence-tiled MLP (tiles of 4096 tokens)", o with { MlpTileTokens = 4096 });
         for (int b = o.MicroBatch / 2; b >= 1; b /= 2)
             if (Try($"micro-batch {b} instead of {o.MicroBatch} (raise gradient accumulation to keep the batch)", o with { MicroBatch = b })) break;
         for (int t = o.SequenceLength / 2; t >= 128; t /= 2)
@@ -168,11 +197,16 @@ public static class MemoryPlanner
 
         // Nothing alone fits: the switches that cost little speed together, then smaller batches and sequences on top,
         // first without layer streaming (it costs host-to-device traffic every step), then with it.
-        var free = o with { GradientCheckpointing = true, PagedOptimizer = true, OptimizerBits = 8, LossChunkTokens = Math.Min(o.LossChunkTokens, 256) };
+        var free = o with
+        {
+            GradientCheckpointing = true, OffloadCheckpoints = true, PagedOptimizer = true, OptimizerBits = 8, LossChunkTokens = Math.Min(o.LossChunkTokens, 256),
+            MlpTileTokens = o.MlpTileTokens > 0 ? o.MlpTileTokens : o.SequenceLength > 4096 ? 4096 : 0,
+        };
+        string freeText = "offloaded checkpointing, paged 8-bit optimizer, loss chunk 256" + (free.MlpTileTokens > 0 ? $", MLP in tiles of {free.MlpTileTokens}" : "");
         foreach (var (baseOptions, switches) in new[]
                  {
-                     (free, "checkpointing, paged 8-bit optimizer, loss chunk 256"),
-                     (free with { LayerStreaming = true }, "checkpointing, paged 8-bit optimizer, loss chunk 256, layer streaming"),
+                     (free, freeText),
+                     (free with { LayerStreaming = true }, freeText + ", layer streaming"),
                  })
         {
             if (Try(switches, baseOptions)) return found;

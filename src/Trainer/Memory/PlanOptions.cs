@@ -28,6 +28,13 @@ public sealed record PlanOptions
     public ScalarType ComputeDType { get; init; } = ScalarType.BFloat16;
     /// <summary>Recompute each decoder layer in backward, keeping only its input.</summary>
     public bool GradientCheckpointing { get; init; } = true;
+    /// <summary>
+    /// Offloaded checkpoints (with <see cref="GradientCheckpointing"/>): each layer's input leaves device memory after
+    /// its forward (to host memory) and comes back one layer ahead of its recompute (<see cref="ActivationOffload"/>).
+    /// </summary>
+    public bool OffloadCheckpoints { get; init; } = true;
+    /// <summary>Sequence-tiled MLP: tokens per tile, each tile checkpointed on its own (0: off; see <see cref="LlamaMlp.TileTokens"/>).</summary>
+    public int MlpTileTokens { get; init; }
     /// <summary>AdamW state bits: 32 (float32 moments) or 8 (blockwise 8-bit moments).</summary>
     public int OptimizerBits { get; init; } = 32;
     /// <summary>Paged optimizer: state in host memory, one tensor's state brought into device memory per update.</summary>
@@ -67,6 +74,7 @@ public sealed record PlanOptions
         foreach (var (name, v) in new[] { ("SequenceLength", SequenceLength), ("MicroBatch", MicroBatch), ("LoraRank", LoraRank),
                      ("QuantBlocksize", QuantBlocksize), ("LossChunkTokens", LossChunkTokens), ("StreamingWindow", StreamingWindow) })
             if (v <= 0) throw new ArgumentException($"{name} {v}: must be positive");
+        if (MlpTileTokens < 0) throw new ArgumentException($"MlpTileTokens {MlpTileTokens}: must be 0 (off) or positive");
         if (SequenceLength < 2) throw new ArgumentException($"SequenceLength {SequenceLength}: needs at least 2 tokens for a next-token loss");
         foreach (var t in LoraTargets)
             if (!LoraOptions.AllLinear.Contains(t))

@@ -57,7 +57,7 @@ internal sealed class StepMemorySimulation
 
     private readonly LlamaConfig _cfg;
     private readonly PlanOptions _o;
-    private readonly long _n;            // tokens per micro-batch
+    private long _n;                     // tokens per micro-batch (of one MLP tile while a tile is simulated)
     private readonly int _c;             // compute dtype bytes
     private readonly int _m;             // adapter master dtype bytes
     private readonly long _h, _i, _q, _kv, _r;
@@ -131,6 +131,12 @@ internal sealed class StepMemorySimulation
         _total -= b.Bytes;
     }
 
+    /// <summary>The code disposes its handle on <paramref name="b"/>: freed now unless autograd saved it.</summary>
+    private void Drop(Buf? b)
+    {
+        if (b is not null && !b.Saved) Free(b);
+    }
+
     /// <summary>Autograd keeps <paramref name="b"/> for backward: it outlives its scope, and is counted as a saved activation.</summary>
     private void Save(Buf b, List<Buf>? into, string category = SavedActivations)
     {
@@ -187,6 +193,7 @@ internal sealed class StepMemorySimulation
     {
         int layers = _cfg.NumHiddenLayers;
         bool ckpt = _o.GradientCheckpointing;
+        bool offload = ckpt && _o.OffloadCheckpoints;
         long hd = _cfg.HeadDim;
 
         // ---- forward (LlamaForCausalLM.Forward: one dispose scope) ----
@@ -203,7 +210,13 @@ internal sealed class StepMemorySimulation
         for (int l = 0; l < layers; l++)
         {
             _phase = $"forward: layer {l}";
-            if (ckpt)
+            if (offload)
+            {
+                var next = LayerForward(fwd, h, grad: false, null);
+                Free(h);           // copied to the host by the checkpoint, freed by the caller
+                h = next;
+            }
+            else if (ckpt)
             {
                 Save(h, inputs);   // the checkpoint keeps its input
                 h = LayerForward(fwd, h, grad: false, null);
@@ -246,8 +259,10 @@ internal sealed class StepMemorySimulation
         var stepPins = new List<Buf>();   // handles the caller's scope around backward holds until the step ends
         Buf? gSelected = null;
         long chunks = (targets + chunk - 1) / chunk;
+        Buf? returned = null;              // the checkpoint's returned input gradient: dropped when the next checkpoint's backward starts
         for (long k = 0; k < chunks; k++)
         {
+            Free(returned);
             var logits = Alloc(LossBuffers, chunk * v * _c);
             var up = _c != 4 ? Alloc(LossBuffers, chunk * v * 4) : null;
             var lsm = Alloc(LossBuffers, chunk * v * 4);               // saved by log_softmax
@@ -261,9 +276,8 @@ internal sealed class StepMemorySimulation
             var gx = Alloc(LossBuffers, chunk * _h * _c);              // lm_head input gradient
             Free(gLogits32);
             Free(gLogits);
-            Pin(gx, stepPins);                                          // the checkpoint's returned input gradient
+            returned = gx;
             var gNarrow = Alloc(LossBuffers, targets * _h * _c);       // narrow backward: zeros + slice
-            Free(gx);
             if (gSelected is null) gSelected = gNarrow;
             else Free(gNarrow);                                      // accumulated in place
         }
@@ -278,31 +292,36 @@ internal sealed class StepMemorySimulation
         Release(finalSaved);
 
         // ---- backward: decoder layers, last first ----
+        Buf? prefetched = null;
         for (int l = layers - 1; l >= 0; l--)
         {
             LayerSaved ls;
-            Buf? output = null;
+            Buf? output = null, input = null;
+            Free(returned);
+            returned = null;
             if (ckpt)
             {
                 _phase = $"backward: recompute of layer {l}";
+                if (offload)
+                {
+                    // fetched back from the host; fetching it starts bringing back the previous layer's input
+                    input = prefetched ?? Alloc(SavedActivations, _n * _h * _c);
+                    prefetched = l > 0 ? Alloc(SavedActivations, _n * _h * _c) : null;
+                }
+                else input = inputs[l];
                 ls = new LayerSaved();
                 var recompute = new Scope();
-                output = LayerForward(recompute, inputs[l], grad: true, ls);
+                output = LayerForward(recompute, input, grad: true, ls);
                 End(recompute, null, output);
             }
             else ls = layerSaved[l];
             _phase = $"backward: layer {l}";
             var layerPins = ckpt ? new List<Buf>() : stepPins;
             var gIn = LayerBackward(g, ls, layerPins);
-            if (ckpt)
-            {
-                Unpin(layerPins);              // the recompute's scope ends
-                Pin(g, stepPins);              // the checkpoint's output gradient and returned input gradient
-                Pin(gIn, stepPins);
-            }
+            if (ckpt) Unpin(layerPins);        // the recompute's scope ends (the checkpoint drops its gradient handles: see Checkpoint)
             Free(output);
             Free(g);
-            if (ckpt) Free(inputs[l]);
+            if (ckpt) Free(input);
             g = gIn;
         }
         Free(g);
@@ -321,17 +340,24 @@ internal sealed class StepMemorySimulation
     {
         var s = new Scope();
         var x32 = _c != 4 ? A(s, LayerWorkingSet, _n * _h * 4) : null;
-        A(s, LayerWorkingSet, _n * _h * 4);                 // pow
-        A(s, LayerWorkingSet, _n * 4 * 2);                  // mean, + eps
+        var square = A(s, LayerWorkingSet, _n * _h * 4);    // pow
+        A(s, LayerWorkingSet, _n * 4);                      // mean
+        Drop(square);
+        A(s, LayerWorkingSet, _n * 4);                      // + eps
         var rs = A(s, LayerWorkingSet, _n * 4);             // rsqrt
-        A(s, LayerWorkingSet, _n * _h * 4);                 // x32 · rsqrt
-        if (_c != 4) A(s, LayerWorkingSet, _n * _h * _c);    // cast back
-        var o = A(s, LayerWorkingSet, _n * _h * _c);         // weight · normed
+        var product = A(s, LayerWorkingSet, _n * _h * 4);   // x32 · rsqrt
+        if (_c != 4)
+        {
+            A(s, LayerWorkingSet, _n * _h * _c);             // cast back
+            Drop(product);
+        }
         if (grad)
         {
             if (x32 is not null) Save(x32, saved);
             Save(rs, saved);
         }
+        Drop(x32);
+        var o = A(s, LayerWorkingSet, _n * _h * _c);         // weight · normed
         End(s, outer, o);
         return o;
     }
@@ -359,9 +385,8 @@ internal sealed class StepMemorySimulation
         Buf? wa = _m != _c ? A(s, LayerWorkingSet, _r * inF * _c) : null;
         var aOut = A(s, LayerWorkingSet, _n * _r * _c);
         Buf? wb = _m != _c ? A(s, LayerWorkingSet, outF * _r * _c) : null;
-        A(s, LayerWorkingSet, _n * outF * _c);               // B(A(x))
-        A(s, LayerWorkingSet, _n * outF * _c);               // · scaling
-        var sum = A(s, LayerWorkingSet, _n * outF * _c);     // base + update
+        var up = A(s, LayerWorkingSet, _n * outF * _c);      // B(A(x))
+        var scaled = A(s, LayerWorkingSet, _n * outF * _c);  // · scaling
         if (grad)
         {
             Save(x, saved);
@@ -369,6 +394,9 @@ internal sealed class StepMemorySimulation
             if (wa is not null) Save(wa, saved);
             if (wb is not null) Save(wb, saved);
         }
+        var sum = A(s, LayerWorkingSet, _n * outF * _c);     // base + update
+        // LoraLinear drops each handle once the next op has the tensor
+        Drop(scaled); Drop(up); Drop(aOut); Drop(wa); Drop(wb); Drop(y);
         return sum;
     }
 
@@ -424,11 +452,13 @@ internal sealed class StepMemorySimulation
     {
         var d = new Scope();
         var n1 = Norm(d, grad, ls?.Norm1);
-        Attention(d, n1, grad, ls?.Attention);
-        A(d, LayerWorkingSet, _n * _h * _c);                 // h = x + attn (attn's handle keeps it until the scope ends)
+        var attention = Attention(d, n1, grad, ls?.Attention);
+        var h = A(d, LayerWorkingSet, _n * _h * _c);         // h = x + attn
+        Drop(attention); Drop(n1);
         var n2 = Norm(d, grad, ls?.Norm2);
-        Mlp(d, n2, grad, ls?.Mlp);
-        var o = A(d, LayerWorkingSet, _n * _h * _c);
+        var mlp = Mlp(d, n2, grad, ls?.Mlp);
+        var o = A(d, LayerWorkingSet, _n * _h * _c);         // h + mlp
+        Drop(mlp); Drop(n2); Drop(h);
         End(d, outer, o);
         return o;
     }
@@ -436,16 +466,20 @@ internal sealed class StepMemorySimulation
     private Buf Attention(Scope outer, Buf n1, bool grad, List<Buf>? saved)
     {
         var s = new Scope();
-        Proj(s, n1, _h, _q, "q_proj", grad, saved);
-        Proj(s, n1, _h, _kv, "k_proj", grad, saved);
+        var qOut = Proj(s, n1, _h, _q, "q_proj", grad, saved);
+        var kOut = Proj(s, n1, _h, _kv, "k_proj", grad, saved);
         var vOut = Proj(s, n1, _h, _kv, "v_proj", grad, saved);
         var qr = Rope(s, _q);
+        Drop(qOut);
         var kr = Rope(s, _kv);
+        Drop(kOut);
         Buf kx = kr, vx = vOut;
         if (_kv != _q)
         {
             kx = A(s, AttentionBuffers, _n * _q * _c);   // repeat_interleave of K and V heads
+            Drop(kr);
             vx = A(s, AttentionBuffers, _n * _q * _c);
+            Drop(vOut);
         }
         Buf o;
         if (_o.AttentionMask)
@@ -459,6 +493,7 @@ internal sealed class StepMemorySimulation
             Free(masked);
             o = A(s, LayerWorkingSet, _n * _q * _c);
             if (grad) { Save(qs, saved, AttentionBuffers); Save(sm, saved, AttentionBuffers); }
+            Drop(qs); Drop(sm);
         }
         else
         {
@@ -473,32 +508,99 @@ internal sealed class StepMemorySimulation
             Save(vx, saved, vx == vOut ? SavedActivations : AttentionBuffers);
             Save(o, saved);
         }
-        var result = Proj(s, o, _q, _h, "o_proj", grad, saved);
+        var merged = A(s, LayerWorkingSet, _n * _q * _c);    // the heads back in token order (a copy)
+        Drop(o); Drop(qr); Drop(kx); Drop(vx);
+        var result = Proj(s, merged, _q, _h, "o_proj", grad, saved);
+        Drop(merged);
         End(s, outer, result);
         return result;
     }
 
-    private void Mlp(Scope outer, Buf n2, bool grad, List<Buf>? saved)
+    private bool MlpTiled => _o.MlpTileTokens > 0 && _n > _o.MlpTileTokens;
+
+    /// <summary>
+    /// The sequence-tiled MLP (<see cref="LlamaMlp.TileTokens"/>): each tile runs without grad (checkpointed on its own,
+    /// keeping only a view of the input, which so stays saved), its output joins the others in one [tokens, hidden] cat.
+    /// </summary>
+    private Buf MlpTiles(Scope outer, Buf n2, bool grad, List<Buf>? saved)
+    {
+        if (grad) Save(n2, saved);
+        long n = _n, tile = _o.MlpTileTokens;
+        var parts = new List<Buf>();
+        for (long start = 0; start < n; start += tile)
+        {
+            _n = Math.Min(tile, n - start);
+            var s = new Scope();
+            var view = new Buf(LayerWorkingSet, 0);
+            parts.Add(MlpUntiled(s, view, grad: false, null));
+            End(s, null, parts[^1]);
+            _n = n;
+        }
+        var joined = Alloc(LayerWorkingSet, n * _h * _c);
+        foreach (var p in parts) Free(p);
+        var scope = new Scope { joined };
+        End(scope, outer, joined);
+        return joined;
+    }
+
+    /// <summary>Backward of the tiled MLP, last tile first: each tile recomputed with grad, back-propagated, its input gradient added into one buffer.</summary>
+    private Buf MlpTilesBackward(List<Buf> savedMlp)
+    {
+        long n = _n, tile = _o.MlpTileTokens;
+        Buf? accumulated = null;
+        Buf? returned = null;
+        long tiles = (n + tile - 1) / tile;
+        for (long k = tiles - 1; k >= 0; k--)
+        {
+            Free(returned);                                   // the checkpoint drops its last returned gradient (see Checkpoint)
+            _n = Math.Min(tile, n - k * tile);
+            var tileSaved = new LayerSaved();
+            var recompute = new Scope();
+            var view = new Buf(LayerWorkingSet, 0);
+            var output = MlpUntiled(recompute, view, grad: true, tileSaved.Mlp);
+            End(recompute, null, output);
+            var pins = new List<Buf>();
+            var gIn = MlpBackward(new Buf(LayerWorkingSet, 0), tileSaved.Mlp, pins); // the output gradient is a slice: a view
+            Unpin(pins);
+            Free(output);
+            _n = n;
+            var gSlice = Alloc(LayerWorkingSet, n * _h * _c);  // narrow backward: zeros + this tile's rows
+            returned = gIn;
+            if (accumulated is null) accumulated = gSlice;
+            else Free(gSlice);                                // accumulated in place
+        }
+        Free(returned);
+        Release(savedMlp);
+        return accumulated!;
+    }
+
+    private Buf Mlp(Scope outer, Buf n2, bool grad, List<Buf>? saved) =>
+        MlpTiled ? MlpTiles(outer, n2, grad, saved) : MlpUntiled(outer, n2, grad, saved);
+
+    private Buf MlpUntiled(Scope outer, Buf n2, bool grad, List<Buf>? saved)
     {
         var s = new Scope();
         var gate = Proj(s, n2, _h, _i, "gate_proj", grad, saved);
         var silu = A(s, LayerWorkingSet, _n * _i * _c);
+        if (grad) Save(gate, saved);
+        Drop(gate);
         var up = Proj(s, n2, _h, _i, "up_proj", grad, saved);
         var prod = A(s, LayerWorkingSet, _n * _i * _c);
         if (grad)
         {
-            Save(gate, saved);
             Save(silu, saved);
             Save(up, saved);
         }
+        Drop(silu); Drop(up);
         var down = Proj(s, prod, _i, _h, "down_proj", grad, saved);
+        Drop(prod);
         End(s, outer, down);
+        return down;
     }
 
-    /// <summary>Backward of one decoder layer (MLP first), releasing each part's saved tensors once it is done.</summary>
-    private Buf LayerBackward(Buf gOut, LayerSaved ls, List<Buf> pins)
+    /// <summary>Backward of the (untiled) MLP: returns the gradient of its input, having released what it saved.</summary>
+    private Buf MlpBackward(Buf gOut, List<Buf> savedMlp, List<Buf> pins)
     {
-        // MLP
         var gProd = ProjBackward(gOut, _i, _h, "down_proj", pins);
         var gSilu = Alloc(LayerWorkingSet, _n * _i * _c);
         var gUp = Alloc(LayerWorkingSet, _n * _i * _c);
@@ -510,7 +612,15 @@ internal sealed class StepMemorySimulation
         var gN2b = ProjBackward(gGate, _h, _i, "gate_proj", pins);
         Free(gGate);
         Free(gN2b);
-        Release(ls.Mlp);
+        Release(savedMlp);
+        return gN2;
+    }
+
+    /// <summary>Backward of one decoder layer (MLP first), releasing each part's saved tensors once it is done.</summary>
+    private Buf LayerBackward(Buf gOut, LayerSaved ls, List<Buf> pins)
+    {
+        // MLP
+        var gN2 = MlpTiled ? MlpTilesBackward(ls.Mlp) : MlpBackward(gOut, ls.Mlp, pins);
         var gH2 = NormBackward(gN2);
         Free(gN2);
         Release(ls.Norm2);

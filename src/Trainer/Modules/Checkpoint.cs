@@ -12,6 +12,11 @@ namespace QLora.Trainer;
 public static class Checkpoint
 {
     [ThreadStatic] private static Exception? _failure;
+    // The input gradient the last recompute returned: autograd has taken its own reference by the time the next
+    // checkpoint's backward runs, so our handle is dropped then (otherwise every layer's gradient handle would stay in
+    // the dispose scope around the backward call, holding its storage, until the step ends).
+    [ThreadStatic] private static Tensor? _returned;
+    private const string NoOffload = "no offload"; // a placeholder argument: the function always takes four
 
     /// <summary>
     /// <paramref name="block"/>(<paramref name="input"/>, <paramref name="constants"/>), checkpointed when grad is enabled
@@ -19,17 +24,33 @@ public static class Checkpoint
     /// Every tensor the block reads besides its input and module weights must come through <paramref name="constants"/>
     /// (they are saved with the node; tensors captured by the closure may be disposed before backward runs).
     /// </summary>
-    public static Tensor Run(Func<Tensor, IReadOnlyList<Tensor>, Tensor> block, Tensor input, params Tensor[] constants)
+    public static Tensor Run(Func<Tensor, IReadOnlyList<Tensor>, Tensor> block, Tensor input, params Tensor[] constants) =>
+        Run(block, input, null, constants);
+
+    /// <summary>
+    /// As <see cref="Run(Func{Tensor, IReadOnlyList{Tensor}, Tensor}, Tensor, Tensor[])"/>; with <paramref name="offload"/>
+    /// the input is not kept in device memory but copied to <paramref name="offload"/>'s host memory after the forward and
+    /// fetched back for the recompute (the caller may then free the input; the results are bit-identical).
+    /// </summary>
+    public static Tensor Run(Func<Tensor, IReadOnlyList<Tensor>, Tensor> block, Tensor input, ActivationOffload? offload, params Tensor[] constants)
     {
         if (!is_grad_enabled() || !input.requires_grad) return block(input, constants);
-        return CheckpointFunction.apply(input, block, constants);
+        return CheckpointFunction.apply(input, block, constants, (object?)offload ?? NoOffload);
     }
 
     /// <summary>Runs <c>loss.backward()</c> and rethrows any exception raised inside a checkpointed recompute.</summary>
     public static void Backward(Tensor loss)
     {
         _failure = null;
-        loss.backward();
+        try
+        {
+            loss.backward();
+        }
+        finally
+        {
+            _returned?.Dispose();
+            _returned = null;
+        }
         var failure = _failure;
         _failure = null;
         if (failure is not null) throw new InvalidOperationException($"the backward recompute of a checkpointed block failed: {failure.Message}", failure);
@@ -44,21 +65,28 @@ public static class Checkpoint
             var input = (Tensor)vars[0];
             var block = (Func<Tensor, IReadOnlyList<Tensor>, Tensor>)vars[1];
             var constants = (Tensor[])vars[2];
+            var offload = vars[3] as ActivationOffload;
             ctx.set_materialize_grads(false); // see Linear4bit: no cached output is touched in backward
             ctx.save_data("block", block);
             using (var state = torch.random.get_rng_state()) ctx.save_data("rng", state.bytes.ToArray()); // bytes: no tensor outlives its scope
-            ctx.save_for_backward([input, .. constants]);
+            ctx.save_data("offload", vars[3]);
+            ctx.save_data("slot", offload?.Store(input) ?? -1);
+            ctx.save_for_backward(offload is null ? [input, .. constants] : [.. constants]);
             return block(input, constants);
         }
 
         public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
         {
-            if (grad.IsInvalid) return [null!, null!, null!];
+            if (grad.IsInvalid) return [null!, null!, null!, null!];
+            _returned?.Dispose();
+            _returned = null;
             try
             {
                 var saved_ = ctx.get_saved_variables();
-                var input = saved_[0];
-                var constants = saved_.Skip(1).ToArray();
+                var offload = ctx.get_data("offload") as ActivationOffload;
+                using var fetched = offload?.Fetch((int)ctx.get_data("slot"));
+                var input = fetched ?? saved_[0];
+                var constants = saved_.Skip(fetched is null ? 1 : 0).ToArray();
                 var block = (Func<Tensor, IReadOnlyList<Tensor>, Tensor>)ctx.get_data("block");
                 using var saved = tensor((byte[])ctx.get_data("rng"), ScalarType.Byte);
                 using var current = torch.random.get_rng_state();
@@ -73,12 +101,14 @@ public static class Checkpoint
                     inputGrad = x.grad?.detach().MoveToOuterDisposeScope();
                 }
                 torch.random.set_rng_state(current);
-                return [inputGrad!, null!, null!];
+                grad.Dispose(); // our handle on the output gradient: autograd keeps what it still needs
+                _returned = inputGrad;
+                return [inputGrad!, null!, null!, null!];
             }
             catch (Exception e)
             {
                 _failure ??= e;
-                return [null!, null!, null!];
+                return [null!, null!, null!, null!];
             }
         }
     }

@@ -30,11 +30,17 @@ public sealed class LlamaAttention : ProjectionHost
         using var scope = NewDisposeScope();
         long b = hidden.shape[0], t = hidden.shape[1];
         int nh = _config.NumAttentionHeads, nkv = _config.NumKeyValueHeads, hd = _config.HeadDim;
-        var q = Projection("q_proj").forward(hidden).view(b, t, nh, hd).transpose(1, 2);
-        var k = Projection("k_proj").forward(hidden).view(b, t, nkv, hd).transpose(1, 2);
-        var v = Projection("v_proj").forward(hidden).view(b, t, nkv, hd).transpose(1, 2);
-        q = RotaryEmbedding.Apply(q, cos, sin);
-        k = RotaryEmbedding.Apply(k, cos, sin);
+        // Handles are dropped as soon as the next op has their tensor, so [tokens, heads·dim] temporaries do not live
+        // until this method returns (what SDPA and the LoRA branches save, autograd keeps).
+        Tensor Heads(string projection, int heads)
+        {
+            using var y = Projection(projection).forward(hidden);
+            using var split = y.view(b, t, heads, hd);
+            return split.transpose(1, 2); // every other handle on the storage is gone: disposing this one frees it
+        }
+        Tensor q = Heads("q_proj", nh), k = Heads("k_proj", nkv), v = Heads("v_proj", nkv); // this order: LoRA dropout draws in it
+        using (var raw = q) q = RotaryEmbedding.Apply(raw, cos, sin);
+        using (var raw = k) k = RotaryEmbedding.Apply(raw, cos, sin);
         bool prefix = false;
         if (cache is not null)
         {
@@ -44,8 +50,8 @@ public sealed class LlamaAttention : ProjectionHost
         if (nkv != nh)
         {
             int rep = nh / nkv;
-            k = k.repeat_interleave(rep, 1);
-            v = v.repeat_interleave(rep, 1);
+            using (var grouped = k) k = grouped.repeat_interleave(rep, 1);
+            using (var grouped = v) v = grouped.repeat_interleave(rep, 1);
         }
         Tensor attn;
         if (mask is not null) attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: mask);
@@ -58,7 +64,11 @@ public sealed class LlamaAttention : ProjectionHost
             var full = cat([ones(t, past, dtype: ScalarType.Bool, device: q.device), allowed], 1);
             attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: full.view(1, 1, t, k.shape[2]));
         }
-        var merged = attn.transpose(1, 2).reshape(b, t, nh * hd);
-        return Projection("o_proj").forward(merged).MoveToOuterDisposeScope();
+        Tensor merged;
+        using (attn)
+        using (var byToken = attn.transpose(1, 2))
+            merged = byToken.reshape(b, t, nh * hd);
+        q.Dispose(); k.Dispose(); v.Dispose();
+        using (merged) return Projection("o_proj").forward(merged).MoveToOuterDisposeScope();
     }
 }

@@ -31,8 +31,14 @@ public sealed class LlamaDecoderLayer : nn.Module
     public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache = null, int layer = 0)
     {
         using var scope = NewDisposeScope();
-        var h = hidden + self_attn.Forward(input_layernorm.forward(hidden), cos, sin, mask, cache, layer);
-        var output = h + mlp.Forward(post_attention_layernorm.forward(h));
+        Tensor h, output;
+        using (var n1 = input_layernorm.forward(hidden))
+        using (var attention = self_attn.Forward(n1, cos, sin, mask, cache, layer))
+            h = hidden + attention;
+        using (h)
+        using (var n2 = post_attention_layernorm.forward(h))
+        using (var m = mlp.Forward(n2))
+            output = h + m;
         return output.MoveToOuterDisposeScope();
     }
 }

@@ -35,6 +35,34 @@ public sealed class LlamaForCausalLM : nn.Module
     public LlamaModel model { get; }
     /// <summary>Recompute each decoder layer in backward instead of keeping its activations (default on).</summary>
     public bool GradientCheckpointing { get; set; } = true;
+    /// <summary>
+    /// Offloaded checkpoints (with <see cref="GradientCheckpointing"/>): each layer's input leaves device memory after its
+    /// forward and comes back, one layer ahead, for its recompute (<see cref="ActivationOffload"/>). Bit-identical results.
+    /// </summary>
+    public bool OffloadCheckpoints
+    {
+        get => _offload is not null;
+        set
+        {
+            if (value == OffloadCheckpoints) return;
+            _offload?.Dispose();
+            _offload = value ? new ActivationOffload() : null;
+        }
+    }
+    private ActivationOffload? _offload;
+    /// <summary>
+    /// Sequence-tiled MLP: tokens per tile of every layer's MLP (0: off), each tile checkpointed on its own so no
+    /// [tokens, intermediate] tensor of the whole sequence exists (see <see cref="LlamaMlp.TileTokens"/>).
+    /// </summary>
+    public int MlpTileTokens
+    {
+        get => model.layers.Count == 0 ? 0 : model.layers[0].mlp.TileTokens;
+        set
+        {
+            ArgumentOutOfRangeException.ThrowIfNegative(value);
+            foreach (var l in model.layers) l.mlp.TileTokens = value;
+        }
+    }
     /// <summary>Tokens per chunk of the loss's logits (<see cref="DefaultLossChunkTokens"/> unless set).</summary>
     public int LossChunkTokens { get; set; } = DefaultLossChunkTokens;
     /// <summary>
@@ -65,6 +93,8 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             Streamer?.Dispose();
             Streamer = null;
+            _offload?.Dispose();
+            _offload = null;
         }
         base.Dispose(disposing);
         if (disposing)
@@ -291,8 +321,15 @@ public sealed class LlamaForCausalLM : nn.Module
         }
         var h = model.embed_tokens.forward(inputIds);
         bool checkpoint = GradientCheckpointing && is_grad_enabled() && training;
-        if (checkpoint) h = h.detach().requires_grad_(true); // the checkpoint node is only recorded when its input requires grad
+        if (checkpoint)
+        {
+            var rows = h;
+            h = rows.detach().requires_grad_(true); // the checkpoint node is only recorded when its input requires grad
+            rows.Dispose(); // h shares its storage: one handle, so the first layer's input can be freed like the others
+        }
         var streamer = Streamer;
+        var offload = checkpoint ? _offload : null;
+        offload?.StartStep();
         for (int index = 0; index < model.layers.Count; index++)
         {
             var l = model.layers[index];
@@ -302,11 +339,13 @@ public sealed class LlamaForCausalLM : nn.Module
                 // Streaming: the first call is the forward (prefetch the next layer), the second the backward
                 // recompute, which runs the layers in reverse (prefetch the previous one).
                 int calls = 0;
+                var input = h;
                 h = Checkpoint.Run((x, c) =>
                 {
                     streamer?.Acquire(i, calls++ == 0 ? i + 1 : i - 1);
                     return l.Forward(x, c[0], c[1], c.Count > 2 ? c[2] : null);
-                }, h, attentionMask is null ? [cos, sin] : [cos, sin, attentionMask]);
+                }, input, offload, attentionMask is null ? [cos, sin] : [cos, sin, attentionMask]);
+                if (offload is not null) input.Dispose(); // its copy is on the host: free the device memory now
             }
             else
             {

@@ -103,11 +103,23 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         // Mixed precision: the adapter's master weights (fp32 by default) are cast to the activations' dtype for the
         // two small matmuls, as autocast does, so no fp32 copy of the input is saved for backward; their gradients
         // flow back through the casts into the master weights in the master dtype.
-        var input = dropout > 0 && training ? nn.functional.dropout(x, dropout, training: true) : x;
-        var wa = a.weight!.dtype == x.dtype ? a.weight : a.weight.to(x.dtype);
-        var wb = b.weight!.dtype == x.dtype ? b.weight : b.weight.to(x.dtype);
-        var update = nn.functional.linear(nn.functional.linear(input, wa), wb) * scaling;
-        return result + update.to(result.dtype);
+        // Each intermediate's handle is dropped as soon as the next op has it (what autograd saves it keeps alive), so a
+        // [tokens, out] temporary does not outlive this call in the caller's dispose scope.
+        bool drop = dropout > 0 && training, castA = a.weight!.dtype != x.dtype, castB = b.weight!.dtype != x.dtype;
+        var input = drop ? nn.functional.dropout(x, dropout, training: true) : x;
+        var wa = castA ? a.weight.to(x.dtype) : a.weight;
+        var wb = castB ? b.weight!.to(x.dtype) : b.weight!;
+        Tensor sum;
+        using (var down = nn.functional.linear(input, wa))
+        using (var up = nn.functional.linear(down, wb))
+        using (var update = up * scaling)
+        using (var cast = update.to(result.dtype))
+            sum = result + cast;
+        if (castA) wa.Dispose();
+        if (castB) wb.Dispose();
+        if (drop) input.Dispose();
+        result.Dispose();
+        return sum;
     }
 
     /// <summary>The dense update scaling·B·A ([out, in], float32).</summary>

@@ -24,8 +24,12 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
     {
         using var scope = NewDisposeScope();
         var x32 = x.to(ScalarType.Float32);
-        var variance = x32.pow(2).mean([-1L], keepdim: true);
-        var normed = (x32 * torch.rsqrt(variance + _eps)).to(x.dtype);
+        Tensor variance, normed;
+        using (var square = x32.pow(2)) variance = square.mean([-1L], keepdim: true);
+        using (var inverse = torch.rsqrt(variance + _eps))
+        using (var product = x32 * inverse)
+            normed = product.to(x.dtype);
+        if (x32.dtype != x.dtype) x32.Dispose(); // the float32 copy (autograd keeps it when it needs it)
         return (weight.to(x.dtype) * normed).MoveToOuterDisposeScope();
     }
 }

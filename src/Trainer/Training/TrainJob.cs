@@ -211,6 +211,17 @@ public sealed class TrainingSection
     public bool GradientCheckpointing { get; set; } = true;
     /// <summary>Tokens per chunk of the fp32 cross-entropy (bounds the logits buffer).</summary>
     public int LossChunkTokens { get; set; } = 256;
+    /// <summary>
+    /// With GradientCheckpointing: each layer's input goes to host memory after its forward and comes back for its
+    /// recompute (a memory-mapped scratch file on the CPU backend); bit-identical results, less device memory.
+    /// </summary>
+    public bool OffloadCheckpoints { get; set; } = true;
+    /// <summary>
+    /// Sequence-tiled MLP: tokens per tile (0: off). Each tile of every layer's MLP is checkpointed on its own, so no
+    /// [tokens, intermediate] tensor of the whole sequence exists: for long sequences. Same loss; LoRA gradients
+    /// equal up to the summation order.
+    /// </summary>
+    public int MlpTileTokens { get; set; }
     /// <summary>Stop after this many consecutive steps with a non-finite loss or gradient.</summary>
     public int MaxConsecutiveBadSteps { get; set; } = 5;
     /// <summary>CPU threads for libtorch (0: libtorch's default).</summary>
@@ -231,6 +242,7 @@ public sealed class TrainingSection
         TrainJob.Check(e, LoraPlusRatio >= 1 && double.IsFinite(LoraPlusRatio), "Training:LoraPlusRatio", LoraPlusRatio, "a number >= 1 (1 = plain LoRA; LoRA+ suggests 16)");
         TrainJob.OneOf(e, "Training:Optimizer", Optimizer, "adamw", "adamw8bit");
         TrainJob.Check(e, LossChunkTokens is >= 1 and <= 1 << 20, "Training:LossChunkTokens", LossChunkTokens, "an integer from 1 to 1048576");
+        TrainJob.Check(e, MlpTileTokens is >= 0 and <= 1 << 20, "Training:MlpTileTokens", MlpTileTokens, "0 (off) or a tile of up to 1048576 tokens");
         TrainJob.Check(e, MaxConsecutiveBadSteps >= 1, "Training:MaxConsecutiveBadSteps", MaxConsecutiveBadSteps, "a positive integer");
         TrainJob.Check(e, Threads is >= 0 and <= 1024, "Training:Threads", Threads, "0 (default) or a thread count");
     }

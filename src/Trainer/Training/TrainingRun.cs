@@ -112,6 +112,8 @@ public sealed class TrainingRun
         tokenizer.EnsureMatchesEmbedding(model.Config.VocabSize);
         sampler.Phase = "lora";
         model.GradientCheckpointing = t.GradientCheckpointing;
+        model.OffloadCheckpoints = t.GradientCheckpointing && t.OffloadCheckpoints;
+        model.MlpTileTokens = t.MlpTileTokens;
         model.LossChunkTokens = t.LossChunkTokens;
         var lora = LoraOptionsOf(_job.Lora);
         var names = model.ApplyLora(lora, new Generator((ulong)t.Seed));
@@ -453,6 +455,8 @@ public sealed class TrainingRun
         DoubleQuant = job.Quantization.DoubleQuant,
         ComputeDType = ParseDType(job.Model.ComputeDType),
         GradientCheckpointing = job.Training.GradientCheckpointing,
+        OffloadCheckpoints = job.Training.OffloadCheckpoints,
+        MlpTileTokens = job.Training.MlpTileTokens,
         OptimizerBits = job.Training.Optimizer.Equals("adamw8bit", StringComparison.OrdinalIgnoreCase) ? 8 : 32,
         PagedOptimizer = job.Training.PagedOptimizer,
         LossChunkTokens = job.Training.LossChunkTokens,

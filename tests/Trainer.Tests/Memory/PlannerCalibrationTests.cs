@@ -38,6 +38,11 @@ public class PlannerCalibrationTests(ITestOutputHelper output)
         AssertTransientWithin15Percent(StepMemoryMeasurement.Config(256, 704, 2, 4, 2, 16000), new PlanOptions { SequenceLength = 256, MicroBatch = 2, LossChunkTokens = 256 });
 
     [Fact]
+    public void LongSequenceWithOffloadedCheckpointsAndATiledMlp() =>
+        AssertTransientWithin15Percent(StepMemoryMeasurement.Config(256, 2048, 3, 4, 2, 1000),
+            new PlanOptions { SequenceLength = 3072, MicroBatch = 1, LossChunkTokens = 256, OffloadCheckpoints = true, MlpTileTokens = 512 });
+
+    [Fact]
     public void StepWithoutCheckpointing() =>
         AssertTransientWithin15Percent(StepMemoryMeasurement.Config(384, 1024, 4, 6, 6, 2000), new PlanOptions { SequenceLength = 384, MicroBatch = 1, LossChunkTokens = 128, GradientCheckpointing = false });
 }
@@ -89,6 +94,8 @@ internal static partial class StepMemoryMeasurement
         var model = LlamaForCausalLM.CreateRandom(config, 3);
         model.ApplyLora(new LoraOptions { Rank = o.LoraRank, Alpha = 2 * o.LoraRank, TargetModules = o.LoraTargets }, new Generator(4));
         model.GradientCheckpointing = o.GradientCheckpointing;
+        model.OffloadCheckpoints = o.GradientCheckpointing && o.OffloadCheckpoints;
+        model.MlpTileTokens = o.MlpTileTokens;
         model.LossChunkTokens = o.LossChunkTokens;
         model.train();
         using var _m = model;
