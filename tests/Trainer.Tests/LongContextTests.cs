@@ -62,6 +62,49 @@ public class LongContextTests
         Assert.Contains(plain.Grads.Values, g => g.abs().max().item<double>() > 0);
     }
 
+    [Theory]
+    [InlineData(ScalarType.Float32, 1e-5)]
+    [InlineData(ScalarType.BFloat16, 2e-2)]
+    public void SegmentAttentionEqualsTheBlockDiagonalMaskWithoutOne(ScalarType dtype, double tolerance)
+    {
+        // two packed rows: samples of 5, 9 and 4 tokens, and of 11 then 3 padding tokens (their own segment)
+        static TokenRow Row(int[] lengths, int seed, int pad)
+        {
+            var rng = new Random(seed);
+            var ids = new List<int>(); var pos = new List<int>(); var seg = new List<int>();
+            for (int s = 0; s < lengths.Length; s++)
+                for (int i = 0; i < lengths[s]; i++) { ids.Add(rng.Next(1, 96)); pos.Add(i); seg.Add(s); }
+            return new TokenRow([.. ids], [.. ids], [.. pos], [.. seg]);
+        }
+        var rows = new[] { Row([5, 9, 4], 1, 0), Row([7, 4], 2, 0) };
+        using var masked = MicroBatch.Create(rows, 0);
+        using var segmented = MicroBatch.Create(rows, 0, segmentAttention: true);
+        Assert.NotNull(masked.AttentionMask);
+        Assert.Null(segmented.AttentionMask);
+        Assert.Equal(new[] { 5, 9, 4 }, segmented.Segments![0]);
+        Assert.Equal(new[] { 7, 4, 7 }, segmented.Segments![1]); // 7 padding tokens form the last segment
+        var results = new List<(float Loss, Dictionary<string, Tensor> Grads)>();
+        foreach (var batch in new[] { masked, segmented })
+        {
+            var config = TinyLlama.Config(layers: 2, hidden: 64, vocab: 96, inter: 128);
+            using var model = LlamaForCausalLM.CreateRandom(config, 4, computeDType: dtype);
+            model.ApplyLora(new LoraOptions { Rank = 4, Alpha = 8 }, new Generator(5));
+            using (no_grad())
+                foreach (var (name, p) in model.TrainableParameters())
+                    if (name.Contains(".lora_B.")) p.normal_(0, 0.05, new Generator(9));
+            model.train();
+            var (sum, n) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask, batch.Segments);
+            Checkpoint.Backward(sum / n);
+            results.Add(((sum / n).item<float>(), model.TrainableParameters().ToDictionary(p => p.Name, p => p.Parameter.grad!.to(ScalarType.Float64))));
+        }
+        Assert.Equal(results[0].Loss, results[1].Loss, tolerance);
+        foreach (var (name, g) in results[0].Grads)
+        {
+            double scale = g.abs().max().item<double>() + 1e-12, diff = (g - results[1].Grads[name]).abs().max().item<double>();
+            Assert.True(diff <= tolerance * scale, $"{name}: max difference {diff:E3} against gradients up to {scale:E3}");
+        }
+    }
+
     [Fact]
     public void TheTiledMlpEqualsTheWholeSequenceWithoutGrad()
     {

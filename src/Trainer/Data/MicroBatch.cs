@@ -15,20 +15,28 @@ public sealed class MicroBatch : IDisposable
     public Tensor Labels { get; }
     /// <summary>Position ids [B, T].</summary>
     public Tensor PositionIds { get; }
-    /// <summary>The "may attend" mask, or null for plain causal attention.</summary>
+    /// <summary>The "may attend" mask, or null for plain causal attention (or when <see cref="Segments"/> replaces it).</summary>
     public Tensor? AttentionMask { get; }
+    /// <summary>
+    /// For packed rows built with segment attention: each row's runs of tokens that attend among themselves (causally),
+    /// in order, as lengths; the model attends segment by segment and no [T, T] mask exists. Null otherwise.
+    /// </summary>
+    public IReadOnlyList<int[]>? Segments { get; }
     /// <summary>Targets after the causal shift (the loss's token count).</summary>
     public long TargetTokens { get; }
     /// <summary>Tokens in the batch that are not padding.</summary>
     public long RealTokens { get; }
 
-    MicroBatch(Tensor ids, Tensor labels, Tensor pos, Tensor? mask, long targets, long real)
+    MicroBatch(Tensor ids, Tensor labels, Tensor pos, Tensor? mask, IReadOnlyList<int[]>? segments, long targets, long real)
     {
-        InputIds = ids; Labels = labels; PositionIds = pos; AttentionMask = mask; TargetTokens = targets; RealTokens = real;
+        InputIds = ids; Labels = labels; PositionIds = pos; AttentionMask = mask; Segments = segments; TargetTokens = targets; RealTokens = real;
     }
 
-    /// <summary>Builds the tensors; a mask is made when some row packs several samples.</summary>
-    public static MicroBatch Create(IReadOnlyList<TokenRow> rows, int padId)
+    /// <summary>
+    /// Builds the tensors; when some row packs several samples, a mask is made, or with <paramref name="segmentAttention"/>
+    /// the rows' segments instead (the same attention without a [B, 1, T, T] mask).
+    /// </summary>
+    public static MicroBatch Create(IReadOnlyList<TokenRow> rows, int padId, bool segmentAttention = false)
     {
         int b = rows.Count, t = rows.Max(r => r.InputIds.Length);
         var ids = new long[b * t];
@@ -56,7 +64,24 @@ public sealed class MicroBatch : IDisposable
             targets += row.ShiftedTargetCount;
         }
         Tensor? mask = null;
-        if (packed)
+        List<int[]>? segments = null;
+        if (packed && segmentAttention)
+        {
+            segments = [];
+            for (int r = 0; r < b; r++)
+            {
+                var lengths = new List<int>();
+                int start = 0;
+                for (int i = 1; i <= t; i++)
+                    if (i == t || seg[r * t + i] != seg[r * t + start])
+                    {
+                        lengths.Add(i - start);
+                        start = i;
+                    }
+                segments.Add([.. lengths]);
+            }
+        }
+        else if (packed)
         {
             var m = new bool[b * t * t];
             for (int r = 0; r < b; r++)
@@ -65,7 +90,7 @@ public sealed class MicroBatch : IDisposable
                         m[(r * t + i) * t + j] = seg[r * t + i] == seg[r * t + j];
             mask = tensor(m, [b, 1, t, t]);
         }
-        return new MicroBatch(tensor(ids, [b, t]), tensor(labels, [b, t]), tensor(pos, [b, t]), mask, targets, real);
+        return new MicroBatch(tensor(ids, [b, t]), tensor(labels, [b, t]), tensor(pos, [b, t]), mask, segments, targets, real);
     }
 
     /// <summary>Releases the tensors.</summary>

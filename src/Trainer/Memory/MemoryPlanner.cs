@@ -187,6 +187,7 @@ public static class MemoryPlanner
         if (o.OptimizerBits == 32) Try("8-bit optimizer state", o with { OptimizerBits = 8 });
         if (o.LossChunkTokens > 256) Try("loss chunk of 256 tokens", o with { LossChunkTokens = 256 });
         if (o.GradientCheckpointing && !o.OffloadCheckpoints) Try("offloaded checkpoints (layer inputs in host memory)", o with { OffloadCheckpoints = true });
+        if (o.AttentionMask) Try("segment attention for packed rows (no [T, T] mask)", o with { AttentionMask = false, SegmentAttention = true });
         if (o.MlpTileTokens == 0 && o.SequenceLength > 4096) Try("sequence-tiled MLP (tiles of 4096 tokens)", o with { MlpTileTokens = 4096 });
         for (int b = o.MicroBatch / 2; b >= 1; b /= 2)
             if (Try($"micro-batch {b} instead of {o.MicroBatch} (raise gradient accumulation to keep the batch)", o with { MicroBatch = b })) break;
@@ -199,10 +200,10 @@ public static class MemoryPlanner
         // first without layer streaming (it costs host-to-device traffic every step), then with it.
         var free = o with
         {
-            GradientCheckpointing = true, OffloadCheckpoints = true, PagedOptimizer = true, OptimizerBits = 8, LossChunkTokens = Math.Min(o.LossChunkTokens, 256),
+            GradientCheckpointing = true, OffloadCheckpoints = true, PagedOptimizer = true, AttentionMask = false, SegmentAttention = o.AttentionMask || o.SegmentAttention, OptimizerBits = 8, LossChunkTokens = Math.Min(o.LossChunkTokens, 256),
             MlpTileTokens = o.MlpTileTokens > 0 ? o.MlpTileTokens : o.SequenceLength > 4096 ? 4096 : 0,
         };
-        string freeText = "offloaded checkpointing, paged 8-bit optimizer, loss chunk 256" + (free.MlpTileTokens > 0 ? $", MLP in tiles of {free.MlpTileTokens}" : "");
+        string freeText = "offloaded checkpointing, paged 8-bit optimizer, loss chunk 256" + (free.MlpTileTokens > 0 ? $", MLP in tiles of {free.MlpTileTokens}" : "") + (free.SegmentAttention ? ", segment attention" : "");
         foreach (var (baseOptions, switches) in new[]
                  {
                      (free, freeText),

@@ -51,6 +51,11 @@ public sealed record PlanOptions
     /// and stays on the device either way.
     /// </summary>
     public bool HostEmbedding { get; init; } = true;
+    /// <summary>
+    /// Packed rows attend segment by segment (no mask: the memory-efficient path; the segments' outputs are joined by
+    /// one copy). Used instead of <see cref="AttentionMask"/>.
+    /// </summary>
+    public bool SegmentAttention { get; init; }
     /// <summary>An explicit attention mask (packed sequences): SDPA falls back to the math path, which materialises B·heads·T² scores.</summary>
     public bool AttentionMask { get; init; }
     /// <summary>

@@ -497,7 +497,9 @@ internal sealed class StepMemorySimulation
         }
         else
         {
+            var parts = _o.SegmentAttention ? Alloc(LayerWorkingSet, _n * _q * _c) : null; // each segment's output, then one cat
             o = A(s, LayerWorkingSet, _n * _q * _c);
+            Free(parts);
             var lse = A(s, AttentionBuffers, _n * _cfg.NumAttentionHeads * 4L);
             if (grad) Save(lse, saved, AttentionBuffers);
         }

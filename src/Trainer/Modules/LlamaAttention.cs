@@ -22,10 +22,38 @@ public sealed class LlamaAttention : ProjectionHost
     public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask) => Forward(hidden, cos, sin, mask, null, 0);
 
     /// <summary>
+    /// Causal attention within each segment of each row (<paramref name="segments"/>: per row the segment lengths, in
+    /// order): what a block-diagonal causal mask computes, on the memory-efficient SDPA path, with no [T, T] mask.
+    /// </summary>
+    public static Tensor SegmentedAttention(Tensor q, Tensor k, Tensor v, IReadOnlyList<int[]> segments)
+    {
+        using var scope = NewDisposeScope();
+        var rows = new List<Tensor>();
+        for (int r = 0; r < segments.Count; r++)
+        {
+            var parts = new List<Tensor>();
+            long start = 0;
+            foreach (int length in segments[r])
+            {
+                using var qs = q.narrow(0, r, 1).narrow(2, start, length);
+                using var ks = k.narrow(0, r, 1).narrow(2, start, length);
+                using var vs = v.narrow(0, r, 1).narrow(2, start, length);
+                parts.Add(nn.functional.scaled_dot_product_attention(qs, ks, vs, is_casual: true));
+                start += length;
+            }
+            if (start != q.shape[2]) throw new ArgumentException($"row {r}: the segments cover {start} tokens of {q.shape[2]}");
+            rows.Add(parts.Count == 1 ? parts[0] : cat(parts, 2));
+            if (parts.Count > 1) foreach (var p in parts) p.Dispose();
+        }
+        var result = rows.Count == 1 ? rows[0] : cat(rows, 0);
+        return result.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
     /// As <see cref="Forward(Tensor, Tensor, Tensor, Tensor?)"/>, appending this step's keys and values to layer
     /// <paramref name="layer"/> of <paramref name="cache"/> and attending over everything cached (inference).
     /// </summary>
-    public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache, int layer)
+    public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache, int layer, IReadOnlyList<int[]>? segments = null)
     {
         using var scope = NewDisposeScope();
         long b = hidden.shape[0], t = hidden.shape[1];
@@ -54,7 +82,8 @@ public sealed class LlamaAttention : ProjectionHost
             using (var grouped = v) v = grouped.repeat_interleave(rep, 1);
         }
         Tensor attn;
-        if (mask is not null) attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: mask);
+        if (segments is not null && cache is null) attn = SegmentedAttention(q, k, v, segments);
+        else if (mask is not null) attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: mask);
         else if (!prefix) attn = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true);
         else
         {

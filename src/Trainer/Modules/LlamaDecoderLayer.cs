@@ -28,12 +28,12 @@ public sealed class LlamaDecoderLayer : nn.Module
     public LlamaMlp mlp { get; }
 
     /// <summary>The layer's output for hidden states [B, T, H].</summary>
-    public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache = null, int layer = 0)
+    public Tensor Forward(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache = null, int layer = 0, IReadOnlyList<int[]>? segments = null)
     {
         using var scope = NewDisposeScope();
         Tensor h, output;
         using (var n1 = input_layernorm.forward(hidden))
-        using (var attention = self_attn.Forward(n1, cos, sin, mask, cache, layer))
+        using (var attention = self_attn.Forward(n1, cos, sin, mask, cache, layer, segments))
             h = hidden + attention;
         using (h)
         using (var n2 = post_attention_layernorm.forward(h))

@@ -51,6 +51,11 @@ public sealed class LlamaForCausalLM : nn.Module
     }
     private ActivationOffload? _offload;
     /// <summary>
+    /// Packed rows attend segment by segment (<see cref="LlamaAttention.SegmentedAttention"/>) instead of through a
+    /// [B, 1, T, T] mask: callers that build batches (<see cref="MicroBatch.Create"/>) read this to make segments.
+    /// </summary>
+    public bool SegmentAttention { get; set; }
+    /// <summary>
     /// Sequence-tiled MLP: tokens per tile of every layer's MLP (0: off), each tile checkpointed on its own so no
     /// [tokens, intermediate] tensor of the whole sequence exists (see <see cref="LlamaMlp.TileTokens"/>).
     /// </summary>
@@ -306,7 +311,7 @@ public sealed class LlamaForCausalLM : nn.Module
     /// <paramref name="attentionMask"/> is null (causal) or a boolean [B, 1, T, T] "may attend" mask, e.g. block-diagonal
     /// causal for packed sequences.
     /// </summary>
-    public Tensor Forward(Tensor inputIds, Tensor? positionIds = null, Tensor? attentionMask = null)
+    public Tensor Forward(Tensor inputIds, Tensor? positionIds = null, Tensor? attentionMask = null, IReadOnlyList<int[]>? segments = null)
     {
         using var scope = NewDisposeScope();
         long b = inputIds.shape[0], t = inputIds.shape[1];
@@ -343,14 +348,14 @@ public sealed class LlamaForCausalLM : nn.Module
                 h = Checkpoint.Run((x, c) =>
                 {
                     streamer?.Acquire(i, calls++ == 0 ? i + 1 : i - 1);
-                    return l.Forward(x, c[0], c[1], c.Count > 2 ? c[2] : null);
+                    return l.Forward(x, c[0], c[1], c.Count > 2 ? c[2] : null, segments: segments);
                 }, input, offload, attentionMask is null ? [cos, sin] : [cos, sin, attentionMask]);
                 if (offload is not null) input.Dispose(); // its copy is on the host: free the device memory now
             }
             else
             {
                 streamer?.Acquire(i, i + 1);
-                h = l.Forward(h, cos, sin, attentionMask);
+                h = l.Forward(h, cos, sin, attentionMask, segments: segments);
             }
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();
@@ -390,10 +395,11 @@ public sealed class LlamaForCausalLM : nn.Module
     }
 
     /// <summary>Summed fp32 cross-entropy over target tokens (labels −100 ignored, shifted by one) and their count.</summary>
-    public (Tensor Sum, long Tokens) Loss(Tensor inputIds, Tensor labels, Tensor? positionIds = null, Tensor? attentionMask = null)
+    public (Tensor Sum, long Tokens) Loss(Tensor inputIds, Tensor labels, Tensor? positionIds = null, Tensor? attentionMask = null,
+        IReadOnlyList<int[]>? segments = null)
     {
         using var scope = NewDisposeScope();
-        var hidden = Forward(inputIds, positionIds, attentionMask);
+        var hidden = Forward(inputIds, positionIds, attentionMask, segments);
         var (sum, tokens) = CausalLmLoss.Compute(hidden, labels, LmHead, LossChunkTokens);
         return (sum.MoveToOuterDisposeScope(), tokens);
     }

@@ -47,9 +47,9 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
             foreach (var row in use)
             {
                 using var scope = NewDisposeScope();
-                using var batch = MicroBatch.Create([row], padId);
+                using var batch = MicroBatch.Create([row], padId, model.SegmentAttention);
                 if (batch.TargetTokens == 0) continue;
-                var (s, n) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask);
+                var (s, n) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask, batch.Segments);
                 sum += s.to(ScalarType.Float64).item<double>();
                 tokens += n;
             }

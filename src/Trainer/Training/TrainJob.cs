@@ -222,6 +222,11 @@ public sealed class TrainingSection
     /// equal up to the summation order.
     /// </summary>
     public int MlpTileTokens { get; set; }
+    /// <summary>
+    /// Packed rows attend segment by segment on the memory-efficient attention path instead of through a [T, T] mask
+    /// whose size grows with the square of the row; same result up to rounding.
+    /// </summary>
+    public bool SegmentAttention { get; set; }
     /// <summary>Stop after this many consecutive steps with a non-finite loss or gradient.</summary>
     public int MaxConsecutiveBadSteps { get; set; } = 5;
     /// <summary>CPU threads for libtorch (0: libtorch's default).</summary>

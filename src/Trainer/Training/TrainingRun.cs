@@ -114,6 +114,7 @@ public sealed class TrainingRun
         model.GradientCheckpointing = t.GradientCheckpointing;
         model.OffloadCheckpoints = t.GradientCheckpointing && t.OffloadCheckpoints;
         model.MlpTileTokens = t.MlpTileTokens;
+        model.SegmentAttention = t.SegmentAttention;
         model.LossChunkTokens = t.LossChunkTokens;
         var lora = LoraOptionsOf(_job.Lora);
         var names = model.ApplyLora(lora, new Generator((ulong)t.Seed));
@@ -275,9 +276,9 @@ public sealed class TrainingRun
         foreach (var rows in microBatches)
         {
             using var scope = NewDisposeScope();
-            using var batch = MicroBatch.Create(rows, padId);
+            using var batch = MicroBatch.Create(rows, padId, model.SegmentAttention);
             if (batch.TargetTokens == 0) continue;
-            var (sum, _) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask);
+            var (sum, _) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask, batch.Segments);
             lossSum += sum.to(ScalarType.Float64).item<double>();
             Checkpoint.Backward(sum / total);
         }
@@ -460,7 +461,8 @@ public sealed class TrainingRun
         OptimizerBits = job.Training.Optimizer.Equals("adamw8bit", StringComparison.OrdinalIgnoreCase) ? 8 : 32,
         PagedOptimizer = job.Training.PagedOptimizer,
         LossChunkTokens = job.Training.LossChunkTokens,
-        AttentionMask = job.Data.Packing,
+        AttentionMask = job.Data.Packing && !job.Training.SegmentAttention,
+        SegmentAttention = job.Data.Packing && job.Training.SegmentAttention,
         LayerStreaming = job.Model.Stream,
         StreamingWindow = job.Model.StreamWindow,
         BudgetBytes = job.Memory.BudgetBytes,
