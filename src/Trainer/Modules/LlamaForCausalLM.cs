@@ -12,7 +12,8 @@ namespace QLora.Trainer;
 /// </summary>
 public sealed class LlamaForCausalLM : nn.Module
 {
-    private readonly RotaryEmbedding _rope;
+    private readonly RotaryEmbedding[] _ropes;  // the distinct RoPEs of the layers (usually one)
+    private readonly int[] _ropeOfLayer;       // index into _ropes per decoder layer
     private readonly nn.Module<Tensor, Tensor>? _lmHead;
     private readonly List<(string Name, LoraLinear Layer)> _lora = [];
 
@@ -22,7 +23,10 @@ public sealed class LlamaForCausalLM : nn.Module
         ComputeDType = computeDType;
         this.model = model;
         _lmHead = lmHead;
-        _rope = new RotaryEmbedding(config.HeadDim, config.RopeTheta, config.RopeScaling);
+        var distinct = Enumerable.Range(0, config.NumHiddenLayers).Select(config.RopeForLayer).Distinct().ToList();
+        if (distinct.Count == 0) distinct.Add(config.RopeForLayer(0));
+        _ropes = distinct.Select(r => new RotaryEmbedding(config.HeadDim, r.Theta, r.Scaling)).ToArray();
+        _ropeOfLayer = Enumerable.Range(0, config.NumHiddenLayers).Select(i => distinct.IndexOf(config.RopeForLayer(i))).ToArray();
         register_module("model", model);
         if (lmHead is not null) register_module("lm_head", lmHead);
     }
@@ -265,13 +269,16 @@ public sealed class LlamaForCausalLM : nn.Module
         using var scope = NewDisposeScope();
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var pos = positionIds ?? arange(t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
-        var (cos, sin) = _rope.CosSin(pos, ComputeDType);
-        if (Config.SlidingWindow is int window && t > window)
+        var rope = _ropes.Select(r => r.CosSin(pos, ComputeDType)).ToArray();
+        var masks = new Dictionary<int, Tensor?>();
+        Tensor? MaskFor(int layer)
         {
-            // Mistral's sliding window: causal and at most `window` positions back.
+            // A windowed layer (see LlamaConfig.SlidingWindowForLayer): causal and at most `window` positions back.
+            if (Config.SlidingWindowForLayer(layer) is not int window || t <= window) return attentionMask;
+            if (masks.TryGetValue(window, out var cached)) return cached;
             var i = arange(t, device: inputIds.device);
             var band = i.unsqueeze(1).ge(i.unsqueeze(0)).logical_and((i.unsqueeze(1) - i.unsqueeze(0)).lt(window)).view(1, 1, t, t);
-            attentionMask = attentionMask is null ? band : attentionMask.logical_and(band);
+            return masks[window] = attentionMask is null ? band : attentionMask.logical_and(band);
         }
         var h = model.embed_tokens.forward(inputIds);
         bool checkpoint = GradientCheckpointing && is_grad_enabled() && training;
@@ -281,6 +288,8 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             var l = model.layers[index];
             int i = index;
+            var (cos, sin) = rope[_ropeOfLayer[index]];
+            var mask = MaskFor(index);
             if (checkpoint)
             {
                 // Streaming: the first call is the forward (prefetch the next layer), the second the backward
@@ -290,12 +299,12 @@ public sealed class LlamaForCausalLM : nn.Module
                 {
                     streamer?.Acquire(i, calls++ == 0 ? i + 1 : i - 1);
                     return l.Forward(x, c[0], c[1], c.Count > 2 ? c[2] : null);
-                }, h, attentionMask is null ? [cos, sin] : [cos, sin, attentionMask]);
+                }, h, mask is null ? [cos, sin] : [cos, sin, mask]);
             }
             else
             {
                 streamer?.Acquire(i, i + 1);
-                h = l.Forward(h, cos, sin, attentionMask);
+                h = l.Forward(h, cos, sin, mask);
             }
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();
@@ -310,14 +319,16 @@ public sealed class LlamaForCausalLM : nn.Module
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         long b = inputIds.shape[0], t = inputIds.shape[1];
-        if (Config.SlidingWindow is int window && cache.Length + t > window)
-            throw new NotSupportedException($"generation past the sliding window ({window} tokens) is not supported");
+        for (int layer = 0; layer < Config.NumHiddenLayers; layer++)
+            if (Config.SlidingWindowForLayer(layer) is int window && cache.Length + t > window)
+                throw new NotSupportedException($"generation past the sliding window ({window} tokens, layer {layer}) is not supported");
         var pos = arange(cache.Length, cache.Length + t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
-        var (cos, sin) = _rope.CosSin(pos, ComputeDType);
+        var rope = _ropes.Select(r => r.CosSin(pos, ComputeDType)).ToArray();
         var h = model.embed_tokens.forward(inputIds);
         for (int i = 0; i < model.layers.Count; i++)
         {
             Streamer?.Acquire(i, (i + 1) % model.layers.Count); // the next token starts again at layer 0
+            var (cos, sin) = rope[_ropeOfLayer[i]];
             h = model.layers[i].Forward(h, cos, sin, null, cache, i);
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();
