@@ -215,13 +215,14 @@ public sealed class LlamaForCausalLM : nn.Module
         void Wrap(string name, nn.Module<Tensor, Tensor> current, Action<nn.Module<Tensor, Tensor>> replace)
         {
             if (!options.IsTarget(name)) return;
+            var own = options.ForModule(name); // rank_pattern / alpha_pattern
             if (current is LoraLinear existing)
             {
-                existing.AddAdapter(options, generator);
+                existing.AddAdapter(own, generator);
             }
             else
             {
-                var lora = new LoraLinear(current, options, generator);
+                var lora = new LoraLinear(current, own, generator);
                 lora.train(training); // a new module starts in training mode; follow the model's
                 replace(lora);
                 _lora.Add((name, lora));
