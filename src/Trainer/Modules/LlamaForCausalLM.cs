@@ -88,7 +88,7 @@ public sealed class LlamaForCausalLM : nn.Module
     /// </remarks>
     public static LlamaForCausalLM FromWeights(LlamaConfig config, IModelWeights weights, bool quantize = true,
         ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64, QuantType quantType = QuantType.Nf4, bool doubleQuant = true,
-        IFourBitProjectionFactory? projections = null)
+        IFourBitProjectionFactory? projections = null, Func<string, bool>? keepDense = null)
     {
         void Check(string name, long[] shape)
         {
@@ -105,14 +105,17 @@ public sealed class LlamaForCausalLM : nn.Module
         Tensor? Bias(string name, bool present, long size) => present ? Get(name, size) : null;
         nn.Module<Tensor, Tensor> Proj(string name, long outF, long inF, bool bias)
         {
-            if (projections is not null)
+            bool dense = keepDense?.Invoke(name) == true;
+            if (dense && weights is SafetensorsModelWeights sw && sw.IsFourBit(name + ".weight"))
+                throw new InvalidDataException($"{name} is kept dense by llm_int8_skip_modules but its weight is stored 4-bit");
+            if (projections is not null && !dense)
             {
                 using var pb = Bias(name + ".bias", bias, outF);
                 return projections.Create(name + ".weight", [outF, inF], pb, computeDType);
             }
             Check(name + ".weight", [outF, inF]);
             using var b = Bias(name + ".bias", bias, outF);
-            if (quantize) return new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType);
+            if (quantize && !dense) return new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType);
             using var w = weights.Dense(name + ".weight");
             var lin = nn.Linear(inF, outF, hasBias: b is not null, dtype: computeDType);
             using (no_grad())
