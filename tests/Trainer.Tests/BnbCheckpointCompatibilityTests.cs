@@ -76,4 +76,58 @@ public class BnbCheckpointCompatibilityTests
         Assert.False(cfg.SkipsModule("model.layers.0.self_attn.q_proj"));
         Assert.False(new BnbQuantizationConfig().SkipsModule("lm_head"));
     }
+
+    /// <summary>bitsandbytes' weight for compute dtype fp32: the reference decoder's output in the stored dtype, widened.</summary>
+    private static Tensor BnbWeight(QuantizedTensor q)
+    {
+        var stored = q.State.DType;
+        var bytes = new byte[q.Count * stored.Size()];
+        FourBitReferenceDequantizer.Dequantize(q, stored, bytes);
+        using var t = TorchDTypes.FromBytes(bytes, new TensorInfo("w", stored.ToTensorDType(), q.State.Shape, 0, bytes.LongLength));
+        return t.to(ScalarType.Float64);
+    }
+
+    [Fact]
+    public void Fp32ComputeRoundsTheWeightToItsStoredDtypeFirstInForwardAndBackward()
+    {
+        using var scope = NewDisposeScope();
+        var w = (randn(48, 64, generator: new TorchSharp.torch.Generator(7)) * 0.05).to(ScalarType.BFloat16);
+        using var layer = Linear4bit.Quantize(w, computeDType: ScalarType.Float32);
+        var q = Linear4bit.QuantizeWeight(w);
+        Assert.Equal(FloatType.BFloat16, q.State.DType);
+        var expectedW = BnbWeight(q);
+        var x = randn(5, 64, generator: new TorchSharp.torch.Generator(8)).requires_grad_(true);
+        var y = layer.forward(x);
+        var g = randn(5, 48, generator: new TorchSharp.torch.Generator(9));
+        y.backward([g]);
+        var x64 = x.detach().to(ScalarType.Float64);
+        Assert.True(Linear4bitTests.RelErr(y, x64.matmul(expectedW.t())) < 1e-6, "forward");
+        Assert.True(Linear4bitTests.RelErr(x.grad!, g.to(ScalarType.Float64).matmul(expectedW)) < 1e-6, "backward");
+        // Decoding straight to fp32 gives other values (what the test guards against).
+        var direct = new byte[q.Count * 4];
+        FourBitReferenceDequantizer.Dequantize(q, FloatType.Float32, direct);
+        using var directW = TorchDTypes.FromBytes(direct, new TensorInfo("w", TensorDType.F32, q.State.Shape, 0, direct.LongLength));
+        Assert.True(Linear4bitTests.RelErr(directW, expectedW) > 1e-3);
+    }
+
+    [Fact]
+    public void ADynamicFolderComputesAsTransformersLoadsIt()
+    {
+        using var dir = new TempFolder();
+        using var scope = NewDisposeScope();
+        var tensors = WriteDynamicFolder(dir);
+        // Reference: skipped modules dense as stored, the others as bitsandbytes dequantizes them for fp32 compute.
+        var reference = new Dictionary<string, Tensor>();
+        using (var checkpoint = SafetensorsCheckpoint.Open(dir.File("bnb")))
+            foreach (var (name, t) in tensors)
+                reference[name] = BnbCheckpointLayout.IsQuantized(checkpoint, name)
+                    ? BnbWeight(BnbCheckpointLayout.Read(checkpoint, name)).to(ScalarType.Float32) : t.to(ScalarType.Float32);
+        var c = TinyLlama.Config();
+        using var expectedModel = LlamaForCausalLM.FromWeights(c, n => reference.GetValueOrDefault(n), quantize: false, computeDType: ScalarType.Float32);
+        using var model = HfModelLoader.Load(dir.File("bnb"), new HfModelLoader.Options { ComputeDType = ScalarType.Float32 });
+        model.eval(); expectedModel.eval();
+        var ids = tensor(new long[] { 1, 2, 3, 40, 50, 60, 7 }).unsqueeze(0);
+        double rel = Linear4bitTests.RelErr(model.Logits(ids), expectedModel.Logits(ids).to(ScalarType.Float64));
+        Assert.True(rel < 1e-5, $"relative error {rel}");
+    }
 }

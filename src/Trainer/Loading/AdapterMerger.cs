@@ -65,9 +65,10 @@ public static class AdapterMerger
                 Tensor w;
                 if (BnbCheckpointLayout.IsQuantized(checkpoint, name))
                 {
+                    // As PEFT merges a bnb layer: dequantize_4bit gives quant_state.dtype (usually bf16), then the delta is added.
                     var q = BnbCheckpointLayout.Read(checkpoint, name);
-                    w = empty(q.State.Shape, dtype: ScalarType.Float32);
-                    FourBitDequantizer.Dequantize(q, FloatType.Float32, w.bytes);
+                    w = empty(q.State.Shape, dtype: TorchDTypes.ToScalarType(q.State.DType));
+                    FourBitDequantizer.Dequantize(q, q.State.DType, w.bytes);
                 }
                 else if (FloatTypes.FromTensorDType(checkpoint.GetInfo(name).DType) is not null)
                 {
