@@ -130,4 +130,82 @@ public class BnbCheckpointCompatibilityTests
         double rel = Linear4bitTests.RelErr(model.Logits(ids), expectedModel.Logits(ids).to(ScalarType.Float64));
         Assert.True(rel < 1e-5, $"relative error {rel}");
     }
+
+    /// <summary>
+    /// What transformers does with a folder: each Linear module (projections and lm_head) is converted to 4-bit unless
+    /// llm_int8_skip_modules names it (null: lm_head only). It loads only if exactly the converted ones are stored 4-bit.
+    /// </summary>
+    private static void AssertTransformersWouldLoad(string folder, LlamaConfig c)
+    {
+        var config = JsonNode.Parse(File.ReadAllText(Path.Combine(folder, "config.json")))!.AsObject();
+        var bnb = BnbQuantizationConfig.FromConfig(config)!;
+        var rule = bnb.SkipModules is null ? new BnbQuantizationConfig { SkipModules = ["lm_head"] } : bnb;
+        using var checkpoint = SafetensorsCheckpoint.Open(folder);
+        var linear = Enumerable.Range(0, c.NumHiddenLayers)
+            .SelectMany(l => Projections.Select(p => $"model.layers.{l}.{(p is "gate_proj" or "up_proj" or "down_proj" ? "mlp" : "self_attn")}.{p}"))
+            .Append("lm_head");
+        foreach (var module in linear)
+            Assert.True(!rule.SkipsModule(module) == BnbCheckpointLayout.IsQuantized(checkpoint, module + ".weight"), module);
+    }
+
+    [Fact]
+    public void QuantizingASubsetWritesTheSkipListTransformersNeeds()
+    {
+        using var dir = new TempFolder();
+        using var scope = NewDisposeScope();
+        var c = TinyLlama.Config();
+        HfModelLoaderTests.WriteFolder(dir.File("dense"), c);
+        CheckpointQuantizer.QuantizeFolder(dir.File("dense"), dir.File("qv"), new QuantizeOptions { Include = @"\.(q|v)_proj\.weight$" });
+        var skip = BnbQuantizationConfig.FromConfig(JsonNode.Parse(File.ReadAllText(dir.File("qv/config.json")))!.AsObject())!.SkipModules;
+        string[] expected =
+        [
+            "lm_head",
+            "model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+            "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj",
+            "model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj",
+            "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.o_proj",
+        ];
+        Assert.Equal(expected, skip);
+        AssertTransformersWouldLoad(dir.File("qv"), c);
+        using (var model = HfModelLoader.Load(dir.File("qv")))
+        {
+            Assert.IsType<Linear4bit>(Projection(model, 1, "v_proj"));
+            Assert.IsType<Linear>(Projection(model, 1, "k_proj"));
+        }
+
+        // The default (every projection) keeps transformers' default: null, lm_head dense.
+        CheckpointQuantizer.QuantizeFolder(dir.File("dense"), dir.File("all"), new QuantizeOptions());
+        Assert.Null(JsonNode.Parse(File.ReadAllText(dir.File("all/config.json")))!["quantization_config"]!["llm_int8_skip_modules"]);
+        AssertTransformersWouldLoad(dir.File("all"), c);
+
+        // The embedding is never quantized by transformers: refused, nothing written.
+        var e = Assert.Throws<ArgumentException>(() => CheckpointQuantizer.QuantizeFolder(dir.File("dense"), dir.File("emb"), new QuantizeOptions { Include = "weight$" }));
+        Assert.Contains("model.embed_tokens.weight", e.Message);
+        Assert.False(Directory.Exists(dir.File("emb")));
+    }
+
+    [Fact]
+    public void QuantizingLmHeadWritesAnEmptySkipListAndTheFolderLoads()
+    {
+        using var dir = new TempFolder();
+        using var scope = NewDisposeScope();
+        var c = TinyLlama.Config();
+        var tensors = HfModelLoaderTests.WriteFolder(dir.File("dense"), c);
+        CheckpointQuantizer.QuantizeFolder(dir.File("dense"), dir.File("bnb"), new QuantizeOptions { Include = QuantizeOptions.DefaultInclude + @"|^lm_head\.weight$" });
+        var q = JsonNode.Parse(File.ReadAllText(dir.File("bnb/config.json")))!["quantization_config"]!;
+        Assert.Empty(q["llm_int8_skip_modules"]!.AsArray()); // [] converts lm_head too; null would keep it dense
+        AssertTransformersWouldLoad(dir.File("bnb"), c);
+
+        var reference = new Dictionary<string, Tensor>();
+        using (var checkpoint = SafetensorsCheckpoint.Open(dir.File("bnb")))
+            foreach (var (name, t) in tensors)
+                reference[name] = BnbCheckpointLayout.IsQuantized(checkpoint, name)
+                    ? BnbWeight(BnbCheckpointLayout.Read(checkpoint, name)).to(ScalarType.Float32) : t.to(ScalarType.Float32);
+        using var expectedModel = LlamaForCausalLM.FromWeights(c, n => reference.GetValueOrDefault(n), quantize: false, computeDType: ScalarType.Float32);
+        using var model = HfModelLoader.Load(dir.File("bnb"), new HfModelLoader.Options { ComputeDType = ScalarType.Float32 });
+        model.eval(); expectedModel.eval();
+        var ids = tensor(new long[] { 5, 6, 7, 8 }).unsqueeze(0);
+        double rel = Linear4bitTests.RelErr(model.Logits(ids), expectedModel.Logits(ids).to(ScalarType.Float64));
+        Assert.True(rel < 1e-5, $"relative error {rel}");
+    }
 }

@@ -153,7 +153,13 @@ public sealed class LlamaForCausalLM : nn.Module
         using (var e = Get("model.embed_tokens.weight", config.VocabSize, hsz)) embed = new FrozenEmbedding(e.to(computeDType));
         var model = new LlamaModel(embed, layers, Norm("model.norm.weight"));
         nn.Module<Tensor, Tensor>? head = null;
-        if (!config.TieWordEmbeddings)
+        if (!config.TieWordEmbeddings && weights is SafetensorsModelWeights stored && stored.IsFourBit("lm_head.weight"))
+        {
+            // A checkpoint quantized with lm_head (llm_int8_skip_modules without it): a frozen 4-bit head, as transformers loads it.
+            Check("lm_head.weight", [config.VocabSize, hsz]);
+            head = new Linear4bit(weights.FourBit("lm_head.weight", quantType, blocksize, doubleQuant), null, computeDType);
+        }
+        else if (!config.TieWordEmbeddings)
         {
             using var w = Get("lm_head.weight", config.VocabSize, hsz);
             var lin = nn.Linear(hsz, config.VocabSize, hasBias: false, dtype: computeDType);
