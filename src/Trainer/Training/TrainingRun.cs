@@ -448,6 +448,7 @@ public sealed class TrainingRun
         UseRsLora = s.UseRsLora,
         TargetModules = s.TargetModules is { } m ? [.. m] : LoraOptions.AllLinear,
         TargetRegex = s.TargetRegex,
+        ExcludeModules = s.ExcludeModules,
         LayersToTransform = s.LayersToTransform,
         RankPattern = s.RankPattern?.ToList() ?? [],
         AlphaPattern = s.AlphaPattern?.ToList() ?? [],
