@@ -273,6 +273,9 @@ public class PeftConfigFeatureTests
             "Lora": { "Rank": 2, "TargetModules": ["self_attn.q_proj", "mlp.down_proj"], "ExcludeModules": ["layers.0.mlp.down_proj"] }
             """), environment: false);
         var options = TrainingRun.LoraOptionsOf(job.Lora);
+        var plan = TrainingRun.PlanOptionsOf(job); // the planner sees the projection kinds the dotted names select
+        Assert.Equal(["q_proj", "down_proj"], plan.LoraTargets);
+        plan.Validate();
         var c = TinyLlama.Config();
         using var model = LlamaForCausalLM.CreateRandom(c, 11, quantize: false, computeDType: ScalarType.Float32);
         var names = model.ApplyLora(options, new Generator(1));
