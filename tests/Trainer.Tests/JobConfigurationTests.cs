@@ -78,7 +78,7 @@ public class JobConfigurationTests
     [InlineData("Training:MaxConsecutiveBadSteps", "0", "Training:MaxConsecutiveBadSteps = 0: a positive integer")]
     [InlineData("Training:Threads", "-1", "Training:Threads = -1: 0 (default) or a thread count")]
     [InlineData("Model:ComputeDType", "int8", "Model:ComputeDType = 'int8': allowed values are bfloat16, float16, float32")]
-    [InlineData("Model:ChatTemplate", "vicuna", "Model:ChatTemplate = 'vicuna': allowed values are llama3, llama3.1, chatml, mistral, alpaca")]
+    [InlineData("Model:ChatTemplate", "vicuna", "Model:ChatTemplate = 'vicuna': allowed values are llama3, llama3.1, llama3.2, chatml, mistral, mistral-spaces, alpaca")]
     [InlineData("Quantization:QuantType", "int4", "Quantization:QuantType = 'int4': allowed values are nf4, fp4")]
     [InlineData("Quantization:Blocksize", "100", "Quantization:Blocksize = 100: a power of two from 32 to 4096")]
     [InlineData("Lora:Rank", "0", "Lora:Rank = 0: an integer from 1 to 4096")]
