@@ -41,6 +41,11 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
                 Add($"{p}self_attn.{name}.weight", true, outF, inF);
                 if (config.AttentionBias && (name != "o_proj" || !config.QkvBiasOnly)) Add($"{p}self_attn.{name}.bias", false, outF);
             }
+            if (config.QkNorm)
+            {
+                Add(p + "self_attn.q_norm.weight", false, config.HeadDim);
+                Add(p + "self_attn.k_norm.weight", false, config.HeadDim);
+            }
             Add(p + "post_attention_layernorm.weight", false, h);
             foreach (var (name, outF, inF) in new[] { ("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i) })
             {
@@ -217,7 +222,7 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
         var json = new JsonObject
         {
             ["architectures"] = new JsonArray(c.Architecture),
-            ["model_type"] = qwen ? "qwen2" : c.Architecture == "MistralForCausalLM" ? "mistral" : "llama",
+            ["model_type"] = qwen ? "qwen2" : c.Architecture == "Qwen3ForCausalLM" ? "qwen3" : c.Architecture == "MistralForCausalLM" ? "mistral" : "llama",
             ["hidden_size"] = c.HiddenSize, ["intermediate_size"] = c.IntermediateSize, ["num_hidden_layers"] = c.NumHiddenLayers,
             ["num_attention_heads"] = c.NumAttentionHeads, ["num_key_value_heads"] = c.NumKeyValueHeads, ["head_dim"] = c.HeadDim,
             ["vocab_size"] = c.VocabSize, ["rms_norm_eps"] = c.RmsNormEps, ["rope_theta"] = c.RopeTheta,

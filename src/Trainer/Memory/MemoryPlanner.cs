@@ -76,7 +76,7 @@ public static class MemoryPlanner
         long biasPerLayer = (cfg.AttentionBias ? q + 2 * kv + (cfg.QkvBiasOnly ? 0 : h) : 0) + (cfg.MlpBias ? 2L * cfg.IntermediateSize + h : 0);
         long embed = v * h * c;
         long head = cfg.TieWordEmbeddings ? 0 : v * h * c;
-        long norms = (2L * layers + 1) * h * c;
+        long norms = (2L * layers + 1) * h * c + (cfg.QkNorm ? 2L * layers * cfg.HeadDim * c : 0); // Qwen3: q_norm, k_norm per layer
         long unquant = embed + head + norms + biasPerLayer * c * layers;
 
         // LoRA: A [r, in] and B [out, r] per target projection.

@@ -41,6 +41,13 @@ public static class ModelPresets
             HiddenSize = 8192, IntermediateSize = 28672, NumHiddenLayers = 80, NumAttentionHeads = 64, NumKeyValueHeads = 8,
             VocabSize = 128256, HeadDim = 128, RmsNormEps = 1e-5, RopeTheta = 500000, RopeScaling = Llama31Rope, MaxPositionEmbeddings = 131072,
         },
+        // Qwen/Qwen3-8B: q_norm/k_norm on the heads, no biases, untied embeddings
+        ["qwen3-8b"] = new LlamaConfig
+        {
+            Architecture = "Qwen3ForCausalLM", HiddenSize = 4096, IntermediateSize = 12288, NumHiddenLayers = 36, NumAttentionHeads = 32,
+            NumKeyValueHeads = 8, VocabSize = 151936, HeadDim = 128, RmsNormEps = 1e-6, RopeTheta = 1000000, MaxPositionEmbeddings = 40960,
+            QkNorm = true, TieWordEmbeddings = false,
+        },
     };
 
     /// <summary>The preset names.</summary>

@@ -4,7 +4,7 @@ using System.Text.Json.Nodes;
 namespace QLora.Trainer;
 
 /// <summary>
-/// The architecture of a Llama-family model (Llama 2/3, Mistral, Qwen2), read from a Hugging Face config.json with its
+/// The architecture of a Llama-family model (Llama 2/3, Mistral, Qwen2, Qwen3), read from a Hugging Face config.json with its
 /// field names. Missing optional fields take the transformers defaults.
 /// </summary>
 public sealed record LlamaConfig
@@ -41,11 +41,16 @@ public sealed record LlamaConfig
     public bool MlpBias { get; init; }
     /// <summary>sliding_window (Mistral v0.1: each token attends to at most this many positions), or null.</summary>
     public int? SlidingWindow { get; init; }
+    /// <summary>
+    /// Qwen3's q_norm / k_norm: an RMSNorm over head_dim (weights <c>self_attn.q_norm.weight</c>, <c>self_attn.k_norm.weight</c>)
+    /// applied to every query and key head before RoPE.
+    /// </summary>
+    public bool QkNorm { get; init; }
     /// <summary>The architectures entry (e.g. LlamaForCausalLM).</summary>
     public string Architecture { get; init; } = "LlamaForCausalLM";
 
     /// <summary>Architectures this project runs.</summary>
-    public static readonly IReadOnlyList<string> SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+    public static readonly IReadOnlyList<string> SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
 
     /// <summary>Reads config.json; throws <see cref="FormatException"/> naming the file and the field for anything missing or invalid.</summary>
     public static LlamaConfig Load(string path)
@@ -66,6 +71,7 @@ public sealed record LlamaConfig
         int hidden = Int(c, "hidden_size");
         int heads = Int(c, "num_attention_heads");
         bool qwen = arch == "Qwen2ForCausalLM";
+        bool qwen3 = arch == "Qwen3ForCausalLM";
         var cfg = new LlamaConfig
         {
             Architecture = arch,
@@ -84,8 +90,9 @@ public sealed record LlamaConfig
             AttentionBias = qwen || Bool(c, "attention_bias", false),
             QkvBiasOnly = qwen,
             MlpBias = Bool(c, "mlp_bias", false),
-            // Qwen2 configs carry sliding_window but only apply it with use_sliding_window.
-            SlidingWindow = c["sliding_window"] is JsonValue && (!qwen || Bool(c, "use_sliding_window", false)) ? Int(c, "sliding_window") : null,
+            QkNorm = qwen3,
+            // Qwen2 and Qwen3 configs carry sliding_window but only apply it with use_sliding_window.
+            SlidingWindow = c["sliding_window"] is JsonValue && (!(qwen || qwen3) || Bool(c, "use_sliding_window", false)) ? Int(c, "sliding_window") : null,
         };
         cfg.Validate();
         return cfg;

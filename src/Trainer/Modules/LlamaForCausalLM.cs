@@ -128,17 +128,19 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             string p = $"model.layers.{i}.";
             bool ab = config.AttentionBias;
-            var attn = new LlamaAttention(config,
-                Proj(p + "self_attn.q_proj", q, hsz, ab), Proj(p + "self_attn.k_proj", kv, hsz, ab),
-                Proj(p + "self_attn.v_proj", kv, hsz, ab), Proj(p + "self_attn.o_proj", hsz, q, ab && !config.QkvBiasOnly));
+            nn.Module<Tensor, Tensor> qp = Proj(p + "self_attn.q_proj", q, hsz, ab), kp = Proj(p + "self_attn.k_proj", kv, hsz, ab),
+                vp = Proj(p + "self_attn.v_proj", kv, hsz, ab), op = Proj(p + "self_attn.o_proj", hsz, q, ab && !config.QkvBiasOnly);
+            var attn = config.QkNorm
+                ? new LlamaAttention(config, qp, kp, vp, op, Norm(p + "self_attn.q_norm.weight", hd), Norm(p + "self_attn.k_norm.weight", hd))
+                : new LlamaAttention(config, qp, kp, vp, op);
             var mlp = new LlamaMlp(Proj(p + "mlp.gate_proj", isz, hsz, config.MlpBias), Proj(p + "mlp.up_proj", isz, hsz, config.MlpBias),
                 Proj(p + "mlp.down_proj", hsz, isz, config.MlpBias));
             layers.Add(new LlamaDecoderLayer(Norm(p + "input_layernorm.weight"), attn, Norm(p + "post_attention_layernorm.weight"), mlp));
         }
-        RmsNorm Norm(string name)
+        RmsNorm Norm(string name, int? size = null)
         {
-            var n = new RmsNorm(hsz, config.RmsNormEps, computeDType);
-            using var w = Get(name, hsz);
+            var n = new RmsNorm(size ?? hsz, config.RmsNormEps, computeDType);
+            using var w = Get(name, size ?? hsz);
             using (no_grad()) n.weight.copy_(w);
             return n;
         }
@@ -169,6 +171,7 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             int hsz = config.HiddenSize, hd = config.HeadDim;
             long[]? shape = null;
+            if (name.EndsWith("q_norm.weight", StringComparison.Ordinal) || name.EndsWith("k_norm.weight", StringComparison.Ordinal)) return ones(hd);
             if (name.EndsWith("norm.weight", StringComparison.Ordinal)) return ones(hsz);
             if (name == "model.embed_tokens.weight" || name == "lm_head.weight") shape = [config.VocabSize, hsz];
             else if (name.EndsWith(".bias", StringComparison.Ordinal))
