@@ -236,7 +236,11 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
                 ["rope_type"] = r.Type, ["factor"] = r.Factor, ["low_freq_factor"] = r.LowFreqFactor,
                 ["high_freq_factor"] = r.HighFreqFactor, ["original_max_position_embeddings"] = r.OriginalMaxPositionEmbeddings,
             };
-        if (c.SlidingWindow is int w) json["sliding_window"] = w;
+        // transformers' Mistral defaults an absent sliding_window to 4096, so "none" is written out; Qwen2 windows only
+        // with use_sliding_window, on the layers layer_types names.
+        if (c.SlidingWindow is not null || c.Architecture == "MistralForCausalLM") json["sliding_window"] = c.SlidingWindow;
+        if (qwen && c.SlidingWindow is not null) json["use_sliding_window"] = true;
+        if (c.LayerTypes is { } types) json["layer_types"] = new JsonArray(types.Select(t => (JsonNode?)t).ToArray());
         return json;
     }
 

@@ -43,19 +43,19 @@ public static class PeftAdapter
             .Select(l => l.Name[(l.Name.LastIndexOf('.') + 1)..]).Distinct().OrderBy(s => s, StringComparer.Ordinal).ToList();
         var config = new SortedDictionary<string, JsonNode?>(StringComparer.Ordinal)
         {
-            ["alpha_pattern"] = new JsonObject(),
+            ["alpha_pattern"] = new JsonObject(options.AlphaPattern.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)Alpha(kv.Value)))),
             ["base_model_name_or_path"] = baseModel,
             ["bias"] = "none",
             ["fan_in_fan_out"] = false,
             ["inference_mode"] = true,
             ["init_lora_weights"] = options.Init == "gaussian" ? "gaussian" : true,
             ["layers_to_transform"] = options.LayersToTransform is null ? null : new JsonArray(options.LayersToTransform.Select(i => (JsonNode?)i).ToArray()),
-            ["lora_alpha"] = options.Alpha == Math.Floor(options.Alpha) && Math.Abs(options.Alpha) < int.MaxValue ? (int)options.Alpha : Number(options.Alpha),
+            ["lora_alpha"] = Alpha(options.Alpha),
             ["lora_dropout"] = Number(options.Dropout),
             ["modules_to_save"] = null,
             ["peft_type"] = "LORA",
             ["r"] = options.Rank,
-            ["rank_pattern"] = new JsonObject(),
+            ["rank_pattern"] = new JsonObject(options.RankPattern.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))),
             ["target_modules"] = options.TargetRegex is not null ? options.TargetRegex : new JsonArray(modules.Select(m => (JsonNode?)m).ToArray()),
             ["task_type"] = "CAUSAL_LM",
             ["use_dora"] = false,
@@ -88,6 +88,8 @@ public static class PeftAdapter
                 UseRsLora = c["use_rslora"]?.GetValue<bool>() ?? false,
                 TargetModules = target is JsonArray a ? a.Select(n => n!.GetValue<string>()).ToList() : LoraOptions.AllLinear,
                 TargetRegex = target is JsonValue v && v.TryGetValue<string>(out var regex) ? regex : null,
+                RankPattern = Pattern(c, "rank_pattern", n => n.GetValue<int>()),
+                AlphaPattern = Pattern(c, "alpha_pattern", n => n.GetValue<double>()),
                 LayersToTransform = c["layers_to_transform"] switch
                 {
                     JsonArray l => l.Select(n => n!.GetValue<int>()).ToList(),
@@ -152,6 +154,14 @@ public static class PeftAdapter
         }
     }
 
+    // A {pattern: value} object in its file order (PEFT takes the first matching key).
+    private static List<KeyValuePair<string, T>> Pattern<T>(JsonObject c, string name, Func<JsonNode, T> value) => c[name] switch
+    {
+        null => [],
+        JsonObject o => o.Select(kv => KeyValuePair.Create(kv.Key, kv.Value is null ? throw new FormatException($"{name}['{kv.Key}'] is null") : value(kv.Value))).ToList(),
+        var other => throw new FormatException($"{name} = {other.ToJsonString()} is not an object of module patterns"),
+    };
+
     private static void ValidateKeys(string weightsPath, LoraOptions options)
     {
         using var reader = SafetensorsReader.Open(weightsPath);
@@ -163,6 +173,9 @@ public static class PeftAdapter
             if (!options.IsTarget(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which adapter_config.json does not select");
         }
     }
+
+    // PEFT's lora_alpha is an int unless it has a fraction.
+    private static JsonNode Alpha(double v) => v == Math.Floor(v) && Math.Abs(v) < int.MaxValue ? JsonValue.Create((int)v) : Number(v);
 
     private static JsonNode Number(double v) => JsonNode.Parse(PythonFloat.Repr(v))!; // Python's spelling: 0.0, 0.05, 16.0
 }

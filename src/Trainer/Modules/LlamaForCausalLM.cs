@@ -12,7 +12,8 @@ namespace QLora.Trainer;
 /// </summary>
 public sealed class LlamaForCausalLM : nn.Module
 {
-    private readonly RotaryEmbedding _rope;
+    private readonly RotaryEmbedding[] _ropes;  // the distinct RoPEs of the layers (usually one)
+    private readonly int[] _ropeOfLayer;       // index into _ropes per decoder layer
     private readonly nn.Module<Tensor, Tensor>? _lmHead;
     private readonly List<(string Name, LoraLinear Layer)> _lora = [];
 
@@ -22,7 +23,10 @@ public sealed class LlamaForCausalLM : nn.Module
         ComputeDType = computeDType;
         this.model = model;
         _lmHead = lmHead;
-        _rope = new RotaryEmbedding(config.HeadDim, config.RopeTheta, config.RopeScaling);
+        var distinct = Enumerable.Range(0, config.NumHiddenLayers).Select(config.RopeForLayer).Distinct().ToList();
+        if (distinct.Count == 0) distinct.Add(config.RopeForLayer(0));
+        _ropes = distinct.Select(r => new RotaryEmbedding(config.HeadDim, r.Theta, r.Scaling)).ToArray();
+        _ropeOfLayer = Enumerable.Range(0, config.NumHiddenLayers).Select(i => distinct.IndexOf(config.RopeForLayer(i))).ToArray();
         register_module("model", model);
         if (lmHead is not null) register_module("lm_head", lmHead);
     }
@@ -84,7 +88,7 @@ public sealed class LlamaForCausalLM : nn.Module
     /// </remarks>
     public static LlamaForCausalLM FromWeights(LlamaConfig config, IModelWeights weights, bool quantize = true,
         ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64, QuantType quantType = QuantType.Nf4, bool doubleQuant = true,
-        IFourBitProjectionFactory? projections = null)
+        IFourBitProjectionFactory? projections = null, Func<string, bool>? keepDense = null)
     {
         void Check(string name, long[] shape)
         {
@@ -101,14 +105,17 @@ public sealed class LlamaForCausalLM : nn.Module
         Tensor? Bias(string name, bool present, long size) => present ? Get(name, size) : null;
         nn.Module<Tensor, Tensor> Proj(string name, long outF, long inF, bool bias)
         {
-            if (projections is not null)
+            bool dense = keepDense?.Invoke(name) == true;
+            if (dense && weights is SafetensorsModelWeights sw && sw.IsFourBit(name + ".weight"))
+                throw new InvalidDataException($"{name} is kept dense by llm_int8_skip_modules but its weight is stored 4-bit");
+            if (projections is not null && !dense)
             {
                 using var pb = Bias(name + ".bias", bias, outF);
                 return projections.Create(name + ".weight", [outF, inF], pb, computeDType);
             }
             Check(name + ".weight", [outF, inF]);
             using var b = Bias(name + ".bias", bias, outF);
-            if (quantize) return new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType);
+            if (quantize && !dense) return new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType);
             using var w = weights.Dense(name + ".weight");
             var lin = nn.Linear(inF, outF, hasBias: b is not null, dtype: computeDType);
             using (no_grad())
@@ -148,7 +155,13 @@ public sealed class LlamaForCausalLM : nn.Module
         using (var e = Get("model.embed_tokens.weight", config.VocabSize, hsz)) embed = new FrozenEmbedding(e.to(computeDType));
         var model = new LlamaModel(embed, layers, Norm("model.norm.weight"));
         nn.Module<Tensor, Tensor>? head = null;
-        if (!config.TieWordEmbeddings)
+        if (!config.TieWordEmbeddings && weights is SafetensorsModelWeights stored && stored.IsFourBit("lm_head.weight"))
+        {
+            // A checkpoint quantized with lm_head (llm_int8_skip_modules without it): a frozen 4-bit head, as transformers loads it.
+            Check("lm_head.weight", [config.VocabSize, hsz]);
+            head = new Linear4bit(weights.FourBit("lm_head.weight", quantType, blocksize, doubleQuant), null, computeDType);
+        }
+        else if (!config.TieWordEmbeddings)
         {
             using var w = Get("lm_head.weight", config.VocabSize, hsz);
             var lin = nn.Linear(hsz, config.VocabSize, hasBias: false, dtype: computeDType);
@@ -214,13 +227,14 @@ public sealed class LlamaForCausalLM : nn.Module
         void Wrap(string name, nn.Module<Tensor, Tensor> current, Action<nn.Module<Tensor, Tensor>> replace)
         {
             if (!options.IsTarget(name)) return;
+            var own = options.ForModule(name); // rank_pattern / alpha_pattern
             if (current is LoraLinear existing)
             {
-                existing.AddAdapter(options, generator);
+                existing.AddAdapter(own, generator);
             }
             else
             {
-                var lora = new LoraLinear(current, options, generator);
+                var lora = new LoraLinear(current, own, generator);
                 lora.train(training); // a new module starts in training mode; follow the model's
                 replace(lora);
                 _lora.Add((name, lora));
@@ -268,13 +282,16 @@ public sealed class LlamaForCausalLM : nn.Module
         using var scope = NewDisposeScope();
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var pos = positionIds ?? arange(t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
-        var (cos, sin) = _rope.CosSin(pos, ComputeDType);
-        if (Config.SlidingWindow is int window && t > window)
+        var rope = _ropes.Select(r => r.CosSin(pos, ComputeDType)).ToArray();
+        var masks = new Dictionary<int, Tensor?>();
+        Tensor? MaskFor(int layer)
         {
-            // Mistral's sliding window: causal and at most `window` positions back.
+            // A windowed layer (see LlamaConfig.SlidingWindowForLayer): causal and at most `window` positions back.
+            if (Config.SlidingWindowForLayer(layer) is not int window || t <= window) return attentionMask;
+            if (masks.TryGetValue(window, out var cached)) return cached;
             var i = arange(t, device: inputIds.device);
             var band = i.unsqueeze(1).ge(i.unsqueeze(0)).logical_and((i.unsqueeze(1) - i.unsqueeze(0)).lt(window)).view(1, 1, t, t);
-            attentionMask = attentionMask is null ? band : attentionMask.logical_and(band);
+            return masks[window] = attentionMask is null ? band : attentionMask.logical_and(band);
         }
         var h = model.embed_tokens.forward(inputIds);
         bool checkpoint = GradientCheckpointing && is_grad_enabled() && training;
@@ -284,6 +301,8 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             var l = model.layers[index];
             int i = index;
+            var (cos, sin) = rope[_ropeOfLayer[index]];
+            var mask = MaskFor(index);
             if (checkpoint)
             {
                 // Streaming: the first call is the forward (prefetch the next layer), the second the backward
@@ -293,12 +312,12 @@ public sealed class LlamaForCausalLM : nn.Module
                 {
                     streamer?.Acquire(i, calls++ == 0 ? i + 1 : i - 1);
                     return l.Forward(x, c[0], c[1], c.Count > 2 ? c[2] : null);
-                }, h, attentionMask is null ? [cos, sin] : [cos, sin, attentionMask]);
+                }, h, mask is null ? [cos, sin] : [cos, sin, mask]);
             }
             else
             {
                 streamer?.Acquire(i, i + 1);
-                h = l.Forward(h, cos, sin, attentionMask);
+                h = l.Forward(h, cos, sin, mask);
             }
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();
@@ -313,14 +332,16 @@ public sealed class LlamaForCausalLM : nn.Module
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         long b = inputIds.shape[0], t = inputIds.shape[1];
-        if (Config.SlidingWindow is int window && cache.Length + t > window)
-            throw new NotSupportedException($"generation past the sliding window ({window} tokens) is not supported");
+        for (int layer = 0; layer < Config.NumHiddenLayers; layer++)
+            if (Config.SlidingWindowForLayer(layer) is int window && cache.Length + t > window)
+                throw new NotSupportedException($"generation past the sliding window ({window} tokens, layer {layer}) is not supported");
         var pos = arange(cache.Length, cache.Length + t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
-        var (cos, sin) = _rope.CosSin(pos, ComputeDType);
+        var rope = _ropes.Select(r => r.CosSin(pos, ComputeDType)).ToArray();
         var h = model.embed_tokens.forward(inputIds);
         for (int i = 0; i < model.layers.Count; i++)
         {
             Streamer?.Acquire(i, (i + 1) % model.layers.Count); // the next token starts again at layer 0
+            var (cos, sin) = rope[_ropeOfLayer[i]];
             h = model.layers[i].Forward(h, cos, sin, null, cache, i);
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();

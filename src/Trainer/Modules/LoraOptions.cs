@@ -29,8 +29,34 @@ public sealed record LoraOptions
     /// <summary>The adapter's name.</summary>
     public string AdapterName { get; init; } = "default";
 
-    /// <summary>alpha / r, or alpha / √r with rsLoRA.</summary>
+    /// <summary>
+    /// PEFT's rank_pattern: ranks other than <see cref="Rank"/> for the modules whose name a key matches (a regex over a
+    /// suffix of the module name that starts at a dot, as PEFT's get_pattern_key); the first matching key wins.
+    /// </summary>
+    public IReadOnlyList<KeyValuePair<string, int>> RankPattern { get; init; } = [];
+    /// <summary>PEFT's alpha_pattern: alphas other than <see cref="Alpha"/>, matched as <see cref="RankPattern"/>.</summary>
+    public IReadOnlyList<KeyValuePair<string, double>> AlphaPattern { get; init; } = [];
+
+    /// <summary>alpha / r, or alpha / √r with rsLoRA (of the defaults; a module's own is <see cref="ForModule"/>'s).</summary>
     public double Scaling => UseRsLora ? Alpha / Math.Sqrt(Rank) : Alpha / Rank;
+
+    /// <summary>The rank of module <paramref name="fullName"/>: its <see cref="RankPattern"/> entry, else <see cref="Rank"/>.</summary>
+    public int RankFor(string fullName) => PatternValue(RankPattern, fullName, Rank);
+
+    /// <summary>The alpha of module <paramref name="fullName"/>: its <see cref="AlphaPattern"/> entry, else <see cref="Alpha"/>.</summary>
+    public double AlphaFor(string fullName) => PatternValue(AlphaPattern, fullName, Alpha);
+
+    /// <summary>These options with the rank and alpha of module <paramref name="fullName"/> and no patterns: what one layer's adapter uses.</summary>
+    public LoraOptions ForModule(string fullName) =>
+        RankPattern.Count == 0 && AlphaPattern.Count == 0 ? this : this with { Rank = RankFor(fullName), Alpha = AlphaFor(fullName), RankPattern = [], AlphaPattern = [] };
+
+    /// <summary>The first key (in order) that matches a dot-delimited suffix of the module name, PEFT's rule.</summary>
+    private static T PatternValue<T>(IReadOnlyList<KeyValuePair<string, T>> pattern, string fullName, T fallback)
+    {
+        foreach (var (key, value) in pattern)
+            if (Regex.IsMatch(fullName, @"^(?:.*\.)?(?:" + key + ")$")) return value;
+        return fallback;
+    }
 
     /// <summary>Checks values; throws <see cref="ArgumentException"/> naming the bad one.</summary>
     public void Validate()
@@ -42,6 +68,16 @@ public sealed record LoraOptions
         if (DType is not (TorchSharp.torch.ScalarType.Float32 or TorchSharp.torch.ScalarType.BFloat16))
             throw new ArgumentException($"LoRA dtype {DType}: must be Float32 or BFloat16");
         if (TargetRegex is not null) _ = new Regex(TargetRegex);
+        foreach (var (key, r) in RankPattern)
+        {
+            if (r <= 0) throw new ArgumentException($"LoRA rank_pattern '{key}': rank {r} must be >= 1");
+            _ = new Regex(key);
+        }
+        foreach (var (key, a) in AlphaPattern)
+        {
+            if (!(a > 0)) throw new ArgumentException($"LoRA alpha_pattern '{key}': alpha {a} must be > 0");
+            _ = new Regex(key);
+        }
     }
 
     /// <summary>

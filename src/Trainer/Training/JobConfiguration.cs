@@ -152,6 +152,16 @@ public static class JobConfiguration
             }
             return;
         }
+        if (IsDictionary(inner, out var valueType))
+        {
+            if (section.Value is { Length: > 0 } single)
+            {
+                errors.Add($"{section.Path} = '{single}': a JSON object is required");
+                return;
+            }
+            foreach (var item in section.GetChildren()) CheckValue(item, valueType, errors);
+            return;
+        }
         if (inner == typeof(string) || inner.IsPrimitive || inner == typeof(decimal))
         {
             if (section.Value is null)
@@ -185,6 +195,17 @@ public static class JobConfiguration
             return true;
         }
         element = typeof(void);
+        return false;
+    }
+
+    static bool IsDictionary(Type t, out Type value)
+    {
+        if (t.IsGenericType && t.GetGenericTypeDefinition() == typeof(Dictionary<,>) && t.GetGenericArguments()[0] == typeof(string))
+        {
+            value = t.GetGenericArguments()[1];
+            return true;
+        }
+        value = typeof(void);
         return false;
     }
 

@@ -425,7 +425,7 @@ public sealed class TrainingRun
     {
         SequenceLength = job.Data.MaxSeqLength,
         MicroBatch = job.Training.MicroBatchSize,
-        LoraRank = job.Lora.Rank,
+        LoraRank = Math.Max(job.Lora.Rank, job.Lora.RankPattern?.Values.DefaultIfEmpty().Max() ?? 0), // an upper bound with rank_pattern
         LoraTargets = LoraOptionsOf(job.Lora).TargetModules,
         AdapterDType = ParseDType(job.Lora.DType),
         QuantBlocksize = job.Quantization.Blocksize,
@@ -449,6 +449,8 @@ public sealed class TrainingRun
         TargetModules = s.TargetModules is { } m ? [.. m] : LoraOptions.AllLinear,
         TargetRegex = s.TargetRegex,
         LayersToTransform = s.LayersToTransform,
+        RankPattern = s.RankPattern?.ToList() ?? [],
+        AlphaPattern = s.AlphaPattern?.ToList() ?? [],
         Init = s.Init,
         DType = ParseDType(s.DType),
     };
