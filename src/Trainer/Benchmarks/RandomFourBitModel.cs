@@ -47,6 +47,11 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
                 Add(p + "self_attn.k_norm.weight", false, config.HeadDim);
             }
             Add(p + "post_attention_layernorm.weight", false, h);
+            if (config.Gemma is not null)
+            {
+                Add(p + "pre_feedforward_layernorm.weight", false, h);
+                Add(p + "post_feedforward_layernorm.weight", false, h);
+            }
             foreach (var (name, outF, inF) in new[] { ("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i) })
             {
                 Add($"{p}mlp.{name}.weight", true, outF, inF);
@@ -241,6 +246,26 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
         if (c.SlidingWindow is not null || c.Architecture == "MistralForCausalLM") json["sliding_window"] = c.SlidingWindow;
         if (qwen && c.SlidingWindow is not null) json["use_sliding_window"] = true;
         if (c.LayerTypes is { } types) json["layer_types"] = new JsonArray(types.Select(t => (JsonNode?)t).ToArray());
+        if (c.Gemma is { } g)
+        {
+            json["model_type"] = c.Architecture == "Gemma3ForCausalLM" ? "gemma3_text" : "gemma2";
+            json["hidden_activation"] = "gelu_pytorch_tanh";
+            json["query_pre_attn_scalar"] = g.QueryPreAttnScalar;
+            json["attn_logit_softcapping"] = g.AttnLogitSoftcapping;
+            json["final_logit_softcapping"] = g.FinalLogitSoftcapping;
+            if (c.RopeByLayerType is { } byType) // transformers v5's per-type layout
+            {
+                json.Remove("rope_scaling");
+                var rope = new JsonObject();
+                foreach (var (type, p) in byType)
+                {
+                    var block = new JsonObject { ["rope_type"] = p.Scaling?.Type ?? "default", ["rope_theta"] = p.Theta };
+                    if (p.Scaling is { } sc) block["factor"] = sc.Factor;
+                    rope[type] = block;
+                }
+                json["rope_parameters"] = rope;
+            }
+        }
         return json;
     }
 

@@ -71,6 +71,21 @@ public sealed class LlamaAttention : ProjectionHost
             v = v.repeat_interleave(rep, 1);
         }
         Tensor attn;
+        // Gemma scales scores by query_pre_attn_scalar^-½, not head_dim^-½.
+        double scale = _config.Gemma is { } gemma ? 1.0 / Math.Sqrt(gemma.QueryPreAttnScalar) : 1.0 / Math.Sqrt(hd);
+        if (_config.Gemma?.AttnLogitSoftcapping is double cap)
+        {
+            // Gemma 2's soft-capped scores, as transformers' eager attention: cap · tanh(q·kᵀ·scale / cap), mask, softmax in float32.
+            long s = k.shape[2], past = s - t;
+            var allowed = mask ?? cat([ones(t, past, dtype: ScalarType.Bool, device: q.device), ones(t, t, dtype: ScalarType.Bool, device: q.device).tril()], 1).view(1, 1, t, s);
+            var scores = q.matmul(k.transpose(-2, -1)) * scale;
+            scores = (scores / cap).tanh() * cap;
+            scores = scores.masked_fill(allowed.logical_not(), double.NegativeInfinity);
+            attn = scores.softmax(-1, ScalarType.Float32).to(q.dtype).matmul(v);
+            return Projection("o_proj").forward(attn.transpose(1, 2).reshape(b, t, nh * hd)).MoveToOuterDisposeScope();
+        }
+        double factor = scale * Math.Sqrt(hd); // SDPA divides by √head_dim itself
+        if (factor != 1.0) q = q * factor;
         if (mask is not null) attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: mask);
         else if (!prefix) attn = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true);
         else

@@ -56,11 +56,16 @@ public sealed record LlamaConfig
     /// applied to every query and key head before RoPE.
     /// </summary>
     public bool QkNorm { get; init; }
+    /// <summary>
+    /// Gemma 2 / Gemma 3's departures from Llama (embedding scaling, (1 + weight) norms, GeGLU, sandwich norms, query
+    /// scaling, soft-capping), or null for the Llama family.
+    /// </summary>
+    public GemmaFeatures? Gemma { get; init; }
     /// <summary>The architectures entry (e.g. LlamaForCausalLM).</summary>
     public string Architecture { get; init; } = "LlamaForCausalLM";
 
     /// <summary>Architectures this project runs.</summary>
-    public static readonly IReadOnlyList<string> SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+    public static readonly IReadOnlyList<string> SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"];
 
     /// <summary>
     /// The window of layer <paramref name="layer"/>, or null when it attends to every earlier position: the one place that
@@ -93,8 +98,12 @@ public sealed record LlamaConfig
     public static LlamaConfig FromJson(JsonObject c)
     {
         string arch = c["architectures"] is JsonArray a && a.Count > 0 ? a[0]!.GetValue<string>() : "LlamaForCausalLM";
+        if (arch == "Gemma3ForConditionalGeneration")
+            throw new FormatException("architecture Gemma3ForConditionalGeneration (Gemma 3 with its vision tower, the 4B/12B/27B checkpoints) is not supported; the text-only Gemma3ForCausalLM layout is");
         if (!SupportedArchitectures.Contains(arch))
             throw new FormatException($"architecture {arch} is not supported; supported: {string.Join(", ", SupportedArchitectures)}");
+        if (GemmaFeatures.IsGemma(arch))
+            return GemmaFeatures.ReadConfig(c, arch);
         int hidden = Int(c, "hidden_size");
         int heads = Int(c, "num_attention_heads");
         int layers = Int(c, "num_hidden_layers");
@@ -158,16 +167,16 @@ public sealed record LlamaConfig
             throw new FormatException($"rope_parameters has no entry for layer type {missing}");
     }
 
-    private static int Int(JsonObject c, string name)
+    internal static int Int(JsonObject c, string name)
     {
         if (c[name] is not JsonValue v) throw new FormatException($"missing field {name}");
         try { return v.GetValue<int>(); }
         catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new FormatException($"field {name} = {v.ToJsonString()} is not an integer"); }
     }
 
-    private static int? OptionalInt(JsonObject c, string name) => c[name] is null ? null : Int(c, name);
+    internal static int? OptionalInt(JsonObject c, string name) => c[name] is null ? null : Int(c, name);
 
-    private static List<string> LayerTypeList(JsonNode node, int layers)
+    internal static List<string> LayerTypeList(JsonNode node, int layers)
     {
         if (node is not JsonArray a || a.Any(n => n is not JsonValue v || !v.TryGetValue<string>(out _)))
             throw new FormatException($"field layer_types = {node.ToJsonString()} is not a list of strings");
@@ -185,7 +194,7 @@ public sealed record LlamaConfig
         catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new FormatException($"field {name} = {c[name]!.ToJsonString()} is not a number"); }
     }
 
-    private static bool Bool(JsonObject c, string name, bool fallback)
+    internal static bool Bool(JsonObject c, string name, bool fallback)
     {
         if (c[name] is null) return fallback;
         try { return c[name]!.GetValue<bool>(); }
