@@ -181,6 +181,117 @@ public class PeftConfigFeatureTests
         Assert.Contains("Lora:AlphaPattern:q_proj", bad.Message);
     }
 
+    [Fact]
+    public void TargetRegexWithLayersToTransformIsRefusedNamingBothKeys()
+    {
+        using var dir = new TempFolder();
+        var e = Assert.Throws<FormatException>(() => JobConfiguration.LoadTrainJob(WriteJob(dir, """
+            "Lora": { "TargetRegex": ".*q_proj", "LayersToTransform": [0] }
+            """), environment: false));
+        Assert.Contains("Lora:TargetRegex", e.Message);
+        Assert.Contains("Lora:LayersToTransform", e.Message);
+        // The same in an adapter_config.json: PEFT raises, so do we.
+        var c = JsonNode.Parse("""{"peft_type": "LORA", "r": 4, "target_modules": ".*q_proj", "layers_to_transform": [0]}""")!.AsObject();
+        Directory.CreateDirectory(dir.File("a"));
+        File.WriteAllText(dir.File("a/" + PeftAdapter.ConfigFile), c.ToJsonString());
+        var e2 = Assert.Throws<FormatException>(() => PeftAdapter.ReadOptions(dir.File("a")));
+        Assert.Contains("layers_to_transform", e2.Message);
+        Assert.Contains("target_modules", e2.Message);
+    }
+
+    private static IReadOnlyList<string> Targets(LoraOptions o) =>
+        Enumerable.Range(0, 2).SelectMany(l => new[] { "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj" }
+            .Select(p => $"model.layers.{l}.{p}")).Where(o.IsTarget).ToList();
+
+    [Fact]
+    public void TargetAndExcludeModulesMatchAsPeftMatchesThem()
+    {
+        // A list entry matches a full name or a dot-delimited suffix.
+        Assert.Equal(["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"],
+            Targets(new LoraOptions { TargetModules = ["self_attn.q_proj", "layers.1.mlp.up_proj"] }));
+        Assert.Empty(Targets(new LoraOptions { TargetModules = ["attn.q_proj"] })); // not at a dot boundary
+        // exclude_modules: a list (names or suffixes) or a regex (full match).
+        Assert.Equal(["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"],
+            Targets(new LoraOptions { TargetModules = ["q_proj", "v_proj"], ExcludeModules = ["layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"] }));
+        Assert.Equal(["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"],
+            Targets(new LoraOptions { TargetModules = ["q_proj", "v_proj"], ExcludeRegex = @".*layers\.1\..*v_proj" }));
+        // layers_to_transform reads the first numbered part, or the one after layers_pattern; a full name bypasses it.
+        Assert.Equal(["model.layers.1.self_attn.q_proj"], Targets(new LoraOptions { TargetModules = ["q_proj"], LayersToTransform = [1] }));
+        Assert.Equal(["model.layers.1.self_attn.q_proj"], Targets(new LoraOptions { TargetModules = ["q_proj"], LayersToTransform = [1], LayersPattern = ["layers"] }));
+        Assert.Empty(Targets(new LoraOptions { TargetModules = ["q_proj"], LayersToTransform = [1], LayersPattern = ["h"] }));
+        Assert.Equal(["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"],
+            Targets(new LoraOptions { TargetModules = ["q_proj", "model.layers.0.self_attn.q_proj"], LayersToTransform = [1] }));
+    }
+
+    private static LoraOptions ReadConfig(TempFolder dir, string json)
+    {
+        var folder = dir.File("cfg" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(folder);
+        File.WriteAllText(Path.Combine(folder, PeftAdapter.ConfigFile), json);
+        return PeftAdapter.ReadOptions(folder);
+    }
+
+    [Fact]
+    public void AdapterConfigFieldsAreReadOrRefusedByName()
+    {
+        using var dir = new TempFolder();
+        // all-linear, a missing target_modules (PEFT's Llama default), exclude_modules in both forms, layers_pattern.
+        Assert.Equal(LoraOptions.AllLinear, ReadConfig(dir, """{"peft_type": "LORA", "target_modules": "all-linear"}""").TargetModules);
+        Assert.Null(ReadConfig(dir, """{"peft_type": "LORA", "target_modules": "all-linear"}""").TargetRegex);
+        Assert.Equal(["q_proj", "v_proj"], ReadConfig(dir, """{"peft_type": "LORA"}""").TargetModules);
+        var o = ReadConfig(dir, """
+            {"peft_type": "LORA", "target_modules": ["self_attn.q_proj", "v_proj"], "exclude_modules": ["layers.0.self_attn.q_proj"],
+             "layers_to_transform": 1, "layers_pattern": "layers", "modules_to_save": null, "megatron_config": null, "loftq_config": {},
+             "lora_bias": false, "use_qalora": false, "qalora_group_size": 16, "trainable_token_indices": null, "layer_replication": null,
+             "eva_config": null, "corda_config": null, "target_parameters": null, "init_lora_weights": "gaussian", "fan_in_fan_out": false,
+             "runtime_config": {"ephemeral_gpu_offload": false}, "some_future_flag": false, "peft_version": "0.18.0"}
+            """);
+        Assert.Equal(["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"], Targets(o));
+        Assert.Equal(".*mlp.*", ReadConfig(dir, """{"peft_type": "LORA", "exclude_modules": ".*mlp.*"}""").ExcludeRegex);
+
+        // Set to anything active, these are refused, naming the field.
+        foreach (var (field, value) in new[]
+                 {
+                     ("modules_to_save", "[\"lm_head\"]"), ("trainable_token_indices", "[1, 2]"), ("layer_replication", "[[0, 1]]"),
+                     ("lora_bias", "true"), ("use_qalora", "true"), ("use_dora", "true"), ("bias", "\"all\""), ("init_lora_weights", "\"pissa\""),
+                     ("init_lora_weights", "\"olora\""), ("target_parameters", "[\"experts.down_proj\"]"), ("megatron_config", "{\"a\": 1}"),
+                     ("some_future_field", "3"), ("layers_pattern", "\"layers\""),
+                 })
+        {
+            var e = Assert.Throws<FormatException>(() => ReadConfig(dir, $$"""{"peft_type": "LORA", "target_modules": ["q_proj"], "{{field}}": {{value}}}"""));
+            Assert.Contains(field, e.Message);
+            Assert.Contains(PeftAdapter.ConfigFile, e.Message);
+        }
+    }
+
+    [Fact]
+    public void DottedTargetsAndExcludesTrainSaveAndLoadBack()
+    {
+        using var dir = new TempFolder();
+        using var scope = NewDisposeScope();
+        var job = JobConfiguration.LoadTrainJob(WriteJob(dir, """
+            "Lora": { "Rank": 2, "TargetModules": ["self_attn.q_proj", "mlp.down_proj"], "ExcludeModules": ["layers.0.mlp.down_proj"] }
+            """), environment: false);
+        var options = TrainingRun.LoraOptionsOf(job.Lora);
+        var plan = TrainingRun.PlanOptionsOf(job); // the planner sees the projection kinds the dotted names select
+        Assert.Equal(["q_proj", "down_proj"], plan.LoraTargets);
+        plan.Validate();
+        var c = TinyLlama.Config();
+        using var model = LlamaForCausalLM.CreateRandom(c, 11, quantize: false, computeDType: ScalarType.Float32);
+        var names = model.ApplyLora(options, new Generator(1));
+        Assert.Equal(["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"], names);
+        using (no_grad())
+            foreach (var (_, p) in model.TrainableParameters()) p.normal_(0, 0.1, generator: new Generator(3));
+        PeftAdapter.Save(model, options, dir.File("saved"));
+        var saved = JsonNode.Parse(File.ReadAllText(dir.File("saved/" + PeftAdapter.ConfigFile)))!.AsObject();
+        Assert.Equal("""["mlp.down_proj","self_attn.q_proj"]""", saved["target_modules"]!.ToJsonString());
+        Assert.Equal("""["layers.0.mlp.down_proj"]""", saved["exclude_modules"]!.ToJsonString());
+        using var reloaded = LlamaForCausalLM.CreateRandom(c, 11, quantize: false, computeDType: ScalarType.Float32);
+        PeftAdapter.Load(reloaded, dir.File("saved"));
+        Assert.Equal(names, reloaded.LoraLayers.Select(l => l.Name));
+        Assert.Equal(0, Linear4bitTests.RelErr(Logits(model), Logits(reloaded).to(ScalarType.Float64)), 7);
+    }
+
     internal static string WriteJob(TempFolder dir, string sections)
     {
         var path = dir.File("job.json");

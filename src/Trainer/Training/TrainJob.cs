@@ -111,6 +111,8 @@ public sealed class LoraSection
     public List<string>? TargetModules { get; set; }
     /// <summary>A regex over full module names instead of <see cref="TargetModules"/>.</summary>
     public string? TargetRegex { get; set; }
+    /// <summary>Modules never adapted (PEFT's exclude_modules list: full names or dot-delimited suffixes).</summary>
+    public List<string>? ExcludeModules { get; set; }
     /// <summary>Only these layer indices (PEFT's layers_to_transform).</summary>
     public List<int>? LayersToTransform { get; set; }
     /// <summary>
@@ -138,6 +140,8 @@ public sealed class LoraSection
         TrainJob.Check(e, Dropout is >= 0 and < 1, "Lora:Dropout", Dropout, "a number in [0, 1)");
         TrainJob.Check(e, TargetModules is null or { Count: > 0 } || TargetRegex is not null, "Lora:TargetModules", "[]", "at least one module name (e.g. q_proj) or a TargetRegex");
         if (TargetRegex is not null) CheckRegex(e, "Lora:TargetRegex", TargetRegex);
+        if (TargetRegex is not null && LayersToTransform is not null)
+            e.Add("Lora:TargetRegex and Lora:LayersToTransform cannot be used together (PEFT: layers_to_transform cannot be used when target_modules is a str); put the layer indices into the regex or use Lora:TargetModules");
         if (LayersToTransform is not null)
             TrainJob.Check(e, LayersToTransform.All(i => i >= 0), "Lora:LayersToTransform", string.Join(",", LayersToTransform), "non-negative layer indices");
         foreach (var (key, r) in RankPattern ?? [])
