@@ -32,7 +32,7 @@ internal static class DoctorVerb
             o.WriteLine($"  cuda:{d.Ordinal}    {d.Name}, {d.MemoryBytes / (1024.0 * 1024 * 1024):F1} GiB, compute {d.ComputeCapability}, {d.Multiprocessors} SMs, kernels: {d.PtxTarget}");
         if (r.Devices.Count == 0) o.WriteLine($"kernels     PTX {r.PtxFallback}, when a device appears");
         foreach (var s in r.SelfCheck) o.WriteLine($"self-check  {(s.Passed ? "ok  " : "FAIL")} {s.Name} on {s.Device}: {s.Detail}");
-        foreach (var f in r.Findings) o.WriteLine($"{(f.IsError ? "error" : "note "),-11} {f.What}; to do: {f.ToDo}");
+        foreach (var f in r.Findings) o.WriteLine($"{(f.IsError ? "error" : "note "),-11} {f.What}" + (f.ToDo.Length > 0 ? $"; to do: {f.ToDo}" : ""));
         o.WriteLine(r.Healthy ? "doctor: nothing broken" : "doctor: something is broken (see the errors above)");
         o.WriteLine(Json.Line(new
         {

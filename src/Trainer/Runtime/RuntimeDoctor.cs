@@ -75,7 +75,7 @@ public static class RuntimeDoctor
         var mapped = new List<string>();
         if (!preload.Usable)
         {
-            findings.Add(new DoctorFinding(true, "libtorch: " + preload.Error, "see the message; qlora doctor --help"));
+            findings.Add(new DoctorFinding(true, "libtorch: " + preload.Error, ""));
         }
         else
         {
@@ -93,7 +93,6 @@ public static class RuntimeDoctor
                 findings.Add(new DoctorFinding(true, $"libtorch did not load or run: {e.GetBaseException().Message.ReplaceLineEndings(" ")}",
                     "check the libtorch folder (qlora doctor with LD_BIND_NOW=1 names a missing symbol), or use a libtorch matching the shim"));
             }
-            mapped.AddRange(MappedLibraries());
             if (preload.SelfCheckRequired)
                 findings.Add(new DoctorFinding(false, $"libtorch {preload.Version?.Text ?? "of unknown version"} differs from the shim's {LibTorchVersion.Shim.Text} ({LibTorchPreload.AllowMismatchVariable}=1)",
                     "every run starts with the self-check; prefer a matching libtorch"));
@@ -103,6 +102,7 @@ public static class RuntimeDoctor
                     : new DoctorFinding(false, $"a GPU is present but the libtorch in use is CPU-only ({Describe(preload)})",
                         $"run a qlora published with -p:TorchBackend=external with {LibTorchPreload.EnvironmentVariable}=<a CUDA PyTorch installation's torch/lib> (scripts/publish-gpu-check.sh)"));
         }
+        mapped.AddRange(MappedLibraries());
         return new DoctorReport(RuntimeInformation.OSDescription + " " + RuntimeInformation.OSArchitecture, RuntimeInformation.FrameworkDescription,
             torchSharp, preload, mapped, cudaAvailable, cudaCount, driverLibrary, driverVersion, devices, ptxFallback, selfCheck, findings);
     }
