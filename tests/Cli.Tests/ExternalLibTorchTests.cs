@@ -128,4 +128,26 @@ public sealed class ExternalLibTorchTests : IDisposable
         Assert.Contains("also ships its own libtorch", (string?)json["libtorch"]!["error"]);
         Assert.Empty(json["libtorch"]!["mapped"]!.AsArray()); // refused before anything loaded
     }
+
+    [SkippableFact]
+    public void OtherMinorVersionIsRefusedThenAllowedBehindTheSelfCheck()
+    {
+        Skip.IfNot(OperatingSystem.IsLinux() && File.Exists(Path.Combine(Native, "libtorch_cpu.so")), "needs the linux-x64 CPU libtorch of the test build");
+        var lib = FakePyTorch("2.11.0+cpu"); // the files are 2.10's: the version file is what the preload reads
+        var app = ExternalLayout();
+        var env = new Dictionary<string, string?> { ["QLORA_LIBTORCH"] = lib };
+
+        var refused = Qlora(app, env, "plan", "--model", "llama-3.1-8b");
+        Assert.Equal(1, refused.Code);
+        Assert.StartsWith($"qlora: the libtorch in {lib} is 2.11.0+cpu", refused.Stderr);
+        Assert.Contains("QLORA_LIBTORCH_ALLOW_MISMATCH=1", refused.Stderr);
+
+        env["QLORA_LIBTORCH_ALLOW_MISMATCH"] = "1";
+        var allowed = Qlora(app, env, "plan", "--model", "llama-3.1-8b");
+        Assert.True(allowed.Code == 0, allowed.Stdout + allowed.Stderr);
+        var doctor = Qlora(app, env, "doctor");
+        var json = JsonNode.Parse(doctor.Stdout.TrimEnd().Split('\n')[^1])!;
+        Assert.True((bool)json["libtorch"]!["self_check_required"]!);
+        Assert.Contains(json["findings"]!.AsArray(), f => ((string)f!["what"]!).Contains("differs from the shim's 2.10.0"));
+    }
 }
