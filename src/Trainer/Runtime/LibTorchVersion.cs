@@ -7,7 +7,7 @@ namespace QLora.Trainer.Runtime;
 /// <summary>
 /// A libtorch version as its installation states it (<c>2.11.0+cu128</c>), read from files beside its <c>lib/</c>
 /// folder without loading anything: <c>torch/version.py</c> in a PyTorch installation, <c>build-version</c> in a
-/// libtorch zip. The TorchSharp shim is compiled against one libtorch minor version; another one can fail to load,
+/// libtorch zip, the <c>.nuspec</c> of a <c>libtorch-*</c> NuGet package (<c>runtimes/&lt;rid&gt;/native</c>). The TorchSharp shim is compiled against one libtorch minor version; another one can fail to load,
 /// die at the first missing symbol, or compute wrongly, so it is compared before the libraries are loaded.
 /// </summary>
 public sealed partial record LibTorchVersion(int Major, int Minor, int Patch, string Text, string? Cuda, string SourceFile)
@@ -30,6 +30,12 @@ public sealed partial record LibTorchVersion(int Major, int Minor, int Patch, st
         if (File.Exists(versionPy)) return ParseVersionPy(File.ReadAllText(versionPy), versionPy);
         var buildVersion = Path.Combine(parent, "build-version");
         if (File.Exists(buildVersion)) return Parse(File.ReadAllText(buildVersion).Trim(), null, buildVersion);
+        // A NuGet package: <id>/<version>/runtimes/<rid>/native, with <id>.nuspec in <id>/<version>.
+        var package = Path.GetDirectoryName(Path.GetDirectoryName(parent));
+        if (package != null && Path.GetFileName(Path.GetDirectoryName(parent)) == "runtimes")
+            foreach (var nuspec in Directory.GetFiles(package, "libtorch-*.nuspec"))
+                if (NuspecVersion().Match(File.ReadAllText(nuspec)) is { Success: true } m)
+                    return Parse(m.Groups["v"].Value, null, nuspec);
         return null;
     }
 
@@ -66,6 +72,9 @@ public sealed partial record LibTorchVersion(int Major, int Minor, int Patch, st
 
     [GeneratedRegex(@"^\s*cuda\s*(?::\s*[\w\[\]]+\s*)?=\s*['""](?<v>[^'""]+)['""]", RegexOptions.Multiline)]
     private static partial Regex CudaPyEntry();
+
+    [GeneratedRegex(@"<version>\s*(?<v>[^<\s]+)\s*</version>")]
+    private static partial Regex NuspecVersion();
 
     [GeneratedRegex(@"^\s*(?<a>\d+)\.(?<b>\d+)(?:\.(?<p>\d+))?")]
     private static partial Regex VersionNumbers();

@@ -158,6 +158,19 @@ public sealed class LibTorchPreloadTests : IDisposable
         foreach (var p in new[] { missing, partial, noValue, external }) Assert.DoesNotContain('\n', p.Error!);
     }
 
+    [Fact]
+    public void NuGetPackageVersionIsRead()
+    {
+        var native = Path.Combine(_root, "libtorch-cpu-linux-x64", "2.10.0", "runtimes", "linux-x64", "native");
+        Directory.CreateDirectory(native);
+        foreach (var f in LibTorchFiles.Required) File.WriteAllText(Path.Combine(native, f), "");
+        File.WriteAllText(Path.Combine(_root, "libtorch-cpu-linux-x64", "2.10.0", "libtorch-cpu-linux-x64.nuspec"),
+            "<?xml version=\"1.0\"?><package><metadata><id>libtorch-cpu-linux-x64</id><version>2.10.0</version></metadata></package>");
+        var p = LibTorchPreload.Prepare([], Env(("QLORA_LIBTORCH", native)), [_app]);
+        Assert.True(p.Usable, p.Error);
+        Assert.Equal("2.10.0", p.Version!.Text);
+    }
+
     [Theory]
     [InlineData("2.10.0", 2, 10, 0)]
     [InlineData("2.11.0+cu128", 2, 11, 0)]
