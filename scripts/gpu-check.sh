@@ -239,7 +239,7 @@ if [ $torch_ok = 0 ]; then skip_torch quickstart
 else
   qs_args=(--Output:Dir "$logs/quickstart")
   if [ $gpu_ok = 1 ]; then qs_args+=(--Model:Device "$cuda")
-  else qs_args+=(--Training:MaxSteps 10 --Eval:EveryNSteps 10 --Output:SaveEveryNSteps 10); fi  # CPU smoke: a short run
+  else qs_args+=(--Training:MaxSteps 4 --Eval:EveryNSteps 4 --Eval:ExactMatchSamples 20 --Output:SaveEveryNSteps 4); fi  # CPU smoke: a short run
   ( cd "$bundle/quickstart" 2>/dev/null || cd "$here/.."; run_step quickstart "$([ $gpu_ok = 1 ] && echo 150 || echo 90)" "$app/qlora" train "${qs_args[@]}"
     echo "$step_rc $step_s $step_trimmed" > "$logs/.quickstart.rc" )
   read -r step_rc step_s step_trimmed < "$logs/.quickstart.rc"; rm -f "$logs/.quickstart.rc"
@@ -250,7 +250,7 @@ else
     ok=$(js "$j" "j['exact_match_after'] >= 0.9 and abs(j['eval_loss'] - $cpu_eval_loss) <= 0.03 * $cpu_eval_loss")
     record quickstart "$([ "$ok" = True ] && echo pass || echo fail)" "$step_s" "on $cuda: exact match $em (target >= 0.9), eval loss $loss vs the CPU's $cpu_eval_loss (target within 3 %), $(js "$j" "j['tokens_per_s']") tokens/s" "$j" >/dev/null
   else
-    record quickstart info "$step_s" "CPU smoke, 10 steps: eval loss $loss, exact match $em ($gpu_why: the targets apply to the full job on cuda)" "$j" >/dev/null
+    record quickstart info "$step_s" "CPU smoke, 4 steps, exact match on 20 samples: eval loss $loss, exact match $em ($gpu_why: the targets apply to the full job on cuda)" "$j" >/dev/null
   fi
 fi
 
