@@ -240,7 +240,7 @@ else
   qs_args=(--Output:Dir "$logs/quickstart")
   if [ $gpu_ok = 1 ]; then qs_args+=(--Model:Device "$cuda")
   else qs_args+=(--Training:MaxSteps 4 --Eval:EveryNSteps 4 --Eval:ExactMatchSamples 20 --Output:SaveEveryNSteps 4); fi  # CPU smoke: a short run
-  ( cd "$bundle/quickstart" 2>/dev/null || cd "$here/.."; run_step quickstart "$([ $gpu_ok = 1 ] && echo 150 || echo 90)" "$app/qlora" train "${qs_args[@]}"
+  ( cd "$bundle/quickstart" 2>/dev/null || cd "$here/.."; run_step quickstart "$([ $gpu_ok = 1 ] && echo 150 || echo 120)" "$app/qlora" train "${qs_args[@]}"
     echo "$step_rc $step_s $step_trimmed" > "$logs/.quickstart.rc" )
   read -r step_rc step_s step_trimmed < "$logs/.quickstart.rc"; rm -f "$logs/.quickstart.rc"
   j=$(last_json "$logs/quickstart.log")
