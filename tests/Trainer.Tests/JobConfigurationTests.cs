@@ -40,6 +40,9 @@ public class JobConfigurationTests
             Assert.Equal(0.003, fromEnv.Training.LearningRate);
             Assert.Equal(9, fromEnv.Training.MaxSteps);
             Assert.Equal(["q_proj", "v_proj"], fromEnv.Lora.TargetModules!); // a list replaces the default, not extends it
+            Environment.SetEnvironmentVariable("QLORA_LIBTORCH", "/opt/torch/lib"); // the process's libtorch, not a job key
+            Environment.SetEnvironmentVariable("QLORA_LIBTORCH_ALLOW_MISMATCH", "1");
+            Assert.Equal(9, JobConfiguration.LoadTrainJob(path).Training.MaxSteps);
             var fromArgs = JobConfiguration.LoadTrainJob(path, ["--Training:LearningRate", "1e-4", "--Lora:Rank=8"]);
             Assert.Equal(1e-4, fromArgs.Training.LearningRate);
             Assert.Equal(9, fromArgs.Training.MaxSteps);
@@ -53,6 +56,8 @@ public class JobConfigurationTests
             Environment.SetEnvironmentVariable("QLORA_Training__LearningRate", null);
             Environment.SetEnvironmentVariable("QLORA_Training__MaxSteps", null);
             Environment.SetEnvironmentVariable("QLORA_Trainin__MaxSteps", null);
+            Environment.SetEnvironmentVariable("QLORA_LIBTORCH", null);
+            Environment.SetEnvironmentVariable("QLORA_LIBTORCH_ALLOW_MISMATCH", null);
         }
     }
 
