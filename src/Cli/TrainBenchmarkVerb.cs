@@ -60,7 +60,8 @@ internal static class TrainBenchmarkVerb
             stdout.WriteLine($"machine: {DequantBenchmark.CpuName()}, {r.Ranks} ranks x {r.ThreadsPerRank} torch threads ({ranks.Collectives.Description})");
             stdout.WriteLine($"global batch {r.GlobalBatch}x{o.Sequence} tokens, LoRA r={o.Rank}: {r.LoraParams / 1e6:F2} M trainable, {r.LoraParams * 4 / 1e6:F2} MB all-reduced per step");
             stdout.WriteLine($"step: {r.StepSeconds:F3} s on {r.Ranks} ranks vs {r.OneProcessStepSeconds:F3} s in one process: speedup {r.Speedup:F2}, " +
-                $"scaling efficiency {r.ScalingEfficiency:P1} (target >= 85 %); all-reduce {r.AllReduceSeconds:F3} s = {r.AllReduceShare:P1} of a step");
+                $"scaling efficiency {r.ScalingEfficiency:P1} (target >= 85 %); all-reduce {r.AllReduceSeconds:F4} s = {r.AllReduceShare:P1} of a step, " +
+                $"waiting for the slowest rank {r.WaitSeconds:F3} s = {r.WaitShare:P1}");
             stdout.WriteLine(r.ToJson());
         }
         ranks.Finish();

@@ -78,14 +78,46 @@ public class DataParallelTests
         Assert.Equal(0, DataParallelPlan.Of(config, options, plan, 5, 1).RingBytesPerRank);
     }
 
-    /// <summary>A world of N ranks seen from rank 0, for the checks that need no data exchange.</summary>
+    [Fact]
+    public void TheGradientsAreSummedInOneFlatBufferAndAParameterWithoutAGradientGetsTheSum()
+    {
+        // Every rank of the fake world holds the same buffer, so the sum is N times it: each gradient must come back
+        // multiplied by N in place, in its own shape, and a parameter without a gradient gets one of zeros.
+        var world = new FakeWorld(3);
+        var dp = DataParallel.Over(world);
+        using var a = new TorchSharp.Modules.Parameter(zeros(2, 3));
+        using var b = new TorchSharp.Modules.Parameter(zeros(4));
+        using var c = new TorchSharp.Modules.Parameter(zeros(2));
+        a.grad = arange(6, dtype: ScalarType.Float32).reshape(2, 3);
+        c.grad = tensor(new float[] { -1, 0.5f });
+        var (loss, stop) = dp.ReduceGradients([a, b, c], 1.25, stopRequested: false, step: 7);
+        Assert.Equal((3.75, false), (loss, stop));
+        Assert.Equal(1, world.FloatCalls); // one flat buffer for all parameters
+        Assert.Equal(12, world.LastFloatLength);
+        Assert.Equal([0f, 3, 6, 9, 12, 15], a.grad!.data<float>().ToArray());
+        Assert.Equal([2, 3], a.grad!.shape);
+        Assert.Equal([0f, 0, 0, 0], b.grad!.data<float>().ToArray());
+        Assert.Equal([-3f, 1.5f], c.grad!.data<float>().ToArray());
+    }
+
+    /// <summary>A world of N ranks seen from rank 0 in which every rank holds the same data: a sum is N times the buffer.</summary>
     sealed class FakeWorld(int size) : ICollectives
     {
+        public int FloatCalls { get; private set; }
+        public int LastFloatLength { get; private set; }
         public int Rank => 0;
         public int WorldSize => size;
         public string Description => "fake";
-        public void AllReduceSum(Span<float> buffer, string what) => throw new NotSupportedException();
-        public void AllReduceSum(Span<double> buffer, string what) => throw new NotSupportedException();
+        public void AllReduceSum(Span<float> buffer, string what)
+        {
+            FloatCalls++;
+            LastFloatLength = buffer.Length;
+            foreach (ref var x in buffer) x *= size;
+        }
+        public void AllReduceSum(Span<double> buffer, string what)
+        {
+            foreach (ref var x in buffer) x *= size;
+        }
         public void Broadcast(Span<byte> buffer, int root, string what) => throw new NotSupportedException();
         public void Barrier(string what) => throw new NotSupportedException();
         public byte[] AllGather(ReadOnlySpan<byte> local, string what) => throw new NotSupportedException();

@@ -107,14 +107,16 @@ public static class TrainBenchmark
 
     /// <summary>The figures of a data-parallel run (<see cref="RunDataParallel"/>).</summary>
     public sealed record DataParallelResult(int Ranks, int ThreadsPerRank, int GlobalBatch, int Tokens, long LoraParams,
-        double OneProcessStepSeconds, double StepSeconds, double AllReduceSeconds)
+        double OneProcessStepSeconds, double StepSeconds, double AllReduceSeconds, double WaitSeconds)
     {
         /// <summary>One process's step time over the ranks' step time.</summary>
         public double Speedup => OneProcessStepSeconds / StepSeconds;
         /// <summary>Speedup per rank: 1 is perfect scaling.</summary>
         public double ScalingEfficiency => Speedup / Ranks;
-        /// <summary>The share of a data-parallel step spent in the gradient all-reduce (waiting for the slowest rank included).</summary>
+        /// <summary>The share of a data-parallel step spent in the gradient all-reduce itself (after every rank arrived).</summary>
         public double AllReduceShare => AllReduceSeconds / StepSeconds;
+        /// <summary>The share of a data-parallel step spent waiting for the slowest rank before the all-reduce.</summary>
+        public double WaitShare => WaitSeconds / StepSeconds;
 
         static double Sig(double x) => Math.Round(x, 4);
 
@@ -123,7 +125,7 @@ public static class TrainBenchmark
         {
             bench = "train_data_parallel", ranks = Ranks, threads_per_rank = ThreadsPerRank, global_batch = GlobalBatch, tokens_per_step = Tokens,
             lora_params = LoraParams, allreduce_bytes = 4 * LoraParams, one_process_step_s = Sig(OneProcessStepSeconds), step_s = Sig(StepSeconds),
-            allreduce_s = Sig(AllReduceSeconds), allreduce_share = Sig(AllReduceShare), speedup = Sig(Speedup), scaling_efficiency = Sig(ScalingEfficiency),
+            allreduce_s = Sig(AllReduceSeconds), allreduce_share = Sig(AllReduceShare), wait_s = Sig(WaitSeconds), wait_share = Sig(WaitShare), speedup = Sig(Speedup), scaling_efficiency = Sig(ScalingEfficiency),
         });
     }
 
@@ -132,6 +134,7 @@ public static class TrainBenchmark
     /// sequences per step, trained (a) split across the ranks with the LoRA gradients all-reduced, and (b) whole by rank 0
     /// alone with the same threads as one rank, while the others wait. The two alternate step by step so machine noise
     /// hits both alike; medians are reported. Each rank builds the same random NF4 model; the dense variant is skipped.
+    /// A barrier before the all-reduce (in the benchmark only) separates waiting for the slowest rank from the exchange.
     /// </summary>
     public static DataParallelResult RunDataParallel(Options o, DataParallel ranks, Action<string>? log = null)
     {
@@ -143,21 +146,22 @@ public static class TrainBenchmark
         var gen = new Generator(5);
         var steps = new List<double>();
         var reduces = new List<double>();
+        var waits = new List<double>();
         var singles = new List<double>();
         for (int i = 0; i <= o.Steps; i++)
         {
             using var scope = NewDisposeScope();
             var ids = randint(0, config.VocabSize, [o.Batch, o.Sequence], generator: gen); // the same global batch on every rank
             ranks.Collectives.Barrier($"the start of benchmark step {i}");
-            var (step, reduce) = parallel.StepDataParallel(ids.narrow(0, start, count), (long)o.Batch * (o.Sequence - 1), ranks, i);
+            var (step, wait, reduce) = parallel.StepDataParallel(ids.narrow(0, start, count), (long)o.Batch * (o.Sequence - 1), ranks, i);
             double one = single?.Step(ids) ?? 0;
             ranks.Collectives.Barrier($"the end of benchmark step {i}");
-            if (i > 0) { steps.Add(step); reduces.Add(reduce); singles.Add(one); }
-            log?.Invoke($"step {i}{(i == 0 ? " (warm-up)" : "")}: {ranks.WorldSize} ranks {step:F3} s (all-reduce {reduce:F3} s), one process {one:F3} s");
+            if (i > 0) { steps.Add(step); waits.Add(wait); reduces.Add(reduce); singles.Add(one); }
+            log?.Invoke($"step {i}{(i == 0 ? " (warm-up)" : "")}: {ranks.WorldSize} ranks {step:F3} s (waiting {wait:F3} s, all-reduce {reduce:F3} s), one process {one:F3} s");
         }
         // Rank 0's figures are the ones reported: its step includes waiting for the slowest rank at the all-reduce.
         return new DataParallelResult(ranks.WorldSize, torch.get_num_threads(), o.Batch, o.Batch * o.Sequence, parallel.Stats.LoraParams,
-            Median(singles), Median(steps), Median(reduces));
+            Median(singles), Median(steps), Median(reduces), Median(waits));
     }
 
     static LlamaConfig ConfigOf(Options o) => new()
@@ -217,21 +221,24 @@ public static class TrainBenchmark
 
         /// <summary>
         /// One data-parallel step on this rank's <paramref name="ids"/>: the loss normalised by the global batch's
-        /// <paramref name="globalTargets"/>, the gradients all-reduced, the optimizer step. Returns the step's and the
-        /// all-reduce's seconds.
+        /// <paramref name="globalTargets"/>, the gradients all-reduced, the optimizer step. Returns the step's seconds,
+        /// the seconds spent waiting for the other ranks before the all-reduce, and the all-reduce's.
         /// </summary>
-        public (double Step, double Reduce) StepDataParallel(Tensor ids, long globalTargets, DataParallel ranks, int step)
+        public (double Step, double Wait, double Reduce) StepDataParallel(Tensor ids, long globalTargets, DataParallel ranks, int step)
         {
             using var scope = NewDisposeScope();
             var sw = Stopwatch.StartNew();
             var (sum, _) = _model.Loss(ids, ids);
             Checkpoint.Backward(sum / globalTargets);
+            double arrived = sw.Elapsed.TotalSeconds;
+            ranks.Collectives.Barrier($"the backward of benchmark step {step}");
+            double wait = sw.Elapsed.TotalSeconds - arrived;
             var before = ranks.ReduceTime;
             ranks.ReduceGradients([.. _optimizer.Parameters.Select(p => p.Parameter)], 0, false, step);
             double reduce = (ranks.ReduceTime - before).TotalSeconds;
             _optimizer.Step();
             _optimizer.ZeroGrad();
-            return (sw.Elapsed.TotalSeconds, reduce);
+            return (sw.Elapsed.TotalSeconds, wait, reduce);
         }
 
         public void Dispose()

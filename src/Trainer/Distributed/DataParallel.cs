@@ -100,10 +100,10 @@ public sealed class DataParallel : IDisposable
                 var g = p.grad;
                 if (g is null)
                 {
-                    using (enable_grad()) (p.sum() * 0).backward(); // gives the parameter a zero gradient to write into
-                    g = p.grad!;
+                    // This rank's micro-batches never reached the parameter (no target tokens): give it the summed gradient.
+                    p.grad = flat.narrow(0, offset, n).view(p.shape).to(p.dtype, p.device).clone();
                 }
-                using (g) g.copy_(flat.narrow(0, offset, n).view(g.shape));
+                else using (g) g.copy_(flat.narrow(0, offset, n).view(g.shape));
                 offset += n;
             }
             Span<double> scalars = [lossSum, stopRequested ? 1 : 0];

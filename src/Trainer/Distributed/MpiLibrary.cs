@@ -54,7 +54,7 @@ internal sealed unsafe class MpiLibrary
     {
         foreach (var name in Candidates())
             if (NativeLibrary.TryLoad(name, out var handle)) return new MpiLibrary(handle, name);
-        throw new DllNotFoundException("this process was launched by an MPI launcher but no MPI library could be loaded (tried " +
+        throw new InvalidOperationException("this process was launched by an MPI launcher but no MPI library could be loaded (tried " +
             string.Join(", ", Candidates()) + "); install the MPI runtime the launcher belongs to (Debian: apt-get install openmpi-bin libopenmpi-dev), " +
             "point QLORA_MPI_LIBRARY at its libmpi, or set Training:DataParallel off");
     }
@@ -62,7 +62,7 @@ internal sealed unsafe class MpiLibrary
     MpiLibrary(nint lib, string name)
     {
         nint F(string symbol) => NativeLibrary.TryGetExport(lib, symbol, out var p) ? p
-            : throw new EntryPointNotFoundException($"{name} has no {symbol}: an MPI library implementing MPI-3 is required");
+            : throw new InvalidOperationException($"{name} has no {symbol}: an MPI library implementing MPI-3 is required (or set Training:DataParallel off)");
         var version = (delegate* unmanaged<byte*, int*, int>)F("MPI_Get_library_version");
         var text = new byte[8192]; // MPI_MAX_LIBRARY_VERSION_STRING is 256 in Open MPI, 8192 in MPICH
         int length = 0;
