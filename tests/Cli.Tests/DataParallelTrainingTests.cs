@@ -153,14 +153,26 @@ public class DataParallelTrainingTests(DataParallelFixture f) : IClassFixture<Da
         Assert.Equal(File.ReadAllBytes(Path.Combine(f.Dir["two"], "adapter_model.safetensors")), File.ReadAllBytes(Path.Combine(dir, "adapter_model.safetensors")));
     }
 
+    /// <summary>A 2-rank job far longer than the test, with a 20 s collective timeout, once it has written a checkpoint.</summary>
+    MpiJob LongJobWithACheckpoint(string dir)
+    {
+        var job = new MpiJob(2, f.Dir.Path, "train", "--config", f.Job, "--Output:Dir", dir, "--Training:MaxSteps", "5000",
+            "--Output:SaveEveryNSteps", "2", "--Eval:EveryNSteps", "0", "--Training:CollectiveTimeoutSeconds", "20");
+        if (!job.WaitForLine(l => l.StartsWith("checkpoint ", StringComparison.Ordinal), TimeSpan.FromMinutes(2)))
+        {
+            var output = job.Output;
+            job.Dispose();
+            Assert.Fail("no checkpoint within 2 minutes: " + output);
+        }
+        return job;
+    }
+
     [SkippableFact]
     public void KillingOneRankEndsTheJobWithAnErrorNamingItAndTheLastCheckpointIntact()
     {
         SkipWithoutMpi();
         string dir = f.Dir["killed"];
-        using var job = new MpiJob(2, f.Dir.Path, "train", "--config", f.Job, "--Output:Dir", dir, "--Training:MaxSteps", "5000",
-            "--Output:SaveEveryNSteps", "2", "--Eval:EveryNSteps", "0", "--Training:CollectiveTimeoutSeconds", "20");
-        Assert.True(job.WaitForLine(l => l.StartsWith("checkpoint ", StringComparison.Ordinal), TimeSpan.FromMinutes(2)), job.Output);
+        using var job = LongJobWithACheckpoint(dir);
         var sw = Stopwatch.StartNew();
         MpiJob.Signal(job.RankPid(1), "KILL");
         var exit = job.WaitForExit(TimeSpan.FromSeconds(90));
@@ -175,9 +187,7 @@ public class DataParallelTrainingTests(DataParallelFixture f) : IClassFixture<Da
     {
         SkipWithoutMpi();
         string dir = f.Dir["hung"];
-        using var job = new MpiJob(2, f.Dir.Path, "train", "--config", f.Job, "--Output:Dir", dir, "--Training:MaxSteps", "5000",
-            "--Output:SaveEveryNSteps", "2", "--Eval:EveryNSteps", "0", "--Training:CollectiveTimeoutSeconds", "20");
-        Assert.True(job.WaitForLine(l => l.StartsWith("checkpoint ", StringComparison.Ordinal), TimeSpan.FromMinutes(2)), job.Output);
+        using var job = LongJobWithACheckpoint(dir);
         var sw = Stopwatch.StartNew();
         MpiJob.Signal(job.RankPid(1), "STOP"); // hung, not dead: the launcher cannot tell; only the timeout can
         var exit = job.WaitForExit(TimeSpan.FromSeconds(120));
