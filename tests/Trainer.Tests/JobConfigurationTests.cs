@@ -82,6 +82,8 @@ public class JobConfigurationTests
     [InlineData("Training:LossChunkTokens", "0", "Training:LossChunkTokens = 0: an integer from 1 to 1048576")]
     [InlineData("Training:MaxConsecutiveBadSteps", "0", "Training:MaxConsecutiveBadSteps = 0: a positive integer")]
     [InlineData("Training:Threads", "-1", "Training:Threads = -1: 0 (default) or a thread count")]
+    [InlineData("Training:DataParallel", "nccl", "Training:DataParallel = 'nccl': allowed values are auto, off")]
+    [InlineData("Training:CollectiveTimeoutSeconds", "0", "Training:CollectiveTimeoutSeconds = 0: an integer from 1 to 86400")]
     [InlineData("Model:ComputeDType", "int8", "Model:ComputeDType = 'int8': allowed values are bfloat16, float16, float32")]
     [InlineData("Model:ChatTemplate", "vicuna", "Model:ChatTemplate = 'vicuna': allowed values are llama3, llama3.1, llama3.2, chatml, mistral, mistral-spaces, alpaca")]
     [InlineData("Quantization:QuantType", "int4", "Quantization:QuantType = 'int4': allowed values are nf4, fp4")]
