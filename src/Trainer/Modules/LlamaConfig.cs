@@ -4,7 +4,7 @@ using System.Text.Json.Nodes;
 namespace QLora.Trainer;
 
 /// <summary>
-/// The architecture of a Llama-family model (Llama 2/3, Mistral, Qwen2), read from a Hugging Face config.json with its
+/// The architecture of a Llama-family model (Llama 2/3, Mistral, Qwen2, Qwen3), read from a Hugging Face config.json with its
 /// field names. Missing optional fields take the transformers defaults.
 /// </summary>
 public sealed record LlamaConfig
@@ -51,11 +51,21 @@ public sealed record LlamaConfig
     /// none. Which layers are windowed is <see cref="SlidingWindowForLayer"/>'s decision.
     /// </summary>
     public int? SlidingWindow { get; init; }
+    /// <summary>
+    /// Qwen3's q_norm / k_norm: an RMSNorm over head_dim (weights <c>self_attn.q_norm.weight</c>, <c>self_attn.k_norm.weight</c>)
+    /// applied to every query and key head before RoPE.
+    /// </summary>
+    public bool QkNorm { get; init; }
+    /// <summary>
+    /// Gemma 2 / Gemma 3's departures from Llama (embedding scaling, (1 + weight) norms, GeGLU, sandwich norms, query
+    /// scaling, soft-capping), or null for the Llama family.
+    /// </summary>
+    public GemmaFeatures? Gemma { get; init; }
     /// <summary>The architectures entry (e.g. LlamaForCausalLM).</summary>
     public string Architecture { get; init; } = "LlamaForCausalLM";
 
     /// <summary>Architectures this project runs.</summary>
-    public static readonly IReadOnlyList<string> SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+    public static readonly IReadOnlyList<string> SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"];
 
     /// <summary>
     /// The window of layer <paramref name="layer"/>, or null when it attends to every earlier position: the one place that
@@ -88,12 +98,17 @@ public sealed record LlamaConfig
     public static LlamaConfig FromJson(JsonObject c)
     {
         string arch = c["architectures"] is JsonArray a && a.Count > 0 ? a[0]!.GetValue<string>() : "LlamaForCausalLM";
+        if (arch == "Gemma3ForConditionalGeneration")
+            throw new FormatException("architecture Gemma3ForConditionalGeneration (Gemma 3 with its vision tower, the 4B/12B/27B checkpoints) is not supported; the text-only Gemma3ForCausalLM layout is");
         if (!SupportedArchitectures.Contains(arch))
             throw new FormatException($"architecture {arch} is not supported; supported: {string.Join(", ", SupportedArchitectures)}");
+        if (GemmaFeatures.IsGemma(arch))
+            return GemmaFeatures.ReadConfig(c, arch);
         int hidden = Int(c, "hidden_size");
         int heads = Int(c, "num_attention_heads");
         int layers = Int(c, "num_hidden_layers");
         bool qwen = arch == "Qwen2ForCausalLM", mistral = arch == "MistralForCausalLM";
+        bool qwen3 = arch == "Qwen3ForCausalLM";
         int maxPositions = c["max_position_embeddings"] is null ? 2048 : Int(c, "max_position_embeddings");
         // Sliding windows as transformers decides them. Mistral: sliding_window, 4096 when the key is absent (an explicit
         // null means none), on every layer. Qwen2: only with use_sliding_window (sliding_window defaulting to 4096), on
@@ -101,7 +116,7 @@ public sealed record LlamaConfig
         int? window = null;
         IReadOnlyList<string>? layerTypes = null;
         if (mistral) window = c.ContainsKey("sliding_window") ? OptionalInt(c, "sliding_window") : 4096;
-        if (qwen)
+        if (qwen || qwen3) // Qwen3Config decides windows as Qwen2Config does
         {
             window = Bool(c, "use_sliding_window", false) ? (c.ContainsKey("sliding_window") ? OptionalInt(c, "sliding_window") : 4096) : null;
             int maxWindowLayers = c["max_window_layers"] is null ? 28 : Int(c, "max_window_layers");
@@ -129,6 +144,7 @@ public sealed record LlamaConfig
             AttentionBias = qwen || Bool(c, "attention_bias", false),
             QkvBiasOnly = qwen,
             MlpBias = Bool(c, "mlp_bias", false),
+            QkNorm = qwen3,
             SlidingWindow = window,
         };
         cfg.Validate();
@@ -151,16 +167,16 @@ public sealed record LlamaConfig
             throw new FormatException($"rope_parameters has no entry for layer type {missing}");
     }
 
-    private static int Int(JsonObject c, string name)
+    internal static int Int(JsonObject c, string name)
     {
         if (c[name] is not JsonValue v) throw new FormatException($"missing field {name}");
         try { return v.GetValue<int>(); }
         catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new FormatException($"field {name} = {v.ToJsonString()} is not an integer"); }
     }
 
-    private static int? OptionalInt(JsonObject c, string name) => c[name] is null ? null : Int(c, name);
+    internal static int? OptionalInt(JsonObject c, string name) => c[name] is null ? null : Int(c, name);
 
-    private static List<string> LayerTypeList(JsonNode node, int layers)
+    internal static List<string> LayerTypeList(JsonNode node, int layers)
     {
         if (node is not JsonArray a || a.Any(n => n is not JsonValue v || !v.TryGetValue<string>(out _)))
             throw new FormatException($"field layer_types = {node.ToJsonString()} is not a list of strings");
@@ -178,7 +194,7 @@ public sealed record LlamaConfig
         catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new FormatException($"field {name} = {c[name]!.ToJsonString()} is not a number"); }
     }
 
-    private static bool Bool(JsonObject c, string name, bool fallback)
+    internal static bool Bool(JsonObject c, string name, bool fallback)
     {
         if (c[name] is null) return fallback;
         try { return c[name]!.GetValue<bool>(); }

@@ -136,17 +136,22 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             string p = $"model.layers.{i}.";
             bool ab = config.AttentionBias;
-            var attn = new LlamaAttention(config,
-                Proj(p + "self_attn.q_proj", q, hsz, ab), Proj(p + "self_attn.k_proj", kv, hsz, ab),
-                Proj(p + "self_attn.v_proj", kv, hsz, ab), Proj(p + "self_attn.o_proj", hsz, q, ab && !config.QkvBiasOnly));
+            nn.Module<Tensor, Tensor> qp = Proj(p + "self_attn.q_proj", q, hsz, ab), kp = Proj(p + "self_attn.k_proj", kv, hsz, ab),
+                vp = Proj(p + "self_attn.v_proj", kv, hsz, ab), op = Proj(p + "self_attn.o_proj", hsz, q, ab && !config.QkvBiasOnly);
+            var attn = config.QkNorm
+                ? new LlamaAttention(config, qp, kp, vp, op, Norm(p + "self_attn.q_norm.weight", hd), Norm(p + "self_attn.k_norm.weight", hd))
+                : new LlamaAttention(config, qp, kp, vp, op);
             var mlp = new LlamaMlp(Proj(p + "mlp.gate_proj", isz, hsz, config.MlpBias), Proj(p + "mlp.up_proj", isz, hsz, config.MlpBias),
-                Proj(p + "mlp.down_proj", hsz, isz, config.MlpBias));
-            layers.Add(new LlamaDecoderLayer(Norm(p + "input_layernorm.weight"), attn, Norm(p + "post_attention_layernorm.weight"), mlp));
+                Proj(p + "mlp.down_proj", hsz, isz, config.MlpBias), geluTanh: config.Gemma is not null);
+            layers.Add(config.Gemma is null
+                ? new LlamaDecoderLayer(Norm(p + "input_layernorm.weight"), attn, Norm(p + "post_attention_layernorm.weight"), mlp)
+                : new LlamaDecoderLayer(Norm(p + "input_layernorm.weight"), attn, Norm(p + "post_attention_layernorm.weight"),
+                    Norm(p + "pre_feedforward_layernorm.weight"), mlp, Norm(p + "post_feedforward_layernorm.weight")));
         }
-        RmsNorm Norm(string name)
+        RmsNorm Norm(string name, int? size = null)
         {
-            var n = new RmsNorm(hsz, config.RmsNormEps, computeDType);
-            using var w = Get(name, hsz);
+            var n = new RmsNorm(size ?? hsz, config.RmsNormEps, computeDType, unitOffset: config.Gemma is not null);
+            using var w = Get(name, size ?? hsz);
             using (no_grad()) n.weight.copy_(w);
             return n;
         }
@@ -183,6 +188,7 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             int hsz = config.HiddenSize, hd = config.HeadDim;
             long[]? shape = null;
+            if (name.EndsWith("q_norm.weight", StringComparison.Ordinal) || name.EndsWith("k_norm.weight", StringComparison.Ordinal)) return ones(hd);
             if (name.EndsWith("norm.weight", StringComparison.Ordinal)) return ones(hsz);
             if (name == "model.embed_tokens.weight" || name == "lm_head.weight") shape = [config.VocabSize, hsz];
             else if (name.EndsWith(".bias", StringComparison.Ordinal))
@@ -291,7 +297,7 @@ public sealed class LlamaForCausalLM : nn.Module
             var band = i.unsqueeze(1).ge(i.unsqueeze(0)).logical_and((i.unsqueeze(1) - i.unsqueeze(0)).lt(window)).view(1, 1, t, t);
             return masks[window] = attentionMask is null ? band : attentionMask.logical_and(band);
         }
-        var h = model.embed_tokens.forward(inputIds);
+        var h = ScaleEmbedding(model.embed_tokens.forward(inputIds));
         bool checkpoint = GradientCheckpointing && is_grad_enabled() && training;
         if (checkpoint) h = h.detach().requires_grad_(true); // the checkpoint node is only recorded when its input requires grad
         var streamer = Streamer;
@@ -335,7 +341,7 @@ public sealed class LlamaForCausalLM : nn.Module
                 throw new NotSupportedException($"generation past the sliding window ({window} tokens, layer {layer}) is not supported");
         var pos = arange(cache.Length, cache.Length + t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
         var rope = _ropes.Select(r => r.CosSin(pos, ComputeDType)).ToArray();
-        var h = model.embed_tokens.forward(inputIds);
+        var h = ScaleEmbedding(model.embed_tokens.forward(inputIds));
         for (int i = 0; i < model.layers.Count; i++)
         {
             Streamer?.Acquire(i, (i + 1) % model.layers.Count); // the next token starts again at layer 0
@@ -345,9 +351,20 @@ public sealed class LlamaForCausalLM : nn.Module
         return model.norm.forward(h).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Logits [.., vocab] in the compute dtype for hidden states.</summary>
-    public Tensor LmHead(Tensor hidden) =>
-        _lmHead is not null ? _lmHead.forward(hidden) : hidden.matmul(model.embed_tokens.weight.t());
+    /// <summary>Logits [.., vocab] in the compute dtype for hidden states (soft-capped when the model caps them: Gemma 2).</summary>
+    public Tensor LmHead(Tensor hidden)
+    {
+        var logits = _lmHead is not null ? _lmHead.forward(hidden) : hidden.matmul(model.embed_tokens.weight.t());
+        if (Config.Gemma?.FinalLogitSoftcapping is not double cap) return logits;
+        using var scope = NewDisposeScope();
+        var capped = (logits / cap).tanh() * cap;
+        logits.Dispose();
+        return capped.MoveToOuterDisposeScope();
+    }
+
+    // Gemma multiplies the embeddings by √hidden_size, a constant rounded to the activations' dtype first (as transformers does).
+    private Tensor ScaleEmbedding(Tensor embedded) =>
+        Config.Gemma is null ? embedded : embedded * tensor(Math.Sqrt(Config.HiddenSize), dtype: embedded.dtype, device: embedded.device);
 
     /// <summary>Logits [B, T, vocab] for token ids (inference and tests; training uses <see cref="Loss"/>).</summary>
     public Tensor Logits(Tensor inputIds, Tensor? positionIds = null, Tensor? attentionMask = null)
