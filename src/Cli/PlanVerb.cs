@@ -25,9 +25,11 @@ internal static class PlanVerb
         var noHostEmbedding = new Option<bool>("--no-host-embedding") { Description = "keep the input embedding table in device memory (it stays in host memory by default when untied)" };
         var mlpTile = new Option<int>("--mlp-tile") { Description = "sequence-tiled MLP: tokens per tile, each checkpointed on its own (0: off)", DefaultValueFactory = _ => d.MlpTileTokens };
         var maxSeq = new Option<bool>("--max-seq") { Description = "also find the longest sequence (a multiple of 1024) that fits --budget with these settings" };
+        var ranks = new Option<int>("--ranks") { Description = "data-parallel ranks (processes under mpirun/srun): adds the throughput model", DefaultValueFactory = _ => 1 };
+        var microBatches = new Option<int?>("--micro-batches") { Description = "micro-batches per optimizer step across all ranks (default: one per rank)" };
         var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
         {
-            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, maxSeq,
+            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, maxSeq, ranks, microBatches,
         };
         cmd.SetAction(r =>
         {
@@ -40,7 +42,11 @@ internal static class PlanVerb
                 OffloadCheckpoints = !r.GetValue(noOffload), HostEmbedding = !r.GetValue(noHostEmbedding), MlpTileTokens = r.GetValue(mlpTile),
             };
             if (r.GetValue(maxSeq) && options.BudgetBytes is null) throw new ArgumentException("--max-seq needs --budget: the longest sequence that fits what?");
+            int n = r.GetValue(ranks), steps = r.GetValue(microBatches) ?? n;
+            if (n < 1) throw new ArgumentException($"--ranks {n}: must be positive");
+            if (steps < n) throw new ArgumentException($"--micro-batches {steps}: every one of the {n} ranks needs at least one");
             var plan = MemoryPlanner.Plan(config, options);
+            var parallel = n > 1 ? DataParallelPlan.Of(config, options, plan, steps, n) : null;
             var c = plan.Config;
             stdout.WriteLine($"{name}: {c.NumHiddenLayers} layers, hidden {c.HiddenSize}, intermediate {c.IntermediateSize}, heads {c.NumAttentionHeads}/{c.NumKeyValueHeads}, vocab {c.VocabSize}");
             stdout.WriteLine($"job: {options.MicroBatch} x {options.SequenceLength} tokens, LoRA r={options.LoraRank} on {string.Join(", ", options.LoraTargets)}, " +
@@ -52,6 +58,7 @@ internal static class PlanVerb
             if (longest is int m)
                 stdout.WriteLine(m == 0 ? $"no sequence of 1024 tokens or more fits {ByteSize.Format(options.BudgetBytes!.Value)} with these settings"
                     : $"longest sequence that fits {ByteSize.Format(options.BudgetBytes!.Value)}: {m:N0} tokens (peak {ByteSize.Format(MemoryPlanner.Plan(config, options with { SequenceLength = m }).PeakBytes)})");
+            if (parallel is not null) stdout.WriteLine(DataParallelPlan.Describe(config, options, plan, steps, n, "MPI"));
             stdout.WriteLine(Json.Line(new
             {
                 plan = name,
@@ -64,6 +71,11 @@ internal static class PlanVerb
                 host = plan.HostComponents.ToDictionary(x => x.Name, x => x.Bytes),
                 suggestions = plan.Suggestions.Select(s => new { change = s.Change, peak_bytes = s.PeakBytes }).ToList(),
                 max_seq = longest,
+                data_parallel = parallel is null ? null : new
+                {
+                    ranks = parallel.Ranks, micro_batches_per_rank = parallel.MicroBatchesPerRank, tokens_per_rank = parallel.TokensPerRank,
+                    gflop_per_rank = Math.Round(parallel.FlopsPerRank / 1e9, 3), allreduce_bytes = parallel.AllReduceBytes, ring_bytes_per_rank = parallel.RingBytesPerRank,
+                },
             }));
             return 0;
         });

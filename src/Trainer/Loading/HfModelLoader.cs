@@ -67,7 +67,9 @@ public static class HfModelLoader
             log?.Invoke($"weights: {checkpoint.Tensors.Count} tensors, {stored / 1e6:F1} MB in {checkpoint.Shards.Count} file(s), memory-mapped");
             if (options.Streaming) streamer = new LayerStreamer(checkpoint, config.NumHiddenLayers, options.StreamWindow);
             var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize || bnb is not null,
-                options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer, options.HostEmbedding);
+                options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer,
+                keepDense: bnb is { SkipModules: not null } ? bnb.SkipsModule : null, // llm_int8_skip_modules stay 16-bit, as transformers keeps them
+                hostEmbedding: options.HostEmbedding);
             if (model.model.embed_tokens.IsOnHost && streamer is null)
             {
                 model.HostMemory = checkpoint; // the embedding reads the mapped file: the model keeps it open

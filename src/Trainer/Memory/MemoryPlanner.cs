@@ -100,7 +100,8 @@ public static class MemoryPlanner
         bool hostEmbedding = o.HostEmbedding && !cfg.TieWordEmbeddings;
         long embed = hostEmbedding ? 0 : v * h * c;
         long head = cfg.TieWordEmbeddings ? 0 : v * h * c;
-        long norms = (2L * layers + 1) * h * c;
+        // Two norms per layer (Gemma: four, around attention and MLP), the final one; Qwen3 and Gemma 3 add q_norm, k_norm.
+        long norms = ((cfg.Gemma is null ? 2L : 4L) * layers + 1) * h * c + (cfg.QkNorm ? 2L * layers * cfg.HeadDim * c : 0);
         long unquant = embed + head + norms + biasPerLayer * c * layers;
 
         // LoRA: A [r, in] and B [out, r] per target projection.

@@ -2,7 +2,10 @@ using static TorchSharp.torch;
 
 namespace QLora.Trainer;
 
-/// <summary>Grouped-query self-attention with rotary embeddings and causal SDPA (HF: <c>self_attn</c> with q/k/v/o_proj).</summary>
+/// <summary>
+/// Grouped-query self-attention with rotary embeddings and causal SDPA (HF: <c>self_attn</c> with q/k/v/o_proj; Qwen3 adds
+/// <c>q_norm</c> / <c>k_norm</c>, RMSNorms over each head applied before RoPE).
+/// </summary>
 public sealed class LlamaAttention : ProjectionHost
 {
     private readonly LlamaConfig _config;
@@ -14,6 +17,22 @@ public sealed class LlamaAttention : ProjectionHost
         _config = config;
         foreach (var (name, m) in new[] { ("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o) }) AddProjection(name, m);
     }
+
+    /// <summary>As the four-projection constructor, with Qwen3's per-head query and key norms (over head_dim).</summary>
+    public LlamaAttention(LlamaConfig config, nn.Module<Tensor, Tensor> q, nn.Module<Tensor, Tensor> k, nn.Module<Tensor, Tensor> v, nn.Module<Tensor, Tensor> o,
+        RmsNorm qNorm, RmsNorm kNorm) : this(config, q, k, v, o)
+    {
+        QNorm = qNorm;
+        KNorm = kNorm;
+        register_module("q_norm", qNorm);
+        register_module("k_norm", kNorm);
+    }
+
+    /// <summary>Qwen3's query norm (HF <c>q_norm</c>), or null.</summary>
+    public RmsNorm? QNorm { get; }
+
+    /// <summary>Qwen3's key norm (HF <c>k_norm</c>), or null.</summary>
+    public RmsNorm? KNorm { get; }
 
     /// <summary>
     /// Attention over <paramref name="hidden"/> [B, T, H]. <paramref name="mask"/> is null (causal), or a boolean
@@ -60,13 +79,15 @@ public sealed class LlamaAttention : ProjectionHost
         int nh = _config.NumAttentionHeads, nkv = _config.NumKeyValueHeads, hd = _config.HeadDim;
         // Handles are dropped as soon as the next op has their tensor, so [tokens, heads·dim] temporaries do not live
         // until this method returns (what SDPA and the LoRA branches save, autograd keeps).
-        Tensor Heads(string projection, int heads)
+        Tensor Heads(string projection, int heads, RmsNorm? norm)
         {
             using var y = Projection(projection).forward(hidden);
             using var split = y.view(b, t, heads, hd);
-            return split.transpose(1, 2); // every other handle on the storage is gone: disposing this one frees it
+            if (norm is null) return split.transpose(1, 2); // every other handle on the storage is gone: disposing this one frees it
+            using var normed = norm.forward(split);          // Qwen3 / Gemma 3 q/k norms, per head
+            return normed.transpose(1, 2);
         }
-        Tensor q = Heads("q_proj", nh), k = Heads("k_proj", nkv), v = Heads("v_proj", nkv); // this order: LoRA dropout draws in it
+        Tensor q = Heads("q_proj", nh, QNorm), k = Heads("k_proj", nkv, KNorm), v = Heads("v_proj", nkv, null); // this order: LoRA dropout draws in it
         using (var raw = q) q = RotaryEmbedding.Apply(raw, cos, sin);
         using (var raw = k) k = RotaryEmbedding.Apply(raw, cos, sin);
         bool prefix = false;
@@ -82,6 +103,22 @@ public sealed class LlamaAttention : ProjectionHost
             using (var grouped = v) v = grouped.repeat_interleave(rep, 1);
         }
         Tensor attn;
+        // Gemma scales scores by query_pre_attn_scalar^-½, not head_dim^-½.
+        double scale = _config.Gemma is { } gemma ? 1.0 / Math.Sqrt(gemma.QueryPreAttnScalar) : 1.0 / Math.Sqrt(hd);
+        if (_config.Gemma?.AttnLogitSoftcapping is double cap)
+        {
+            if (segments is not null) throw new NotSupportedException("segment attention does not apply to soft-capped attention (Gemma 2); turn Training:SegmentAttention off for this model");
+            // Gemma 2's soft-capped scores, as transformers' eager attention: cap · tanh(q·kᵀ·scale / cap), mask, softmax in float32.
+            long s = k.shape[2], past = s - t;
+            var allowed = mask ?? cat([ones(t, past, dtype: ScalarType.Bool, device: q.device), ones(t, t, dtype: ScalarType.Bool, device: q.device).tril()], 1).view(1, 1, t, s);
+            var scores = q.matmul(k.transpose(-2, -1)) * scale;
+            scores = (scores / cap).tanh() * cap;
+            scores = scores.masked_fill(allowed.logical_not(), double.NegativeInfinity);
+            attn = scores.softmax(-1, ScalarType.Float32).to(q.dtype).matmul(v);
+            return Projection("o_proj").forward(attn.transpose(1, 2).reshape(b, t, nh * hd)).MoveToOuterDisposeScope();
+        }
+        double factor = scale * Math.Sqrt(hd); // SDPA divides by √head_dim itself
+        if (factor != 1.0) using (var unscaled = q) q = unscaled * factor;
         if (segments is not null && cache is null) attn = SegmentedAttention(q, k, v, segments);
         else if (mask is not null) attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: mask);
         else if (!prefix) attn = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true);

@@ -3,10 +3,11 @@ using static TorchSharp.torch;
 namespace QLora.Trainer;
 
 /// <summary>
-/// SwiGLU feed-forward (HF: <c>mlp</c> with gate/up/down_proj): down(silu(gate(x)) · up(x)). With
-/// <see cref="TileTokens"/> it runs in sequence tiles, each checkpointed on its own, so no [tokens, intermediate]
-/// tensor of the whole sequence exists, forward or backward: what makes a long context fit (the MLP acts on each token
-/// alone, so the tiles give the same result up to the summation order of the LoRA gradients).
+/// SwiGLU feed-forward (HF: <c>mlp</c> with gate/up/down_proj): down(silu(gate(x)) · up(x)); Gemma's GeGLU uses GELU with
+/// the tanh approximation (gelu_pytorch_tanh) in place of silu. With <see cref="TileTokens"/> it runs in sequence
+/// tiles, each checkpointed on its own, so no [tokens, intermediate] tensor of the whole sequence exists, forward or
+/// backward: what makes a long context fit (the MLP acts on each token alone, so the tiles give the same result up to
+/// the summation order of the LoRA gradients).
 /// </summary>
 public sealed class LlamaMlp : ProjectionHost
 {
@@ -16,10 +17,17 @@ public sealed class LlamaMlp : ProjectionHost
         foreach (var (name, m) in new[] { ("gate_proj", gate), ("up_proj", up), ("down_proj", down) }) AddProjection(name, m);
     }
 
+    /// <summary>As the SwiGLU constructor; <paramref name="geluTanh"/> makes it Gemma's GeGLU.</summary>
+    public LlamaMlp(nn.Module<Tensor, Tensor> gate, nn.Module<Tensor, Tensor> up, nn.Module<Tensor, Tensor> down, bool geluTanh) : this(gate, up, down)
+        => GeluTanh = geluTanh;
+
+    /// <summary>GeGLU with tanh-approximated GELU (Gemma) instead of SwiGLU.</summary>
+    public bool GeluTanh { get; }
+
     /// <summary>Tokens per tile (0: the whole sequence at once); a tile is recomputed in backward from its input alone.</summary>
     public int TileTokens { get; set; }
 
-    /// <summary>down(silu(gate(x)) · up(x)), in tiles of <see cref="TileTokens"/> tokens when set and the input is longer.</summary>
+    /// <summary>down(act(gate(x)) · up(x)), in tiles of <see cref="TileTokens"/> tokens when set and the input is longer.</summary>
     public Tensor Forward(Tensor x)
     {
         long width = x.shape[^1], tokens = x.numel() / Math.Max(1, width);
@@ -42,7 +50,8 @@ public sealed class LlamaMlp : ProjectionHost
     {
         using var scope = NewDisposeScope();
         Tensor g, product;
-        using (var gate = Projection("gate_proj").forward(x)) g = nn.functional.silu(gate);
+        using (var gate = Projection("gate_proj").forward(x))
+            g = GeluTanh ? nn.functional.gelu(gate, TorchSharp.Modules.GELU.Approximate.tanh) : nn.functional.silu(gate);
         using (g)
         using (var u = Projection("up_proj").forward(x))
             product = g * u;
