@@ -50,8 +50,10 @@ public class MemoryPlannerTests
         // paged: host holds 8 bytes per parameter; the device one tensor's state, the largest being gate/up's B [14336, 16]
         Assert.Equal(32L * 1_310_720 * 8, p.HostComponents.Single(c => c.Name == "optimizer_state_host").Bytes);
         Assert.Equal(14336L * 16 * 8, p["optimizer_state"]);
-        // checkpointing keeps at least every layer's bf16 input: 32 x 2048 x 4096 x 2
-        Assert.True(p["saved_activations"] >= 32L * 2048 * 4096 * 2);
+        // checkpointing keeps every layer's bf16 input (32 x 2048 x 4096 x 2): offloaded to the host by default, else on the device
+        Assert.Equal(32L * 2048 * 4096 * 2, p.HostComponents.Single(c => c.Name == "checkpoint_offload_host").Bytes);
+        Assert.True(p["saved_activations"] < 32L * 2048 * 4096 * 2);
+        Assert.True(Plan("llama-3.1-8b", Recipe with { OffloadCheckpoints = false })["saved_activations"] >= 32L * 2048 * 4096 * 2);
         Assert.Equal(p.PeakBytes, p.Components.Sum(c => c.Bytes));
     }
 
