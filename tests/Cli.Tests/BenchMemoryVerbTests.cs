@@ -48,6 +48,24 @@ public class BenchMemoryVerbTests
     }
 
     [Fact]
+    public void AWholeJobOnAWrittenDenseFolderReportsItsPeakPhaseBesideThePlan()
+    {
+        using var tmp = new TempDir();
+        // the vocabulary must hold the byte-level tokenizer's 258 tokens
+        var run = CliRunner.Run(["bench", "memory", "--preset", "llama-2-7b", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
+            "--kv-heads", "2", "--vocab", "300", "--seq", "32", "--from-folder", tmp["model"],
+            "--write-folder", "dense", "--shard-bytes", "20000", "--scratch", tmp["s"]]);
+        Assert.True(run.ExitCode == 0, run.Stderr);
+        var j = JsonNode.Parse(run.LastLine)!;
+        Assert.Equal("job", j["mode"]!.GetValue<string>());
+        Assert.True(j["measured_peak_bytes"]!.GetValue<long>() > 0 && j["planned_peak_bytes"]!.GetValue<long>() > 0);
+        Assert.False(string.IsNullOrEmpty(j["peak_phase"]!.GetValue<string>()));
+        Assert.True(Directory.GetFiles(tmp["model"], "model-*.safetensors").Length > 1, "a dense folder in several shards");
+        Assert.True(File.Exists(Path.Combine(tmp["model"], "tokenizer.json")));
+        Assert.Contains("measured peak resident anonymous memory of the whole job", run.Stdout);
+    }
+
+    [Fact]
     public void BadInputIsAOneLineError()
     {
         var unknown = CliRunner.Run("bench", "memory", "--preset", "gpt-5");
