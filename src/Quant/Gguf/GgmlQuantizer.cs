@@ -71,13 +71,7 @@ public static class GgmlQuantizer
     /// <summary>q4_0: d = (the value of largest magnitude)/−8, q = min(15, trunc(x/d + 8.5)); element j and j+16 share a byte.</summary>
     internal static void BlockQ4_0(ReadOnlySpan<float> x, Span<byte> y)
     {
-        float amax = 0, max = 0;
-        for (int j = 0; j < QK; j++)
-        {
-            float v = x[j];
-            if (amax < MathF.Abs(v)) { amax = MathF.Abs(v); max = v; }
-        }
-        float d = max / -8;
+        float d = LargestMagnitude(x) / -8;
         float id = d != 0 ? 1.0f / d : 0.0f;
         WriteHalf(y, 0, d);
         for (int j = 0; j < QK / 2; j++)
@@ -91,13 +85,7 @@ public static class GgmlQuantizer
     /// <summary>q5_0: d = (the value of largest magnitude)/−16, q = min(31, trunc(x/d + 16.5)); low nibbles as q4_0, fifth bits in a uint32.</summary>
     internal static void BlockQ5_0(ReadOnlySpan<float> x, Span<byte> y)
     {
-        float amax = 0, max = 0;
-        for (int j = 0; j < QK; j++)
-        {
-            float v = x[j];
-            if (amax < MathF.Abs(v)) { amax = MathF.Abs(v); max = v; }
-        }
-        float d = max / -16;
+        float d = LargestMagnitude(x) / -16;
         float id = d != 0 ? 1.0f / d : 0.0f;
         WriteHalf(y, 0, d);
         uint qh = 0;
@@ -415,6 +403,15 @@ public static class GgmlQuantizer
             d = (byte)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
             m = (byte)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
         }
+    }
+
+    // The first value of largest magnitude, with its sign (q4_0/q5_0 scale by it so that value gets the extreme code).
+    private static float LargestMagnitude(ReadOnlySpan<float> x)
+    {
+        float amax = 0, max = 0;
+        foreach (float v in x)
+            if (amax < MathF.Abs(v)) { amax = MathF.Abs(v); max = v; }
+        return max;
     }
 
     // C's (int8_t) cast of a float: truncation toward zero of a value the callers keep inside [-1, 17].

@@ -110,12 +110,7 @@ public sealed class GgufWriter : IDisposable
         _disposed = true;
         _stream?.Dispose();
         _stream = null;
-        if (!_committed)
-        {
-            try { File.Delete(_tempPath); }
-            catch (IOException) { }
-            catch (UnauthorizedAccessException) { }
-        }
+        if (!_committed) AtomicFile.TryDelete(_tempPath);
     }
 
     private Entry Find(string name)
