@@ -52,9 +52,9 @@ public sealed class ArchitectureAgreementTests(ITestOutputHelper output) : IDisp
         Assert.True(worst <= 0.02 * scale, $"llama.cpp's logits differ by up to {worst} (largest logit {scale})");
     }
 
-    private static string WriteRandomModel(string dir, bool qwen)
+    internal static string WriteRandomModel(string dir, bool qwen, int vocab = 259, bool copyTokenizer = true)
     {
-        const int hidden = 64, inter = 128, layers = 2, heads = 4, kvHeads = 2, vocab = 259;
+        const int hidden = 64, inter = 128, layers = 2, heads = 4, kvHeads = 2;
         Directory.CreateDirectory(dir);
         var rng = new Random(qwen ? 5 : 6);
         var tensors = new List<(string, TensorDType, long[], byte[])>();
@@ -95,9 +95,10 @@ public sealed class ArchitectureAgreementTests(ITestOutputHelper output) : IDisp
             ["hidden_size"] = hidden, ["intermediate_size"] = inter, ["num_hidden_layers"] = layers, ["num_attention_heads"] = heads,
             ["num_key_value_heads"] = kvHeads, ["head_dim"] = 16, ["vocab_size"] = vocab, ["rms_norm_eps"] = 1e-6,
             ["rope_theta"] = qwen ? 1000000.0 : 10000.0, ["max_position_embeddings"] = 256, ["tie_word_embeddings"] = true,
-            ["bos_token_id"] = 256, ["eos_token_id"] = 257, ["torch_dtype"] = "float32",
+            ["bos_token_id"] = copyTokenizer ? 256 : 1, ["eos_token_id"] = copyTokenizer ? 257 : 2, ["torch_dtype"] = "float32",
         };
         File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJsonString());
+        if (!copyTokenizer) return dir;
         var tinyBase = Path.Combine(ExportedTinyModel.RepoRoot(), "models", "tiny-llama-base");
         foreach (var f in new[] { "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json" })
             File.Copy(Path.Combine(tinyBase, f), Path.Combine(dir, f));
