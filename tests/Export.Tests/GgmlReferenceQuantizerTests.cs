@@ -1,5 +1,4 @@
 using System.Runtime.InteropServices;
-using LLama.Native;
 using QLora.Quant.Gguf;
 using Xunit.Abstractions;
 
@@ -46,7 +45,7 @@ public sealed unsafe class GgmlReferenceQuantizerTests(ITestOutputHelper output)
     // The libggml-base LLamaSharp chose for this CPU (avx512, avx2, ...), found in the process's own mappings.
     private static nint GgmlBase()
     {
-        NativeApi.llama_max_devices(); // makes LLamaSharp load its native libraries
+        LlamaCpp.EnsureLoaded();
         var path = File.ReadLines("/proc/self/maps").Select(l => l.Split(' ', StringSplitOptions.RemoveEmptyEntries))
             .Where(f => f.Length >= 6 && f[5].EndsWith("/libggml-base.so", StringComparison.Ordinal)).Select(f => f[5]).FirstOrDefault()
             ?? throw new InvalidOperationException("LLamaSharp did not load libggml-base.so");

@@ -13,6 +13,9 @@ public sealed class LlamaCpp : IDisposable
         NativeLibraryConfig.All.WithLogCallback((level, message) => { if (level >= LLamaLogLevel.Warning) Console.Error.Write(message); });
     }
 
+    /// <summary>Loads llama.cpp's native libraries (after the log callback is set, which must come first).</summary>
+    public static void EnsureLoaded() => NativeApi.llama_max_devices();
+
     private readonly LLamaWeights _weights;
     private readonly LLamaContext _context;
 
