@@ -9,7 +9,7 @@ namespace QLora.Export.Tests;
 
 /// <summary>
 /// The other shapes the exporter handles, run by llama.cpp against qlora's float32 forward: Qwen2 (architecture
-/// <c>qwen2</c>: q/k/v biases, no row permutation) and Llama, both with tied embeddings (no output.weight) and random
+/// <c>qwen2</c>: q/k/v biases, no row permutation) and Llama (also with Llama 3.1 and linear RoPE scaling), all with tied embeddings (no output.weight) and random
 /// float32 weights, with the bundled byte-level tokenizer.
 /// </summary>
 public sealed class ArchitectureAgreementTests(ITestOutputHelper output) : IDisposable
@@ -17,18 +17,23 @@ public sealed class ArchitectureAgreementTests(ITestOutputHelper output) : IDisp
     private readonly string _dir = Path.Combine(Path.GetTempPath(), "qlora-arch-tests-" + Guid.NewGuid().ToString("N"));
 
     [Theory]
-    [InlineData(true)]
-    [InlineData(false)]
-    public void Tied_random_models_agree_with_qlora_in_llama_cpp(bool qwen)
+    [InlineData(true, null)]
+    [InlineData(false, null)]
+    [InlineData(false, "llama3")]
+    [InlineData(false, "linear")]
+    public void Tied_random_models_agree_with_qlora_in_llama_cpp(bool qwen, string? ropeScaling)
     {
-        var folder = WriteRandomModel(Path.Combine(_dir, qwen ? "qwen2" : "llama"), qwen);
-        var gguf = Path.Combine(_dir, (qwen ? "qwen2" : "llama") + ".gguf");
+        string name = (qwen ? "qwen2" : "llama") + (ropeScaling is null ? "" : "-" + ropeScaling);
+        var folder = WriteRandomModel(Path.Combine(_dir, name), qwen, ropeScaling: ropeScaling);
+        var gguf = Path.Combine(_dir, name + ".gguf");
         GgufExporter.Export(folder, null, gguf, GgufFileType.F16);
         using (var r = GgufReader.Open(gguf))
         {
             Assert.Equal(qwen ? "qwen2" : "llama", r.MetadataByKey["general.architecture"].AsString());
             Assert.DoesNotContain(r.Tensors, t => t.Name == "output.weight");
             Assert.Equal(qwen, r.Tensors.Any(t => t.Name == "blk.0.attn_q.bias"));
+            Assert.Equal(ropeScaling == "llama3", r.Tensors.Any(t => t.Name == "rope_freqs.weight"));
+            Assert.Equal(ropeScaling == "linear", r.MetadataByKey.ContainsKey("llama.rope.scaling.type"));
         }
         using var model = HfModelLoader.Load(folder, new HfModelLoader.Options { Quantize = false, ComputeDType = ScalarType.Float32 });
         using var tok = HfTokenizer.Load(folder);
@@ -47,12 +52,27 @@ public sealed class ArchitectureAgreementTests(ITestOutputHelper output) : IDisp
                 worst = Math.Max(worst, Math.Abs(expected[p * v + j] - actual[p][j]));
                 scale = Math.Max(scale, Math.Abs(expected[p * v + j]));
             }
-        output.WriteLine($"{(qwen ? "qwen2" : "llama")}: max |logit difference| {worst:G3}, largest |logit| {scale:G3}");
+        if (ropeScaling is not null)
+        {
+            // Control: the same weights without the scaling disagree clearly, so the scaling really reached llama.cpp.
+            var plain = WriteRandomModel(Path.Combine(_dir, name + "-unscaled"), qwen);
+            using var unscaled = HfModelLoader.Load(plain, new HfModelLoader.Options { Quantize = false, ComputeDType = ScalarType.Float32 });
+            float[] other;
+            using (no_grad())
+            using (var logits = unscaled.Logits(tensor(ids.Select(i => (long)i).ToArray()).unsqueeze(0)))
+                other = logits.to(ScalarType.Float32).data<float>().ToArray();
+            double control = 0;
+            for (int p = 0; p < ids.Length; p++)
+                for (int j = 0; j < v; j++) control = Math.Max(control, Math.Abs(other[p * v + j] - actual[p][j]));
+            output.WriteLine($"{name}: without the scaling the difference would be {control:G3}");
+            Assert.True(control > 10 * worst, $"the unscaled model is as close ({control}) as the scaled one ({worst})");
+        }
+        output.WriteLine($"{name}: max |logit difference| {worst:G3}, largest |logit| {scale:G3}");
         Assert.True(scale > 1, "random model too flat to compare");
         Assert.True(worst <= 0.02 * scale, $"llama.cpp's logits differ by up to {worst} (largest logit {scale})");
     }
 
-    internal static string WriteRandomModel(string dir, bool qwen, int vocab = 259, bool copyTokenizer = true)
+    internal static string WriteRandomModel(string dir, bool qwen, int vocab = 259, bool copyTokenizer = true, string? ropeScaling = null)
     {
         const int hidden = 64, inter = 128, layers = 2, heads = 4, kvHeads = 2;
         Directory.CreateDirectory(dir);
@@ -97,6 +117,11 @@ public sealed class ArchitectureAgreementTests(ITestOutputHelper output) : IDisp
             ["rope_theta"] = qwen ? 1000000.0 : 10000.0, ["max_position_embeddings"] = 256, ["tie_word_embeddings"] = true,
             ["bos_token_id"] = copyTokenizer ? 256 : 1, ["eos_token_id"] = copyTokenizer ? 257 : 2, ["torch_dtype"] = "float32",
         };
+        // Llama 3.1 scaling over a short original context, so head_dim 16's eight frequencies fall in all three bands.
+        if (ropeScaling == "llama3")
+            config["rope_scaling"] = new JsonObject { ["rope_type"] = "llama3", ["factor"] = 8.0, ["low_freq_factor"] = 1.0, ["high_freq_factor"] = 4.0, ["original_max_position_embeddings"] = 256 };
+        else if (ropeScaling == "linear")
+            config["rope_scaling"] = new JsonObject { ["type"] = "linear", ["factor"] = 4.0 };
         File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJsonString());
         if (!copyTokenizer) return dir;
         var tinyBase = Path.Combine(ExportedTinyModel.RepoRoot(), "models", "tiny-llama-base");
