@@ -41,6 +41,7 @@ public sealed class BnbBaseExportTests(ExportedTinyModel model, ITestOutputHelpe
                 for (int j = 0; j < v; j++) worst = Math.Max(worst, Math.Abs(expected[p * v + j] - actual[p][j]));
         }
         output.WriteLine($"bnb-4bit base + adapter, f16 GGUF: max |logit difference| {worst:G3}");
-X
+        // measured 0.046: above the dense f16 case (0.024), as the 4-bit forward adds its own dequantization path
+        Assert.True(worst <= 0.1, $"llama.cpp's logits differ from qlora's 4-bit forward by up to {worst}");
     }
 }
