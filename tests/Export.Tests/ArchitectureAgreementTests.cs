@@ -39,31 +39,15 @@ public sealed class ArchitectureAgreementTests(ITestOutputHelper output) : IDisp
         using var tok = HfTokenizer.Load(folder);
         using var cpp = new LlamaCpp(gguf);
         var ids = tok.Encode("In June 25, 1969, the month is 06.", addSpecialTokens: true);
-        float[] expected;
-        using (no_grad())
-        using (var logits = model.Logits(tensor(ids.Select(i => (long)i).ToArray()).unsqueeze(0)))
-            expected = logits.to(ScalarType.Float32).data<float>().ToArray();
+        var expected = Logits.Of(model, ids);
         var actual = cpp.Logits(ids);
-        int v = actual[0].Length;
-        double worst = 0, scale = 0;
-        for (int p = 0; p < ids.Length; p++)
-            for (int j = 0; j < v; j++)
-            {
-                worst = Math.Max(worst, Math.Abs(expected[p * v + j] - actual[p][j]));
-                scale = Math.Max(scale, Math.Abs(expected[p * v + j]));
-            }
+        double worst = Logits.MaxDifference(expected, actual), scale = Logits.MaxMagnitude(expected);
         if (ropeScaling is not null)
         {
             // Control: the same weights without the scaling disagree clearly, so the scaling really reached llama.cpp.
             var plain = WriteRandomModel(Path.Combine(_dir, name + "-unscaled"), qwen);
             using var unscaled = HfModelLoader.Load(plain, new HfModelLoader.Options { Quantize = false, ComputeDType = ScalarType.Float32 });
-            float[] other;
-            using (no_grad())
-            using (var logits = unscaled.Logits(tensor(ids.Select(i => (long)i).ToArray()).unsqueeze(0)))
-                other = logits.to(ScalarType.Float32).data<float>().ToArray();
-            double control = 0;
-            for (int p = 0; p < ids.Length; p++)
-                for (int j = 0; j < v; j++) control = Math.Max(control, Math.Abs(other[p * v + j] - actual[p][j]));
+            double control = Logits.MaxDifference(Logits.Of(unscaled, ids), actual);
             output.WriteLine($"{name}: without the scaling the difference would be {control:G3}");
             Assert.True(control > 10 * worst, $"the unscaled model is as close ({control}) as the scaled one ({worst})");
         }

@@ -75,12 +75,7 @@ public sealed class ExportedTinyModel : IDisposable
         var key = string.Join(',', ids);
         lock (_lock)
             if (_logits.TryGetValue(key, out var cached)) return cached;
-        using var scope = NewDisposeScope();
-        using var _ = no_grad();
-        var logits = Reference.Logits(tensor(ids.Select(i => (long)i).ToArray()).unsqueeze(0)).squeeze(0).to(ScalarType.Float32);
-        var flat = logits.data<float>().ToArray();
-        int v = (int)logits.shape[1];
-        var rows = Enumerable.Range(0, ids.Length).Select(p => flat.AsSpan(p * v, v).ToArray()).ToArray();
+        var rows = Logits.Of(Reference, ids);
         lock (_lock) _logits[key] = rows;
         return rows;
     }
