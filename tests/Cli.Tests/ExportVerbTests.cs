@@ -25,6 +25,17 @@ public class ExportVerbTests
         using var g = GgufReader.Open(tmp["m.gguf"]);
         Assert.Equal(7L, g.MetadataByKey["general.file_type"].AsInt64());
         Assert.Single(Directory.GetFiles(tmp.Path)); // no temporary left behind
+
+        var inspect = CliRunner.Run("inspect", tmp["m.gguf"]);
+        Assert.True(inspect.ExitCode == 0, inspect.Stderr);
+        Assert.Contains("general.architecture = llama", inspect.Stdout);
+        Assert.Contains("tokenizer.ggml.tokens = [259 × String]", inspect.Stdout);
+        Assert.Matches(@"blk\.0\.attn_q\.weight\s+q8_0\s+\[256, 256\]", inspect.Stdout);
+        Assert.StartsWith("39 tensors", inspect.LastLine);
+        File.WriteAllText(tmp["bad.gguf"], "GGML");
+        inspect = CliRunner.Run("inspect", tmp["bad.gguf"]);
+        Assert.Equal(1, inspect.ExitCode);
+        Assert.Contains("bad.gguf: ", inspect.Stderr);
     }
 
     [Fact]
