@@ -461,8 +461,8 @@ public sealed class TrainingRun
     {
         SequenceLength = job.Data.MaxSeqLength,
         MicroBatch = job.Training.MicroBatchSize,
-        LoraRank = job.Lora.Rank,
-        LoraTargets = LoraOptionsOf(job.Lora).TargetModules,
+        LoraRank = Math.Max(job.Lora.Rank, job.Lora.RankPattern?.Values.DefaultIfEmpty().Max() ?? 0), // an upper bound with rank_pattern
+        LoraTargets = PlannedTargets(LoraOptionsOf(job.Lora)),
         AdapterDType = ParseDType(job.Lora.DType),
         QuantBlocksize = job.Quantization.Blocksize,
         DoubleQuant = job.Quantization.DoubleQuant,
@@ -475,6 +475,11 @@ public sealed class TrainingRun
         BudgetBytes = job.Memory.BudgetBytes,
     };
 
+    // The projection kinds a job may adapt, for the planner: those a target name (plain or dotted) ends with; every
+    // kind for a regex. An upper bound where exclusions or layer choices adapt fewer.
+    static IReadOnlyList<string> PlannedTargets(LoraOptions o) => o.TargetRegex is not null ? LoraOptions.AllLinear
+        : LoraOptions.AllLinear.Where(p => o.TargetModules.Any(t => t == p || t.EndsWith("." + p, StringComparison.Ordinal))).ToList();
+
     /// <summary>PEFT-style LoRA options from the job's section.</summary>
     public static LoraOptions LoraOptionsOf(LoraSection s) => new()
     {
@@ -484,7 +489,10 @@ public sealed class TrainingRun
         UseRsLora = s.UseRsLora,
         TargetModules = s.TargetModules is { } m ? [.. m] : LoraOptions.AllLinear,
         TargetRegex = s.TargetRegex,
+        ExcludeModules = s.ExcludeModules,
         LayersToTransform = s.LayersToTransform,
+        RankPattern = s.RankPattern?.ToList() ?? [],
+        AlphaPattern = s.AlphaPattern?.ToList() ?? [],
         Init = s.Init,
         DType = ParseDType(s.DType),
     };
