@@ -38,7 +38,8 @@ internal static class TrainVerb
             };
             Console.CancelKeyPress += onCancel;
             using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
-            var progress = new ProgressDisplay(stdout, interactive: ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected);
+            // Under mpirun the ranks' output is a pseudo-terminal that the launcher copies into its own: plain lines, not a bar.
+            var progress = new ProgressDisplay(stdout, interactive: ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected && !MpiLaunch.IsLaunched);
             try
             {
                 var result = TrainingRun.Run(job, new TrainingRun.RunOptions
@@ -49,12 +50,14 @@ internal static class TrainVerb
                     Cancellation = cts.Token,
                 });
                 progress.Finish();
+                int exit = result.Summary.Interrupted ? InterruptedExitCode : 0;
+                if (result.Rank != 0) return exit; // in a data-parallel run rank 0 reports and writes for all
                 var png = Path.Combine(result.Summary.OutputDir, "loss.png");
                 if (LossCurvePlot.Write(result.State, png, $"{Path.GetFileName(job.Model.Path)} QLoRA r={job.Lora.Rank}"))
                     stdout.WriteLine($"loss curve: {png}");
                 stdout.WriteLine($"summary: {Path.Combine(result.Summary.OutputDir, "run_summary.json")}");
                 stdout.WriteLine(result.Summary.ToJsonLine());
-                return result.Summary.Interrupted ? InterruptedExitCode : 0;
+                return exit;
             }
             finally
             {

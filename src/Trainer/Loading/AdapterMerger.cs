@@ -23,9 +23,10 @@ public static class AdapterMerger
         if (!File.Exists(configPath)) throw new FileNotFoundException($"{baseFolder}: no config.json, so not a Hugging Face model folder", configPath);
         LlamaConfig.Load(configPath); // refuses unsupported architectures and inconsistent shapes up front
         var rawConfig = (JsonObject)JsonNode.Parse(File.ReadAllText(configPath))!;
+        var baseSkipModules = BnbQuantizationConfig.FromConfig(rawConfig)?.SkipModules;
 
         using var source = MergedWeights.Open(baseFolder, adapterFolder);
-        double scaling = source.Scaling;
+        var options = source.Options!;
 
         using var output = StagedFolder.Create(outputFolder, overwrite);
         // With re-quantization, the dense merge goes to a second staging folder that is never committed.
@@ -58,8 +59,9 @@ public static class AdapterMerger
         rawConfig["torch_dtype"] = dtype.Name();
         CheckpointQuantizer.WriteJson(Path.Combine(dense, "config.json"), rawConfig);
         CheckpointQuantizer.CopySideFiles(baseFolder, dense);
-        log?.Invoke($"merged {merged} projections (scaling {scaling}), copied {copied} tensors, {dtype.Name()}");
-        if (quantize) CheckpointQuantizer.QuantizeFolder(dense, output.Path, new QuantizeOptions(), log, overwrite: true);
+        log?.Invoke($"merged {merged} projections (scaling {options.Scaling}{(options.RankPattern.Count + options.AlphaPattern.Count > 0 ? " by default, rank_pattern / alpha_pattern elsewhere" : "")}), copied {copied} tensors, {dtype.Name()}");
+        // Re-quantized, the modules the base kept dense (llm_int8_skip_modules) stay dense.
+        if (quantize) CheckpointQuantizer.QuantizeFolder(dense, output.Path, new QuantizeOptions { SkipModules = baseSkipModules }, log, overwrite: true);
         output.Commit();
         long outBytes = Directory.EnumerateFiles(output.Target).Sum(f => new FileInfo(f).Length);
         return new Report(merged, copied, outBytes);

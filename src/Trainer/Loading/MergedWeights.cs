@@ -16,13 +16,13 @@ public sealed class MergedWeights : IDisposable
     private readonly SafetensorsModelWeights _weights;
     private readonly Dictionary<string, string> _deltas; // weight key -> module
 
-    private MergedWeights(SafetensorsCheckpoint checkpoint, SafetensorsReader? adapter, Dictionary<string, string> deltas, double scaling)
+    private MergedWeights(SafetensorsCheckpoint checkpoint, SafetensorsReader? adapter, Dictionary<string, string> deltas, LoraOptions? options)
     {
         Checkpoint = checkpoint;
         _adapter = adapter;
         _weights = new SafetensorsModelWeights(checkpoint);
         _deltas = deltas;
-        Scaling = scaling;
+        Options = options;
         Names = checkpoint.Tensors.Select(t => t.Name).Where(n => !BnbCheckpointLayout.IsAuxiliaryKey(n)).ToList();
     }
 
@@ -32,8 +32,8 @@ public sealed class MergedWeights : IDisposable
     /// <summary>The model's tensor names (bnb-4bit auxiliary entries left out), in checkpoint order.</summary>
     public IReadOnlyList<string> Names { get; }
 
-    /// <summary>The adapter's <c>lora_alpha / r</c> (0 without an adapter).</summary>
-    public double Scaling { get; }
+    /// <summary>The adapter's settings (null without an adapter); each module merges with its own <c>ForModule</c> scaling (rank_pattern / alpha_pattern).</summary>
+    public LoraOptions? Options { get; }
 
     /// <summary>How many weights the adapter changes.</summary>
     public int AdaptedCount => _deltas.Count;
@@ -43,10 +43,10 @@ public sealed class MergedWeights : IDisposable
     {
         SafetensorsReader? adapter = null;
         var deltas = new Dictionary<string, string>(StringComparer.Ordinal);
-        double scaling = 0;
+        LoraOptions? options = null;
         if (adapterFolder is not null)
         {
-            scaling = PeftAdapter.ReadOptions(adapterFolder).Scaling;
+            options = PeftAdapter.ReadOptions(adapterFolder);
             var adapterPath = Path.Combine(adapterFolder, PeftAdapter.WeightsFile);
             if (!File.Exists(adapterPath)) throw new FileNotFoundException($"{adapterFolder}: no {PeftAdapter.WeightsFile}", adapterPath);
             adapter = SafetensorsReader.Open(adapterPath);
@@ -73,7 +73,7 @@ public sealed class MergedWeights : IDisposable
                 }
                 if (deltas.Count == 0) throw new InvalidDataException($"{adapter.Path}: no lora_A/lora_B tensors");
             }
-            return new MergedWeights(checkpoint, adapter, deltas, scaling);
+            return new MergedWeights(checkpoint, adapter, deltas, options);
         }
         catch
         {
@@ -102,9 +102,11 @@ public sealed class MergedWeights : IDisposable
         Tensor w;
         if (BnbCheckpointLayout.IsQuantized(Checkpoint, name))
         {
+            // As PEFT merges a bnb layer: dequantize_4bit gives quant_state.dtype (usually bf16), then the delta is added in float32.
             var q = BnbCheckpointLayout.Read(Checkpoint, name);
-            w = empty(q.State.Shape, dtype: ScalarType.Float32);
-            FourBitDequantizer.Dequantize(q, FloatType.Float32, w.bytes);
+            using var stored = empty(q.State.Shape, dtype: TorchDTypes.ToScalarType(q.State.DType));
+            FourBitDequantizer.Dequantize(q, q.State.DType, stored.bytes);
+            w = stored.to(ScalarType.Float32, copy: true);
         }
         else if (FloatTypes.FromTensorDType(Checkpoint.GetInfo(name).DType) is not null)
         {
@@ -118,7 +120,10 @@ public sealed class MergedWeights : IDisposable
         var b = ReadAdapter($"{Prefix}{module}.lora_B.weight");
         if (a.shape[0] != b.shape[1] || b.shape[0] != w.shape[0] || a.shape[1] != w.shape[1])
             throw new InvalidDataException($"{_adapter!.Path}: {module} has A [{string.Join(", ", a.shape)}] and B [{string.Join(", ", b.shape)}], which do not fit the base weight [{string.Join(", ", w.shape)}]");
-        var merged = w + b.matmul(a) * Scaling;
+        var own = Options!.ForModule(module); // rank_pattern / alpha_pattern
+        if (a.shape[0] != own.Rank)
+            throw new InvalidDataException($"{_adapter!.Path}: {module} has rank {a.shape[0]}, adapter_config.json gives it rank {own.Rank} (r / rank_pattern)");
+        var merged = w + b.matmul(a) * own.Scaling;
         w.Dispose();
         return merged.MoveToOuterDisposeScope();
     }
