@@ -34,7 +34,7 @@ public sealed class BnbBaseExportTests(ExportedTinyModel model, ITestOutputHelpe
             worst = Math.Max(worst, Logits.MaxDifference(Logits.Of(reference, ids), cpp.Logits(ids)));
         }
         output.WriteLine($"bnb-4bit base + adapter, f16 GGUF: max |logit difference| {worst:G3}");
-        // measured 0.046: above the dense f16 case (0.024), as the 4-bit forward adds its own dequantization path
+        // measured 0.043: above the dense f16 case (0.024), as the 4-bit forward adds its own dequantization path
         Assert.True(worst <= 0.1, $"llama.cpp's logits differ from qlora's 4-bit forward by up to {worst}");
     }
 }
