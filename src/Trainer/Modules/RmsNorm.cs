@@ -5,19 +5,15 @@ using static TorchSharp.torch;
 namespace QLora.Trainer;
 
 /// <summary>Llama's RMSNorm (HF naming: <c>weight</c>): normalised in float32, cast back, then scaled. Frozen.</summary>
-public sealed class RmsNorm : nn.Module<Tensor, Tensor>
+public sealed class RmsNorm : FrozenWeightModule
 {
     private readonly double _eps;
 
     /// <summary>A norm over the last dimension of size <paramref name="size"/>, weight initialised to ones.</summary>
-    public RmsNorm(long size, double eps, ScalarType dtype) : base("RmsNorm")
+    public RmsNorm(long size, double eps, ScalarType dtype) : base("RmsNorm", ones(size, dtype: dtype))
     {
         _eps = eps;
-        register_parameter("weight", new Parameter(ones(size, dtype: dtype), requires_grad: false));
     }
-
-    /// <summary>The scale (looked up by name: Module.to() replaces registered tensors).</summary>
-    public Parameter weight => get_parameter("weight")!;
 
     /// <summary>weight · (x / √(mean(x²) + eps)), the division in float32.</summary>
     public override Tensor forward(Tensor x)
