@@ -21,10 +21,12 @@ internal static class PlanVerb
         var chunk = new Option<int>("--loss-chunk") { Description = "tokens per chunk of the fp32 loss", DefaultValueFactory = _ => d.LossChunkTokens };
         var noCheckpointing = new Option<bool>("--no-checkpointing") { Description = "keep every layer's activations instead of recomputing them" };
         var bits = new Option<int>("--optimizer-bits") { Description = "AdamW state: 32 or 8", DefaultValueFactory = _ => d.OptimizerBits };
+        var ranks = new Option<int>("--ranks") { Description = "data-parallel ranks (processes under mpirun/srun): adds the throughput model", DefaultValueFactory = _ => 1 };
+        var microBatches = new Option<int?>("--micro-batches") { Description = "micro-batches per optimizer step across all ranks (default: one per rank)" };
         var device = DeviceOptions.Device("the device to plan for: auto (a CUDA device if this machine can use one, else the CPU), cpu, cuda or cuda:N; cuda adds the CUDA context and library workspaces (estimated)");
         var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
         {
-            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing, device,
+            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing, ranks, microBatches, device,
         };
         cmd.SetAction(r =>
         {
@@ -36,7 +38,11 @@ internal static class PlanVerb
                 LossChunkTokens = r.GetValue(chunk), GradientCheckpointing = !r.GetValue(noCheckpointing), LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
                 Device = DeviceSelector.PlanTarget(DeviceRequest.Parse(r.GetValue(device), "--device")),
             };
+            int n = r.GetValue(ranks), steps = r.GetValue(microBatches) ?? n;
+            if (n < 1) throw new ArgumentException($"--ranks {n}: must be positive");
+            if (steps < n) throw new ArgumentException($"--micro-batches {steps}: every one of the {n} ranks needs at least one");
             var plan = MemoryPlanner.Plan(config, options);
+            var parallel = n > 1 ? DataParallelPlan.Of(config, options, plan, steps, n) : null;
             var c = plan.Config;
             stdout.WriteLine($"{name}: {c.NumHiddenLayers} layers, hidden {c.HiddenSize}, intermediate {c.IntermediateSize}, heads {c.NumAttentionHeads}/{c.NumKeyValueHeads}, vocab {c.VocabSize}");
             stdout.WriteLine($"job: {options.MicroBatch} x {options.SequenceLength} tokens, LoRA r={options.LoraRank} on {string.Join(", ", options.LoraTargets)}, " +
@@ -44,6 +50,7 @@ internal static class PlanVerb
                 $"loss chunk {options.LossChunkTokens}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}; " +
                 $"on {(options.Device == QLora.Kernels.DeviceKind.Cuda ? "a CUDA device" : "the CPU")}");
             stdout.WriteLine(plan.ToTable());
+            if (parallel is not null) stdout.WriteLine(DataParallelPlan.Describe(config, options, plan, steps, n, "MPI"));
             stdout.WriteLine(Json.Line(new
             {
                 plan = name,
@@ -56,6 +63,11 @@ internal static class PlanVerb
                 components = plan.Components.ToDictionary(x => x.Name, x => x.Bytes),
                 host = plan.HostComponents.ToDictionary(x => x.Name, x => x.Bytes),
                 suggestions = plan.Suggestions.Select(s => new { change = s.Change, peak_bytes = s.PeakBytes }).ToList(),
+                data_parallel = parallel is null ? null : new
+                {
+                    ranks = parallel.Ranks, micro_batches_per_rank = parallel.MicroBatchesPerRank, tokens_per_rank = parallel.TokensPerRank,
+                    gflop_per_rank = Math.Round(parallel.FlopsPerRank / 1e9, 3), allreduce_bytes = parallel.AllReduceBytes, ring_bytes_per_rank = parallel.RingBytesPerRank,
+                },
             }));
             return 0;
         });

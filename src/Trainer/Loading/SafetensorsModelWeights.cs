@@ -14,6 +14,9 @@ public sealed class SafetensorsModelWeights(SafetensorsCheckpoint checkpoint) : 
     public bool Contains(string name) => checkpoint.Contains(name);
 
     /// <inheritdoc />
+    public bool IsFourBit(string name) => BnbCheckpointLayout.IsQuantized(checkpoint, name);
+
+    /// <inheritdoc />
     public long[] Shape(string name) => BnbCheckpointLayout.IsQuantized(checkpoint, name)
         ? BnbCheckpointLayout.ReadFields(checkpoint, name, out _).Shape
         : checkpoint.GetInfo(name).Shape;
