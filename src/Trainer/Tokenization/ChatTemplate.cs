@@ -158,7 +158,7 @@ public sealed partial class ChatTemplate
             RenderJinja([ChatMessage.User("Hi"), ChatMessage.Assistant("Hello")], addGenerationPrompt: false);
             RenderJinja([ChatMessage.User("Hi")], addGenerationPrompt: true);
         }
-        catch (JinjaRaisedException)
+        catch (ArgumentException e) when (e.InnerException is JinjaRaisedException)
         {
             // The template refused this conversation shape (e.g. it needs a system turn): that is the template's rule, not a missing construct.
         }

@@ -142,6 +142,9 @@ public sealed class JinjaChatTemplateTests
     public void TheTokenizersTemplateIsEvaluatedFirstAndTheBuiltInIsTheFallback()
     {
         Assert.Equal(ChatTemplateFormat.Jinja, ChatTemplate.FromTokenizer(PublishedChatTemplates.Gemma3, null, "<bos>", "<eos>").Format);
+        // A template that refuses the trial conversation by its own rule is still evaluated.
+        const string needsSystem = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('needs a system turn') }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}";
+        Assert.Equal(ChatTemplateFormat.Jinja, ChatTemplate.FromTokenizer(needsSystem, null, null, null).Format);
 
         // A construct the interpreter lacks, in a template a built-in renderer recognises: the built-in renders it.
         var withUnsupported = PublishedChatTemplates.MistralLate2023 + "{{ messages | wordwrap }}";
