@@ -6,7 +6,15 @@ namespace QLora.Cli;
 public static class Program
 {
     /// <summary>Runs one verb and returns the process exit code (0 success, 1 failure, 2 usage error).</summary>
-    public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
+    public static int Main(string[] args)
+    {
+        if (LibTorchStartup.Refusal(args) is { } refusal)
+        {
+            Console.Error.WriteLine($"qlora: {refusal}");
+            return 1;
+        }
+        return Run(args, Console.Out, Console.Error);
+    }
 
     /// <summary>Runs with explicit output streams (used by tests).</summary>
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
@@ -21,7 +29,14 @@ public static class Program
             GenerateVerb.Create(stdout),
             PlanVerb.Create(stdout),
             BenchVerb.Create(stdout),
+            DoctorVerb.Create(stdout),
         };
+        // Read before parsing by LibTorchStartup (a module initializer); declared here so every verb accepts it.
+        root.Options.Add(new Option<string>("--libtorch")
+        {
+            Description = "Folder of a libtorch to run on, e.g. a PyTorch installation's .../site-packages/torch/lib (also QLORA_LIBTORCH); needs a qlora built with -p:TorchBackend=external.",
+            Recursive = true,
+        });
         var parse = root.Parse(args);
         if (parse.Errors.Count > 0)
         {

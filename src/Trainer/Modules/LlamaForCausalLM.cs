@@ -84,7 +84,8 @@ public sealed class LlamaForCausalLM : nn.Module
     /// <remarks>
     /// With <paramref name="projections"/>, every decoder projection is a <see cref="Linear4bit"/> that factory builds
     /// (biases still come from <paramref name="weights"/>); a <see cref="LayerStreamer"/> factory becomes the model's
-    /// <see cref="Streamer"/>, owned by the model.
+    /// <see cref="Streamer"/>, owned by the model. A projection whose module name <paramref name="keepDense"/> accepts
+    /// (a bnb-4bit checkpoint's llm_int8_skip_modules) is a frozen dense Linear whatever the other arguments say.
     /// </remarks>
     public static LlamaForCausalLM FromWeights(LlamaConfig config, IModelWeights weights, bool quantize = true,
         ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64, QuantType quantType = QuantType.Nf4, bool doubleQuant = true,
@@ -106,7 +107,7 @@ public sealed class LlamaForCausalLM : nn.Module
         nn.Module<Tensor, Tensor> Proj(string name, long outF, long inF, bool bias)
         {
             bool dense = keepDense?.Invoke(name) == true;
-            if (dense && weights is SafetensorsModelWeights sw && sw.IsFourBit(name + ".weight"))
+            if (dense && weights.IsFourBit(name + ".weight"))
                 throw new InvalidDataException($"{name} is kept dense by llm_int8_skip_modules but its weight is stored 4-bit");
             if (projections is not null && !dense)
             {
@@ -158,7 +159,7 @@ public sealed class LlamaForCausalLM : nn.Module
         using (var e = Get("model.embed_tokens.weight", config.VocabSize, hsz)) embed = new FrozenEmbedding(e.to(computeDType));
         var model = new LlamaModel(embed, layers, Norm("model.norm.weight"));
         nn.Module<Tensor, Tensor>? head = null;
-        if (!config.TieWordEmbeddings && weights is SafetensorsModelWeights stored && stored.IsFourBit("lm_head.weight"))
+        if (!config.TieWordEmbeddings && weights.IsFourBit("lm_head.weight"))
         {
             // A checkpoint quantized with lm_head (llm_int8_skip_modules without it): a frozen 4-bit head, as transformers loads it.
             Check("lm_head.weight", [config.VocabSize, hsz]);

@@ -17,6 +17,12 @@ public static class JobConfiguration
     /// <summary>The environment-variable prefix.</summary>
     public const string EnvironmentPrefix = "QLORA_";
 
+    /// <summary>
+    /// <c>QLORA_</c> variables that configure the process, not the job (the libtorch preload, the GPU check): never
+    /// read as job keys, so setting them does not make every job fail with an unknown key.
+    /// </summary>
+    public static readonly IReadOnlyList<string> ProcessVariables = ["QLORA_LIBTORCH", "QLORA_LIBTORCH_ALLOW_MISMATCH", "QLORA_CUDART", "QLORA_GPU_CHECK"];
+
     /// <summary>Top-level sections that belong to other verbs and are allowed in the same file (e.g. <c>Quantize</c>).</summary>
     public static readonly IReadOnlyList<string> OtherVerbSections = ["Quantize"];
 
@@ -30,7 +36,7 @@ public static class JobConfiguration
         if (!File.Exists(full)) throw new FileNotFoundException($"job file {full} does not exist; pass --config <job.json> or run from a folder with appsettings.json");
         var builder = new ConfigurationBuilder();
         builder.AddJsonFile(full, optional: false, reloadOnChange: false);
-        if (environment) builder.AddEnvironmentVariables(EnvironmentPrefix);
+        if (environment) builder.AddInMemoryCollection(EnvironmentKeys());
         var args = overrides?.ToArray() ?? [];
         for (int i = 0; i < args.Length; i++)
         {
@@ -51,6 +57,18 @@ public static class JobConfiguration
         catch (Exception e) when (e is FormatException or InvalidDataException)
         {
             throw new FormatException($"{full}: not valid JSON ({(e.InnerException ?? e).Message})");
+        }
+    }
+
+    /// <summary>The job keys set through the environment: <c>QLORA_Section__Key</c> → <c>Section:Key</c>, the process variables left out.</summary>
+    static IEnumerable<KeyValuePair<string, string?>> EnvironmentKeys()
+    {
+        foreach (System.Collections.DictionaryEntry e in Environment.GetEnvironmentVariables())
+        {
+            var name = (string)e.Key;
+            if (!name.StartsWith(EnvironmentPrefix, StringComparison.OrdinalIgnoreCase)) continue;
+            if (ProcessVariables.Contains(name, StringComparer.OrdinalIgnoreCase)) continue;
+            yield return new(name[EnvironmentPrefix.Length..].Replace("__", ConfigurationPath.KeyDelimiter, StringComparison.Ordinal), (string?)e.Value);
         }
     }
 

@@ -228,8 +228,12 @@ public sealed class TrainingSection
     public int LossChunkTokens { get; set; } = 256;
     /// <summary>Stop after this many consecutive steps with a non-finite loss or gradient.</summary>
     public int MaxConsecutiveBadSteps { get; set; } = 5;
-    /// <summary>CPU threads for libtorch (0: libtorch's default).</summary>
+    /// <summary>CPU threads for libtorch (0: libtorch's default; under MPI, the cores divided among the ranks on the machine).</summary>
     public int Threads { get; set; }
+    /// <summary>auto: data-parallel over MPI when started by an MPI launcher (mpirun, srun) with more than one rank; off: one process.</summary>
+    public string DataParallel { get; set; } = "auto";
+    /// <summary>Seconds a collective waits for the slowest rank before the job stops with an error naming the missing rank.</summary>
+    public int CollectiveTimeoutSeconds { get; set; } = 600;
 
     internal void Validate(List<string> e)
     {
@@ -248,6 +252,8 @@ public sealed class TrainingSection
         TrainJob.Check(e, LossChunkTokens is >= 1 and <= 1 << 20, "Training:LossChunkTokens", LossChunkTokens, "an integer from 1 to 1048576");
         TrainJob.Check(e, MaxConsecutiveBadSteps >= 1, "Training:MaxConsecutiveBadSteps", MaxConsecutiveBadSteps, "a positive integer");
         TrainJob.Check(e, Threads is >= 0 and <= 1024, "Training:Threads", Threads, "0 (default) or a thread count");
+        TrainJob.OneOf(e, "Training:DataParallel", DataParallel, "auto", "off");
+        TrainJob.Check(e, CollectiveTimeoutSeconds is >= 1 and <= 86400, "Training:CollectiveTimeoutSeconds", CollectiveTimeoutSeconds, "an integer from 1 to 86400");
     }
 }
 

@@ -30,7 +30,11 @@ public sealed class TrainingRun
     /// <summary>The result of a run.</summary>
     /// <param name="Summary">The figures.</param>
     /// <param name="State">Final trainer state (history included).</param>
-    public sealed record Result(TrainSummary Summary, TrainerState State);
+    public sealed record Result(TrainSummary Summary, TrainerState State)
+    {
+        /// <summary>This process's rank in a data-parallel run (0 otherwise); only rank 0 wrote the output folder.</summary>
+        public int Rank { get; init; }
+    }
 
     /// <summary>Files the run owns in its output folder (replaced when Output:Overwrite starts afresh).</summary>
     public static readonly IReadOnlyList<string> OutputFiles =
@@ -43,6 +47,8 @@ public sealed class TrainingRun
     readonly RunOptions _run;
     readonly string _out;
     TrainerState _state = new();
+    DataParallel _ranks = DataParallel.Single();
+    bool _stopAgreed;
 
     TrainingRun(TrainJob job, RunOptions run)
     {
@@ -51,7 +57,10 @@ public sealed class TrainingRun
         _out = job.Output.Dir!;
     }
 
-    void Log(string line) => _run.Log?.Invoke(line);
+    void Log(string line)
+    {
+        if (_ranks.IsRoot) _run.Log?.Invoke(line);
+    }
 
     /// <summary>Runs <paramref name="job"/> (already validated by <see cref="JobConfiguration"/>).</summary>
     public static Result Run(TrainJob job, RunOptions? run = null)
@@ -64,6 +73,8 @@ public sealed class TrainingRun
     Result Execute()
     {
         var wall = Stopwatch.StartNew();
+        using var ranks = _ranks = DataParallel.Start(_job.Training.DataParallel, TimeSpan.FromSeconds(_job.Training.CollectiveTimeoutSeconds));
+        if (ranks.Check(_job.Training.GradientAccumulationSteps) is { } rankProblem) throw new InvalidOperationException(rankProblem);
         using var sampler = new PeakMemorySampler();
         var checkpoints = new TrainingCheckpoints(Path.Combine(_out, CheckpointsFolder), _job.Output.KeepLast);
         var modelPath = _job.Model.Path!;
@@ -80,11 +91,13 @@ public sealed class TrainingRun
                 $"(largest parts: {string.Join(", ", largest)}); {fixes}. Nothing was loaded; see qlora plan for the full table.");
         }
 
-        string? resumeFrom = PrepareOutput(checkpoints);
+        if (ranks.Enabled) Log(DataParallelPlan.Describe(config, plan.Options, plan, _job.Training.GradientAccumulationSteps, ranks.WorldSize, ranks.Collectives.Description));
+        string? resumeFrom = ranks.OnRoot(() => PrepareOutput(checkpoints), "preparing the output folder");
 
         var t = _job.Training;
-        if (t.Threads > 0) set_num_threads(t.Threads);
-        manual_seed(t.Seed);
+        int threads = t.Threads > 0 ? t.Threads : ranks.DefaultThreads;
+        if (threads > 0) set_num_threads(threads);
+        manual_seed(ranks.RankSeed(t.Seed));
         using var tokenizer = HfTokenizer.Load(modelPath);
         var template = ChooseTemplate(tokenizer);
         var data = PrepareData(tokenizer, template);
@@ -117,7 +130,7 @@ public sealed class TrainingRun
         int totalSteps = t.MaxSteps > 0 ? t.MaxSteps
             : Math.Max(1, (int)Math.Ceiling(t.Epochs * schedule.BatchesPerEpoch / t.GradientAccumulationSteps));
         var lr = new LearningRateSchedule(t.Scheduler, t.WarmupSteps, totalSteps, t.MinLearningRateRatio);
-        var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, PadId, Log);
+        var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, PadId, Log, ranks);
 
         int? resumedFrom = null;
         if (resumeFrom is not null)
@@ -125,14 +138,17 @@ public sealed class TrainingRun
             PeftAdapter.LoadWeights(model, resumeFrom, names);
             optimizer.Load(Path.Combine(resumeFrom, OptimizerFile));
             _state = TrainerState.Load(Path.Combine(resumeFrom, TrainerState.FileName));
-            if (_state.RngState is { } rng) using (var saved = tensor(Convert.FromBase64String(rng), ScalarType.Byte)) random.set_rng_state(saved);
+            if (RankRngState() is { } rng) using (var saved = tensor(Convert.FromBase64String(rng), ScalarType.Byte)) random.set_rng_state(saved);
             resumedFrom = _state.Step;
             Log($"resumed from {resumeFrom} at step {_state.Step} (epoch {_state.Epoch}, batch {_state.BatchIndex})");
         }
         else
         {
-            Directory.CreateDirectory(_out);
-            AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
+            if (ranks.IsRoot)
+            {
+                Directory.CreateDirectory(_out);
+                AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
+            }
             if (_job.Eval.ExactMatch) _state.ExactMatchBefore = evaluator.ExactMatch("before training");
         }
 
@@ -142,11 +158,11 @@ public sealed class TrainingRun
         var epochBatches = schedule.Epoch(_state.Epoch);
         var stepTimer = new Stopwatch();
         bool interrupted = false;
-        using (var trainLog = new StreamWriter(Path.Combine(_out, "train_log.jsonl"), append: resumeFrom is not null))
+        using (var trainLog = ranks.IsRoot ? new StreamWriter(Path.Combine(_out, "train_log.jsonl"), append: resumeFrom is not null) : new StreamWriter(Stream.Null))
         {
             while (_state.Step < totalSteps)
             {
-                if (_run.Cancellation.IsCancellationRequested) { interrupted = true; break; }
+                if (ranks.Enabled ? _stopAgreed : _run.Cancellation.IsCancellationRequested) { interrupted = true; break; }
                 stepTimer.Restart();
                 var rows = new List<IReadOnlyList<TokenRow>>();
                 for (int m = 0; m < t.GradientAccumulationSteps; m++)
@@ -179,7 +195,7 @@ public sealed class TrainingRun
                 else _state.ConsecutiveBadSteps = 0;
                 double tps = _state.TokensSeen / Math.Max(_state.TrainSeconds, 1e-9);
                 double perStep = _state.TrainSeconds / Math.Max(1, _state.Step - (resumedFrom ?? 0));
-                _run.Progress?.Invoke(new TrainProgress(_state.Step, totalSteps, record.Loss, record.LearningRate, tps,
+                if (ranks.IsRoot) _run.Progress?.Invoke(new TrainProgress(_state.Step, totalSteps, record.Loss, record.LearningRate, tps,
                     TimeSpan.FromSeconds(_state.TrainSeconds), TimeSpan.FromSeconds(perStep * (totalSteps - _state.Step)), sampler.Sample()));
                 if (_job.Eval.EveryNSteps > 0 && _state.Step % _job.Eval.EveryNSteps == 0 && _state.Step < totalSteps)
                     _state.EvalHistory.Add(evaluator.Evaluate(_state.Step, exactMatch: false));
@@ -203,16 +219,18 @@ public sealed class TrainingRun
             var final = evaluator.Evaluate(_state.Step, _job.Eval.ExactMatch);
             if (final.Loss is not double.NaN) _state.EvalHistory.Add(final);
             lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
-            PeftAdapter.Save(model, lora, _out, baseModel: modelPath);
+            ranks.OnRoot(() => { PeftAdapter.Save(model, lora, _out, baseModel: modelPath); return null; }, "writing the adapter");
             summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, double.IsNaN(final.Loss) ? null : final.Loss, final.ExactMatch, interrupted: false);
         }
-        AtomicFile.WriteAllBytes(Path.Combine(_out, "run_summary.json"), System.Text.Encoding.UTF8.GetBytes(summary.ToJson()));
-        return new Result(summary, _state);
+        ranks.OnRoot(() => { AtomicFile.WriteAllBytes(Path.Combine(_out, "run_summary.json"), System.Text.Encoding.UTF8.GetBytes(summary.ToJson())); return null; }, "writing run_summary.json");
+        ranks.Finish();
+        return new Result(summary, _state) { Rank = ranks.Rank };
     }
 
     StepRecord Step(LlamaForCausalLM model, BnbAdamW optimizer, List<IReadOnlyList<TokenRow>> microBatches, double lrFactor, TrainingSection t)
     {
-        var (lossSum, total, tokens) = Backward(model, microBatches, PadId);
+        var (lossSum, total, tokens) = Backward(model, microBatches, PadId, _ranks.Shard(microBatches));
+        (lossSum, _stopAgreed) = _ranks.ReduceGradients([.. optimizer.Parameters.Select(x => x.Parameter)], lossSum, _run.Cancellation.IsCancellationRequested, _state.Step + 1);
         double loss = total > 0 ? lossSum / total : double.NaN;
         double norm = GradNorm(optimizer);
         double rate = t.LearningRate * lrFactor;
@@ -243,15 +261,18 @@ public sealed class TrainingRun
     /// Forward and backward over the micro-batches of one optimizer step. The step's loss is the mean over every target
     /// token of all its micro-batches (not the mean of micro-batch means): each micro-batch's summed loss is divided by
     /// the step's total target count before backward, so the accumulated gradients are that mean's gradient.
-    /// Returns the summed loss, the target count and the tokens processed.
+    /// In data-parallel training a rank runs only <paramref name="mine"/>, its share of the step's micro-batches, still
+    /// normalised by the whole step's target count. Returns the summed loss (of the micro-batches run), the step's
+    /// target count and the step's tokens.
     /// </summary>
-    internal static (double LossSum, long Targets, long Tokens) Backward(LlamaForCausalLM model, IReadOnlyList<IReadOnlyList<TokenRow>> microBatches, int padId)
+    internal static (double LossSum, long Targets, long Tokens) Backward(LlamaForCausalLM model, IReadOnlyList<IReadOnlyList<TokenRow>> microBatches, int padId,
+        IReadOnlyList<IReadOnlyList<TokenRow>>? mine = null)
     {
         long total = microBatches.Sum(rows => rows.Sum(r => (long)r.ShiftedTargetCount));
         long tokens = microBatches.Sum(rows => rows.Sum(r => (long)r.InputIds.Length));
         double lossSum = 0;
         if (total == 0) return (0, 0, tokens);
-        foreach (var rows in microBatches)
+        foreach (var rows in mine ?? microBatches)
         {
             using var scope = NewDisposeScope();
             using var batch = MicroBatch.Create(rows, padId);
@@ -280,14 +301,29 @@ public sealed class TrainingRun
     string SaveCheckpoint(TrainingCheckpoints checkpoints, LlamaForCausalLM model, LoraOptions lora, BnbAdamW optimizer)
     {
         using (var rng = random.get_rng_state()) _state.RngState = Convert.ToBase64String(rng.bytes.ToArray());
-        var path = checkpoints.Save(_state.Step, dir =>
+        if (_ranks.Enabled)
+        {
+            _state.RankRngStates = [.. _ranks.AllGather(_state.RngState, $"the random states of checkpoint {_state.Step}")];
+            _state.RngState = _state.RankRngStates[0];
+        }
+        // Every rank is here, at the same step; rank 0 writes, and every rank learns whether the checkpoint was written.
+        var path = _ranks.OnRoot(() => checkpoints.Save(_state.Step, dir =>
         {
             PeftAdapter.Save(model, lora, dir, baseModel: _job.Model.Path);
             optimizer.Save(Path.Combine(dir, OptimizerFile));
             AtomicFile.WriteAllBytes(Path.Combine(dir, TrainerState.FileName), System.Text.Encoding.UTF8.GetBytes(_state.ToJson()));
-        });
+        }), $"writing checkpoint {_state.Step}")!;
         Log($"checkpoint {path}");
         return path;
+    }
+
+    /// <summary>The random state this rank resumes with: its own when the checkpoint has one per rank for this many ranks, else rank 0's.</summary>
+    string? RankRngState()
+    {
+        if (_state.RankRngStates is { } all && all.Count == _ranks.WorldSize) return all[_ranks.Rank];
+        if (_ranks.Enabled || _state.RankRngStates is not null)
+            Log($"the checkpoint was written by {_state.RankRngStates?.Count ?? 1} rank(s) and resumes on {_ranks.WorldSize}: data and weights continue exactly, dropout masks do not");
+        return _state.RngState;
     }
 
     /// <summary>Chooses the checkpoint to resume from, or makes the output folder ready for a fresh run.</summary>
