@@ -42,6 +42,8 @@ internal static class QuantizeVerb
             string outPath = r.GetValue(output) ?? job.Output ?? throw new ArgumentException("--output is required (or set Quantize:Output in the job file)");
             bool replace = r.GetValue(overwrite) ?? job.Overwrite ?? false;
 
+            if (File.Exists(inPath) || Directory.Exists(inPath)) PathOverlap.Refuse("--output", outPath, ("--input", inPath));
+            StagedFolder.CleanLeftoversBeside(outPath, stdout.WriteLine);
             var sw = Stopwatch.StartNew();
             CheckpointQuantizer.Report report;
             if (Directory.Exists(inPath)) report = CheckpointQuantizer.QuantizeFolder(inPath, outPath, options, stdout.WriteLine, replace);

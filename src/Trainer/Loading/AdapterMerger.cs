@@ -21,6 +21,7 @@ public static class AdapterMerger
     public static Report Merge(string baseFolder, string adapterFolder, string outputFolder, FloatType dtype = FloatType.BFloat16,
         bool quantize = false, bool overwrite = false, Action<string>? log = null, long maxShardBytes = ShardedSafetensorsWriter.DefaultMaxShardBytes)
     {
+        PathOverlap.Refuse("output", outputFolder, ("base", baseFolder), ("adapter", adapterFolder));
         var configPath = Path.Combine(baseFolder, "config.json");
         if (!File.Exists(configPath)) throw new FileNotFoundException($"{baseFolder}: no config.json, so not a Hugging Face model folder", configPath);
         LlamaConfig.Load(configPath); // refuses unsupported architectures and inconsistent shapes up front

@@ -32,11 +32,6 @@ public sealed class TrainingRun
     /// <param name="State">Final trainer state (history included).</param>
     public sealed record Result(TrainSummary Summary, TrainerState State);
 
-    /// <summary>Files the run owns in its output folder (replaced when Output:Overwrite starts afresh).</summary>
-    public static readonly IReadOnlyList<string> OutputFiles =
-        ["job.json", "run_summary.json", "train_log.jsonl", "loss.png", PeftAdapter.ConfigFile, PeftAdapter.WeightsFile];
-
-    const string CheckpointsFolder = "checkpoints";
     const string OptimizerFile = "optimizer.safetensors";
 
     readonly TrainJob _job;
@@ -65,9 +60,10 @@ public sealed class TrainingRun
     {
         var wall = Stopwatch.StartNew();
         using var sampler = new PeakMemorySampler();
-        var checkpoints = new TrainingCheckpoints(Path.Combine(_out, CheckpointsFolder), _job.Output.KeepLast);
+        var output = new RunOutputFolder(_out);
+        var checkpoints = new TrainingCheckpoints(output.CheckpointsDir, _job.Output.KeepLast);
         var modelPath = _job.Model.Path!;
-        if (!Directory.Exists(modelPath)) throw new DirectoryNotFoundException($"Model:Path {modelPath} does not exist; point it at a Hugging Face model folder");
+        InputPaths.RequireFolder("Model:Path", modelPath, "a Hugging Face model folder");
         var config = LlamaConfig.Load(Path.Combine(modelPath, "config.json"));
         var plan = MemoryPlanner.Plan(config, PlanOptionsOf(_job));
         Log($"memory plan: peak {ByteSize.Format(plan.PeakBytes)} ({plan.PeakPhase})" + (plan.BudgetBytes is long b ? $" of the {ByteSize.Format(b)} budget" : ""));
@@ -80,7 +76,18 @@ public sealed class TrainingRun
                 $"(largest parts: {string.Join(", ", largest)}); {fixes}. Nothing was loaded; see qlora plan for the full table.");
         }
 
-        string? resumeFrom = PrepareOutput(checkpoints);
+        if (plan.BudgetBytes is null && AvailableMemory.Bytes() is long available && plan.PeakBytes > available)
+            throw new InvalidOperationException($"the job is planned to peak at {ByteSize.Format(plan.PeakBytes)}, more than the {ByteSize.Format(available)} this machine has available now; " +
+                "lower Data:MaxSeqLength or Training:MicroBatchSize (qlora plan shows the parts), or set Memory:Budget to run it anyway. Nothing was loaded.");
+        if (_job.Data.MaxSeqLength > config.MaxPositionEmbeddings)
+            throw new InvalidOperationException($"Data:MaxSeqLength {_job.Data.MaxSeqLength} is longer than the model's max_position_embeddings {config.MaxPositionEmbeddings} " +
+                $"({Path.Combine(modelPath, "config.json")}); positions beyond it were never trained. Set Data:MaxSeqLength to at most {config.MaxPositionEmbeddings}. Nothing was loaded.");
+
+        // The folder has one writer; leftovers of an interrupted run are cleaned up. Nothing of a previous run is
+        // moved before every input has been read and checked below.
+        using var owner = OutputFolderLock.Acquire(_out, "Output:Dir", Log);
+        output.Recover(Log);
+        string? resumeFrom = ChooseResume(checkpoints, output);
 
         var t = _job.Training;
         if (t.Threads > 0) set_num_threads(t.Threads);
@@ -120,6 +127,14 @@ public sealed class TrainingRun
         var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, PadId, Log);
 
         int? resumedFrom = null;
+        bool previousAside = false;
+        if (resumeFrom is null && output.HoldsRun())
+        {
+            output.SetPreviousRunAside(Log);
+            previousAside = true;
+        }
+        try
+        {
         if (resumeFrom is not null)
         {
             PeftAdapter.LoadWeights(model, resumeFrom, names);
@@ -128,10 +143,17 @@ public sealed class TrainingRun
             if (_state.RngState is { } rng) using (var saved = tensor(Convert.FromBase64String(rng), ScalarType.Byte)) random.set_rng_state(saved);
             resumedFrom = _state.Step;
             Log($"resumed from {resumeFrom} at step {_state.Step} (epoch {_state.Epoch}, batch {_state.BatchIndex})");
+            output.CutTrainLogAfter(_state.Step, Log);
+            if (!File.Exists(Path.Combine(_out, "job.json"))) AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
+            if (_state.Step >= totalSteps)
+            {
+                Log($"the run already finished at step {_state.Step} of {totalSteps}; nothing to do (raise Training:MaxSteps or Training:Epochs to train further)");
+                var last = _state.EvalHistory.LastOrDefault(e => e.Step == _state.Step);
+                return new Result(Summarize(wall, sampler, data, resumedFrom, resumeFrom, last?.Loss is double l && !double.IsNaN(l) ? l : null, last?.ExactMatch, interrupted: false), _state);
+            }
         }
         else
         {
-            Directory.CreateDirectory(_out);
             AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
             if (_job.Eval.ExactMatch) _state.ExactMatchBefore = evaluator.ExactMatch("before training");
         }
@@ -187,6 +209,7 @@ public sealed class TrainingRun
                 {
                     lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
                     lastSaved = _state.Step;
+                    if (previousAside) { output.DiscardPreviousRun(Log); previousAside = false; }
                 }
             }
         }
@@ -195,7 +218,9 @@ public sealed class TrainingRun
         if (interrupted)
         {
             if (_state.Step > lastSaved || lastCheckpoint is null && _state.Step > 0) lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
-            Log($"interrupted at step {_state.Step}; checkpoint {lastCheckpoint ?? "(none: no step was done)"}; continue with --resume latest");
+            Log(lastCheckpoint is null
+                ? "interrupted before the first step; nothing was trained or saved" + (previousAside ? " (the previous run's results are put back)" : "") + "; run the same command again to start"
+                : $"interrupted at step {_state.Step}; checkpoint {lastCheckpoint}; continue with --resume latest");
             summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, null, null, interrupted: true);
         }
         else
@@ -207,7 +232,13 @@ public sealed class TrainingRun
             summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, double.IsNaN(final.Loss) ? null : final.Loss, final.ExactMatch, interrupted: false);
         }
         AtomicFile.WriteAllBytes(Path.Combine(_out, "run_summary.json"), System.Text.Encoding.UTF8.GetBytes(summary.ToJson()));
+        if (previousAside && lastCheckpoint is not null) { output.DiscardPreviousRun(Log); previousAside = false; }
         return new Result(summary, _state);
+        }
+        finally
+        {
+            if (previousAside) output.RestorePreviousRun(Log); // ended (error, interrupt) before a checkpoint of its own
+        }
     }
 
     StepRecord Step(LlamaForCausalLM model, BnbAdamW optimizer, List<IReadOnlyList<TokenRow>> microBatches, double lrFactor, TrainingSection t)
@@ -290,8 +321,11 @@ public sealed class TrainingRun
         return path;
     }
 
-    /// <summary>Chooses the checkpoint to resume from, or makes the output folder ready for a fresh run.</summary>
-    string? PrepareOutput(TrainingCheckpoints checkpoints)
+    /// <summary>
+    /// The checkpoint to resume from (null for a fresh run). A fresh run into a folder that holds a previous run needs
+    /// Output:Overwrite; checked here, before anything is loaded, but nothing is moved yet.
+    /// </summary>
+    string? ChooseResume(TrainingCheckpoints checkpoints, RunOutputFolder output)
     {
         if (_run.Resume is { } resume)
         {
@@ -300,18 +334,13 @@ public sealed class TrainingRun
                 return checkpoints.Latest(Log) ?? throw new InvalidOperationException(
                     $"--resume latest: no complete checkpoint in {checkpoints.Folder}; start a fresh run without --resume");
             }
+            InputPaths.RequireFolder("--resume", resume, "a checkpoint folder (or 'latest')");
             var problem = TrainingCheckpoints.Verify(resume);
             if (problem is not null) throw new InvalidDataException($"--resume {resume}: {problem}; use --resume latest to take the newest complete checkpoint");
             return Path.GetFullPath(resume);
         }
-        bool previous = Directory.Exists(checkpoints.Folder) || OutputFiles.Any(f => File.Exists(Path.Combine(_out, f)));
-        if (previous)
-        {
-            if (!_job.Output.Overwrite)
-                throw new IOException($"Output:Dir {_out} holds a previous run; continue it with --resume latest, or start afresh with --Output:Overwrite true (its results and checkpoints are replaced)");
-            if (Directory.Exists(checkpoints.Folder)) Directory.Delete(checkpoints.Folder, recursive: true);
-            foreach (var f in OutputFiles) File.Delete(Path.Combine(_out, f));
-        }
+        if (output.HoldsRun() && !_job.Output.Overwrite)
+            throw new IOException($"Output:Dir {_out} holds a previous run; continue it with --resume latest, or start afresh with --Output:Overwrite true (its results are kept aside until the new run's first checkpoint)");
         return null;
     }
 
@@ -340,6 +369,8 @@ public sealed class TrainingRun
             "text" => SampleFormat.Text, "instruction" => SampleFormat.Instruction, "chat" => SampleFormat.Chat, _ => null,
         };
         bool skip = d.MalformedLines.Equals("skip", StringComparison.OrdinalIgnoreCase);
+        InputPaths.RequireFile("Data:TrainFile", d.TrainFile!, "a JSONL file");
+        if (d.EvalFile is { } ef) InputPaths.RequireFile("Data:EvalFile", ef, "a JSONL file");
         var train = JsonlDataset.Read(d.TrainFile!, format, skip);
         var trainSamples = train.Samples.ToList();
         var evalSamples = new List<TrainingSample>();
