@@ -371,14 +371,16 @@ public sealed class TrainingRun
         bool skip = d.MalformedLines.Equals("skip", StringComparison.OrdinalIgnoreCase);
         InputPaths.RequireFile("Data:TrainFile", d.TrainFile!, "a JSONL file");
         if (d.EvalFile is { } ef) InputPaths.RequireFile("Data:EvalFile", ef, "a JSONL file");
-        var train = JsonlDataset.Read(d.TrainFile!, format, skip);
+        // A line may hold at most 64 bytes of text per token of a row (at least 1 MiB): what one line costs stays bounded.
+        int maxLineBytes = (int)Math.Clamp(64L * d.MaxSeqLength, JsonlDataset.DefaultMaxLineBytes, int.MaxValue);
+        var train = JsonlDataset.Read(d.TrainFile!, format, skip, maxLineBytes);
         var trainSamples = train.Samples.ToList();
         var evalSamples = new List<TrainingSample>();
         int skipped = train.SkippedLines;
         if (train.FirstSkipped is { } firstBad) Log($"skipped {train.SkippedLines} malformed line(s) in {d.TrainFile}; first: {firstBad}");
         if (d.EvalFile is { } evalFile)
         {
-            var eval = JsonlDataset.Read(evalFile, format, skip);
+            var eval = JsonlDataset.Read(evalFile, format, skip, maxLineBytes);
             evalSamples = [.. eval.Samples];
             skipped += eval.SkippedLines;
             if (eval.FirstSkipped is { } firstEvalBad) Log($"skipped {eval.SkippedLines} malformed line(s) in {evalFile}; first: {firstEvalBad}");

@@ -1,0 +1,299 @@
+using System.Diagnostics;
+using System.Security.Cryptography;
+using System.Text.Json;
+using QLora.Quant;
+using QLora.Trainer;
+
+namespace QLora.Cli.Tests;
+
+/// <summary>
+/// Hostile inputs by class (docs/reliability.md counts them): each class has one mechanism, tried here on several cases.
+/// Every case checks the three promises: one line on stderr, exit code 1, and nothing on disk changed.
+/// </summary>
+public class ReliabilityTests
+{
+    static string RepoRoot()
+    {
+        var dir = new DirectoryInfo(AppContext.BaseDirectory);
+        while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "QLora.sln"))) dir = dir.Parent;
+        return dir?.FullName ?? throw new InvalidOperationException("QLora.sln not found above the test binaries");
+    }
+
+    static string Job => Path.Combine(RepoRoot(), "appsettings.json");
+
+    /// <summary>Every file under <paramref name="dir"/> with its SHA-256 (the "nothing changed" oracle).</summary>
+    static SortedDictionary<string, string> Snapshot(string dir) => new(Directory.EnumerateFiles(dir, "*", SearchOption.AllDirectories)
+        .ToDictionary(f => Path.GetRelativePath(dir, f), f => Convert.ToHexString(SHA256.HashData(File.ReadAllBytes(f)))), StringComparer.Ordinal);
+
+    /// <summary>A folder that looks like a finished run (its files are the run's own names) plus a user's own file.</summary>
+    static void WriteFinishedRun(string dir)
+    {
+        Directory.CreateDirectory(Path.Combine(dir, "checkpoints", "checkpoint-000004"));
+        foreach (var f in RunOutputFolder.RunFiles) File.WriteAllText(Path.Combine(dir, f), "previous " + f);
+        File.WriteAllText(Path.Combine(dir, "checkpoints", "checkpoint-000004", "adapter_model.safetensors"), "previous checkpoint");
+        File.WriteAllText(Path.Combine(dir, "checkpoints", "my-notes.txt"), "the user's file");
+        File.WriteAllText(Path.Combine(dir, "README-user.md"), "the user's file");
+    }
+
+    static void AssertOneLineFailure(CliRunner.Result r, string expected)
+    {
+        Assert.True(r.ExitCode == 1, $"exit {r.ExitCode}: {r.Stderr}{r.Stdout}");
+        Assert.Single(r.Stderr.TrimEnd().Split('\n'));
+        Assert.Contains(expected, r.Stderr);
+        Assert.DoesNotContain("   at ", r.Stderr + r.Stdout);
+    }
+
+    // ---- Data loss: a fresh run with Output:Overwrite never loses the previous run to a bad input ----
+
+    [Fact]
+    public void ABadInputLeavesThePreviousRunUntouchedEvenWithOverwrite()
+    {
+        using var tmp = new TempDir();
+        var model = Path.Combine(RepoRoot(), "models", "tiny-llama-base");
+        string BadModel(string name, Action<string> damage)
+        {
+            var dir = tmp[name];
+            Directory.CreateDirectory(dir);
+            foreach (var f in Directory.GetFiles(model)) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+            damage(dir);
+            return dir;
+        }
+        File.WriteAllText(tmp["malformed.jsonl"], "{\"text\": \"fine\"}\n{\"text\": \n");
+        File.WriteAllBytes(tmp["latin1.jsonl"], [.. "{\"text\": \"caf"u8, 0xE9, .. "\"}\n"u8]);
+        File.WriteAllBytes(tmp["long.jsonl"], [.. "{\"text\": \""u8, .. Enumerable.Repeat((byte)'a', 2 << 20), .. "\"}\n"u8]);
+        Directory.CreateDirectory(tmp["folder.jsonl"]);
+        var cases = new (string Name, string[] Args, string Expected)[]
+        {
+            ("malformed JSONL line", ["--Data:TrainFile", tmp["malformed.jsonl"]], "malformed.jsonl:2"),
+            ("invalid UTF-8", ["--Data:TrainFile", tmp["latin1.jsonl"]], "latin1.jsonl:1: not valid UTF-8"),
+            ("a 2 MiB line", ["--Data:TrainFile", tmp["long.jsonl"]], "long.jsonl:1: the line is longer than"),
+            ("a folder as the data file", ["--Data:TrainFile", tmp["folder.jsonl"]], "is a folder"),
+            ("missing eval file", ["--Data:EvalFile", tmp["none.jsonl"]], "none.jsonl does not exist"),
+            ("garbage tokenizer.json", ["--Model:Path", BadModel("badtok", d => File.WriteAllText(Path.Combine(d, "tokenizer.json"), "{ garbage"))], "tokenizer"),
+            ("truncated model.safetensors", ["--Model:Path", BadModel("trunc", d =>
+            {
+                var p = Path.Combine(d, "model.safetensors");
+                var bytes = File.ReadAllBytes(p);
+                File.WriteAllBytes(p, bytes[..(bytes.Length / 2)]);
+            })], "model.safetensors"),
+            ("a file as the model folder", ["--Model:Path", tmp["malformed.jsonl"]], "is a file"),
+            ("sequence beyond max_position_embeddings", ["--Data:MaxSeqLength", "65536", "--Memory:Budget", "1TB"], "max_position_embeddings 512"),
+        };
+        var output = tmp["out"];
+        WriteFinishedRun(output);
+        var before = Snapshot(output);
+        foreach (var (name, args, expected) in cases)
+        {
+            var r = CliRunner.Run(["train", "--config", Job, "--Output:Dir", output, "--Output:Overwrite", "true", "--Training:MaxSteps", "1", .. args]);
+            Assert.True(r.ExitCode == 1, $"{name}: exit {r.ExitCode} {r.Stderr}");
+            Assert.Single(r.Stderr.TrimEnd().Split('\n'));
+            Assert.Contains(expected, r.Stderr);
+            Assert.Equal(before, Snapshot(output)); // byte for byte, every file, after each case
+            Assert.False(Directory.Exists(Path.Combine(output, RunOutputFolder.PreviousRunFolder)), name);
+            Assert.False(File.Exists(Path.Combine(output, OutputFolderLock.FileName)), name);
+        }
+    }
+
+    [Fact]
+    public void AnOutputDirThatIsAFileIsRefusedBeforeLoadingAndLeftAlone()
+    {
+        using var tmp = new TempDir();
+        File.WriteAllText(tmp["taken"], "a user's file");
+        var r = CliRunner.Run("train", "--config", Job, "--Output:Dir", tmp["taken"], "--Output:Overwrite", "true");
+        AssertOneLineFailure(r, "is a file");
+        Assert.Equal("a user's file", File.ReadAllText(tmp["taken"]));
+    }
+
+    [Fact]
+    public void SetAsidePreviousRunIsRestoredWhenTheNewRunEndsWithoutACheckpointAndOnlyOwnFilesMove()
+    {
+        using var tmp = new TempDir();
+        var dir = tmp["run"];
+        WriteFinishedRun(dir);
+        var before = Snapshot(dir);
+        var folder = new RunOutputFolder(dir);
+        var log = new List<string>();
+        folder.SetPreviousRunAside(log.Add);
+        Assert.Equal(["README-user.md", Path.Combine("checkpoints", "my-notes.txt")], Directory.EnumerateFiles(dir, "*", SearchOption.AllDirectories)
+            .Select(f => Path.GetRelativePath(dir, f)).Where(f => !f.StartsWith(RunOutputFolder.PreviousRunFolder, StringComparison.Ordinal)).Order(StringComparer.Ordinal));
+        File.WriteAllText(Path.Combine(dir, "train_log.jsonl"), "new run's partial log"); // then killed: the next run recovers
+        folder.Recover(log.Add);
+        Assert.Equal(before, Snapshot(dir));
+        Assert.Contains(log, l => l.StartsWith("restored the previous run", StringComparison.Ordinal));
+
+        // Once the new run has a checkpoint, the set-aside run goes, and the user's files stay.
+        folder.SetPreviousRunAside(null);
+        new TrainingCheckpoints(folder.CheckpointsDir, 3).Save(1, d => File.WriteAllText(Path.Combine(d, "x"), "new"));
+        folder.Recover(log.Add);
+        Assert.False(Directory.Exists(Path.Combine(dir, RunOutputFolder.PreviousRunFolder)));
+        Assert.Equal("the user's file", File.ReadAllText(Path.Combine(dir, "checkpoints", "my-notes.txt")));
+        Assert.Equal("the user's file", File.ReadAllText(Path.Combine(dir, "README-user.md")));
+    }
+
+    // ---- Data loss: quantize and merge never write over, into or around their own input ----
+
+    [Fact]
+    public void QuantizeAndMergeRefuseAnOutputThatIsContainsOrLiesInsideAnInput()
+    {
+        using var tmp = new TempDir();
+        var model = tmp["model"];
+        TinyHfFolder.Write(model);
+        File.WriteAllText(Path.Combine(model, "config.json"), "{\"model_type\":\"llama\"}");
+        var link = tmp["link-to-model"];
+        Directory.CreateSymbolicLink(link, model);
+        var file = Path.Combine(model, "model.safetensors");
+        var before = Snapshot(tmp.Path);
+        var cases = new (string[] Args, string Expected)[]
+        {
+            (["quantize", "--input", model, "--output", model, "--overwrite", "true"], "is --input"),
+            (["quantize", "--input", model, "--output", model + "/", "--overwrite", "true"], "is --input"),
+            (["quantize", "--input", model, "--output", Path.Combine(model, "q4"), "--overwrite", "true"], "lies inside --input"),
+            (["quantize", "--input", model, "--output", tmp.Path, "--overwrite", "true"], "contains --input"),
+            (["quantize", "--input", model, "--output", link, "--overwrite", "true"], "is --input"),
+            (["quantize", "--input", link, "--output", Path.Combine(model, "sub"), "--overwrite", "true"], "lies inside --input"),
+            (["quantize", "--input", file, "--output", file, "--overwrite", "true"], "is --input"),
+            (["merge", "--base", model, "--adapter", model, "--output", model, "--overwrite"], "is --base"),
+            (["merge", "--base", model, "--adapter", tmp.Path, "--output", Path.Combine(tmp.Path, "merged"), "--overwrite"], "lies inside --adapter"),
+        };
+        foreach (var (args, expected) in cases)
+        {
+            var r = CliRunner.Run(args);
+            AssertOneLineFailure(r, expected);
+            Assert.Equal(before, Snapshot(tmp.Path));
+        }
+        Assert.Null(PathOverlap.Describe(model, model + "-bnb")); // a sibling with the same prefix is not inside
+    }
+
+    // ---- Ownership: one writer per output folder ----
+
+    [Fact]
+    public void ASecondWriterIsRefusedAndAStaleLockIsTakenOverWithALogLine()
+    {
+        using var tmp = new TempDir();
+        var dir = tmp["out"];
+        using (var held = OutputFolderLock.Acquire(dir))
+        {
+            var second = Assert.Throws<IOException>(() => OutputFolderLock.Acquire(dir));
+            Assert.Contains($"in use by process {Environment.ProcessId}", second.Message);
+            // Through the CLI, with a finished run inside: refused, nothing touched.
+            WriteFinishedRun(dir);
+            var before = Snapshot(dir);
+            var r = CliRunner.Run("train", "--config", Job, "--Output:Dir", dir, "--Output:Overwrite", "true");
+            AssertOneLineFailure(r, "is in use by process");
+            Assert.Equal(before, Snapshot(dir));
+        }
+        Assert.False(File.Exists(Path.Combine(dir, OutputFolderLock.FileName)));
+
+        // A lock left by a process that is gone (a real one that ran and exited), an unreadable lock, another host's.
+        using var gone = Process.Start(new ProcessStartInfo("true") { UseShellExecute = false })!;
+        gone.WaitForExit();
+        var stale = new OutputFolderLock.Owner(gone.Id, Environment.MachineName, DateTime.UtcNow, DateTime.UtcNow);
+        foreach (var content in new[] { JsonSerializer.Serialize(stale), "not json" })
+        {
+            File.WriteAllText(Path.Combine(dir, OutputFolderLock.FileName), content);
+            var log = new List<string>();
+            using (OutputFolderLock.Acquire(dir, log: log.Add)) Assert.Contains(log, l => l.StartsWith("took over", StringComparison.Ordinal));
+        }
+        // A recycled PID: alive, but started at another time than the lock records.
+        File.WriteAllText(Path.Combine(dir, OutputFolderLock.FileName), JsonSerializer.Serialize(
+            new OutputFolderLock.Owner(Environment.ProcessId, Environment.MachineName, DateTime.UtcNow.AddDays(-3), DateTime.UtcNow)));
+        using (OutputFolderLock.Acquire(dir)) { }
+        File.WriteAllText(Path.Combine(dir, OutputFolderLock.FileName), JsonSerializer.Serialize(stale with { Host = "another-host" }));
+        Assert.Contains("on host another-host", Assert.Throws<IOException>(() => OutputFolderLock.Acquire(dir)).Message);
+    }
+
+    // ---- Recovery: the project's own leftovers, and only those, are removed ----
+
+    [Fact]
+    public void LeftoversOfDeadWritersAreRemovedAndEverythingElseIsKept()
+    {
+        using var tmp = new TempDir();
+        using var gone = Process.Start(new ProcessStartInfo("true") { UseShellExecute = false })!;
+        gone.WaitForExit();
+        int dead = gone.Id, live = Environment.ProcessId;
+        string hex = new('a', 32);
+        var removable = new[] { $"checkpoint-000002.partial-{dead}-0123456", $"out.partial-{dead}-0123456.old", $".job.json.{dead}-{hex}.qlora-tmp" };
+        var kept = new[] { $"checkpoint-000003.partial-{live}-0123456", $".x.{live}-{hex}.qlora-tmp", "checkpoint-000001", "notes.partial", ".hidden.qlora-tmp.bak", "data.jsonl" };
+        foreach (var n in removable.Concat(kept))
+        {
+            if (n.Contains("checkpoint") || n.Contains("partial-")) Directory.CreateDirectory(tmp[n]);
+            else File.WriteAllText(tmp[n], "x");
+        }
+        var log = new List<string>();
+        var removed = WriteLeftovers.Clean(tmp.Path, folderIsOwned: false, log.Add);
+        Assert.Equal(removable.Order(StringComparer.Ordinal), removed.Select(Path.GetFileName).Order(StringComparer.Ordinal));
+        Assert.Equal(3, log.Count);
+        foreach (var n in kept) Assert.True(Path.Exists(tmp[n]), n);
+        // An old-style temporary file (no PID) is removed only from a folder the caller owns (holds the lock of).
+        File.WriteAllText(tmp[$".a.{hex}.qlora-tmp"], "x");
+        Assert.Empty(WriteLeftovers.Clean(tmp.Path, folderIsOwned: false));
+        Assert.Single(WriteLeftovers.Clean(tmp.Path, folderIsOwned: true), p => p.EndsWith(".qlora-tmp", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public void TheLogIsCutBackToTheCheckpointsStepOnResume()
+    {
+        using var tmp = new TempDir();
+        var folder = new RunOutputFolder(tmp.Path);
+        File.WriteAllLines(folder.TrainLogPath, [.. Enumerable.Range(1, 7).Select(i => $"{{\"Step\":{i},\"Loss\":1.5}}"), "{\"Step\":8,\"Lo"]);
+        folder.CutTrainLogAfter(4, null);
+        Assert.Equal([1, 2, 3, 4], File.ReadAllLines(folder.TrainLogPath).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("Step").GetInt32()));
+    }
+
+    // ---- Errors name their source ----
+
+    [Fact]
+    public void ConfigurationErrorsNameTheirSource()
+    {
+        using var tmp = new TempDir();
+        File.WriteAllText(tmp["bad.json"], "{\n  \"Model\": { \"Path\": \"x\" }\n  \"Data\": {}\n}\n");
+        AssertOneLineFailure(CliRunner.Run("train", "--config", tmp["bad.json"]), "not valid JSON at line 3, column 3");
+        File.WriteAllText(tmp["trail.json"], "{ \"Model\": { \"Path\": \"x\", } ");
+        AssertOneLineFailure(CliRunner.Run("train", "--config", tmp["trail.json"]), "not valid JSON at line 1");
+
+        // QLORA_ variables that are not job keys are not read as job keys; those that are, are named when wrong.
+        Environment.SetEnvironmentVariable("QLORA_HOME", "/opt/qlora");
+        Environment.SetEnvironmentVariable("QLORA_CUDART", "/nowhere/libcudart.so");
+        try
+        {
+            var job = JobConfiguration.LoadTrainJob(Job, ["--Data:EvalFile", ""]);
+            Assert.Null(job.Data.EvalFile); // "" unsets the job file's eval file
+            Assert.DoesNotContain(JobConfiguration.EnvironmentOverrides().Keys, k => k.Contains("HOME", StringComparison.Ordinal));
+            Environment.SetEnvironmentVariable("QLORA_Lora__Rnak", "8");
+            var e = Assert.Throws<FormatException>(() => JobConfiguration.LoadTrainJob(Job));
+            Assert.Contains("unknown key Lora:Rnak", e.Message);
+            Assert.Contains("QLORA_Lora__Rnak", e.Message);
+        }
+        finally
+        {
+            Environment.SetEnvironmentVariable("QLORA_HOME", null);
+            Environment.SetEnvironmentVariable("QLORA_CUDART", null);
+            Environment.SetEnvironmentVariable("QLORA_Lora__Rnak", null);
+        }
+    }
+
+    [Fact]
+    public void AnUnexpectedErrorIsOneLineWithTheDetailsInALogFile()
+    {
+        var err = new StringWriter();
+        int code = CliErrors.Report("qlora test", new NullReferenceException("boom"), err);
+        Assert.Equal(1, code);
+        var line = Assert.Single(err.ToString().TrimEnd().Split('\n'));
+        Assert.Contains("unexpected error (NullReferenceException): boom; details in ", line);
+        var log = line[(line.IndexOf("details in ", StringComparison.Ordinal) + "details in ".Length)..].Trim();
+        Assert.Contains("System.NullReferenceException: boom", File.ReadAllText(log));
+    }
+
+    [Theory]
+    [InlineData("65536")]
+    [InlineData("174000")]
+    [InlineData("1048576")]
+    public void HugeSequenceLengthsAreRefusedInOneLine(string length)
+    {
+        var r = CliRunner.Run("train", "--config", Job, "--Data:MaxSeqLength", length, "--Memory:Budget", "");
+        Assert.Equal(1, r.ExitCode);
+        Assert.Single(r.Stderr.TrimEnd().Split('\n'));
+        Assert.DoesNotContain("   at ", r.Stderr);
+        Assert.True(r.Stderr.Contains("available") || r.Stderr.Contains("max_position_embeddings"), r.Stderr);
+    }
+}
