@@ -21,6 +21,7 @@ public static class CheckpointQuantizer
         QuantTypes.ValidateBlocksize(options.Blocksize);
         PathOverlap.Refuse("output", output, ("input", input));
         using var reader = SafetensorsReader.Open(input);
+        NonFiniteValues.Check(input, reader.Tensors, n => reader.GetSpan(n), options.NonFinite, log, "pass --non-finite warn");
 
         // Pass 1: lay out the output. A quantized weight's entries depend only on its shape and, through the
         // quant-state JSON, on the double-quantization offset, which the cheap absmax pass gives.

@@ -251,25 +251,9 @@ public class ReliabilityTests
         File.WriteAllText(tmp["trail.json"], "{ \"Model\": { \"Path\": \"x\", } ");
         AssertOneLineFailure(CliRunner.Run("train", "--config", tmp["trail.json"]), "not valid JSON at line 1");
 
-        // QLORA_ variables that are not job keys are not read as job keys; those that are, are named when wrong.
-        Environment.SetEnvironmentVariable("QLORA_HOME", "/opt/qlora");
-        Environment.SetEnvironmentVariable("QLORA_CUDART", "/nowhere/libcudart.so");
-        try
-        {
-            var job = JobConfiguration.LoadTrainJob(Job, ["--Data:EvalFile", ""]);
-            Assert.Null(job.Data.EvalFile); // "" unsets the job file's eval file
-            Assert.DoesNotContain(JobConfiguration.EnvironmentOverrides().Keys, k => k.Contains("HOME", StringComparison.Ordinal));
-            Environment.SetEnvironmentVariable("QLORA_Lora__Rnak", "8");
-            var e = Assert.Throws<FormatException>(() => JobConfiguration.LoadTrainJob(Job));
-            Assert.Contains("unknown key Lora:Rnak", e.Message);
-            Assert.Contains("QLORA_Lora__Rnak", e.Message);
-        }
-        finally
-        {
-            Environment.SetEnvironmentVariable("QLORA_HOME", null);
-            Environment.SetEnvironmentVariable("QLORA_CUDART", null);
-            Environment.SetEnvironmentVariable("QLORA_Lora__Rnak", null);
-        }
+        // "" unsets an optional path of the job file (environment variables: JobConfigurationTests, which run serially).
+        Assert.Null(JobConfiguration.LoadTrainJob(Job, ["--Data:EvalFile", ""], environment: false).Data.EvalFile);
+        Assert.NotNull(JobConfiguration.LoadTrainJob(Job, environment: false).Data.EvalFile);
     }
 
     [Fact]
@@ -295,5 +279,97 @@ public class ReliabilityTests
         Assert.Single(r.Stderr.TrimEnd().Split('\n'));
         Assert.DoesNotContain("   at ", r.Stderr);
         Assert.True(r.Stderr.Contains("available") || r.Stderr.Contains("max_position_embeddings"), r.Stderr);
+    }
+
+    // ---- Wrong results accepted silently: adapters and base weights are checked in full before use ----
+
+    static readonly string[] Projections = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
+    static (long Out, long In) ShapeOf(string proj) => proj switch
+    {
+        "self_attn.k_proj" or "self_attn.v_proj" => (TinyHfFolder.Hidden / 2, TinyHfFolder.Hidden),
+        "mlp.gate_proj" or "mlp.up_proj" => (TinyHfFolder.Intermediate, TinyHfFolder.Hidden),
+        "mlp.down_proj" => (TinyHfFolder.Hidden, TinyHfFolder.Intermediate),
+        _ => (TinyHfFolder.Hidden, TinyHfFolder.Hidden),
+    };
+
+    /// <summary>A PEFT adapter for the TinyHfFolder base: config r = <paramref name="configRank"/>, tensors of <paramref name="tensorRank"/>.</summary>
+    static void WriteAdapter(string dir, int configRank, int tensorRank, Func<string, bool>? keep = null, Action<string, float[]>? damage = null)
+    {
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "adapter_config.json"), $$"""
+            {"peft_type": "LORA", "r": {{configRank}}, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+            """);
+        var rng = new Random(5);
+        var tensors = new List<(string, TensorDType, long[], byte[])>();
+        for (int l = 0; l < TinyHfFolder.Layers; l++)
+            foreach (var proj in Projections)
+            {
+                var (o, i) = ShapeOf(proj);
+                foreach (var (part, shape) in new[] { ("lora_A", new[] { tensorRank, i }), ("lora_B", new[] { o, (long)tensorRank }) })
+                {
+                    var key = $"base_model.model.model.layers.{l}.{proj}.{part}.weight";
+                    if (keep?.Invoke(key) == false) continue;
+                    var values = Enumerable.Range(0, (int)(shape[0] * shape[1])).Select(_ => (float)(rng.NextDouble() - 0.5) * 0.1f).ToArray();
+                    damage?.Invoke(key, values);
+                    var bytes = new byte[values.Length * 4];
+                    FloatTypes.FromFloat32(values, FloatType.Float32, bytes);
+                    tensors.Add((key, TensorDType.F32, shape, bytes));
+                }
+            }
+        SafetensorsWriter.WriteFile(Path.Combine(dir, "adapter_model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+    }
+
+    [Fact]
+    public void MergeChecksEveryAdapterTensorAndNamesTheBadOne()
+    {
+        using var tmp = new TempDir();
+        var model = tmp["base"];
+        TinyHfFolder.Write(model);
+        const string q1B = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight";
+        const string v0A = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight";
+        var cases = new (string Name, Action<string> Write, string Expected)[]
+        {
+            ("NaN", d => WriteAdapter(d, 8, 8, damage: (k, v) => { if (k == q1B) v[3] = float.NaN; }), $"{q1B} has 1 non-finite"),
+            ("Inf", d => WriteAdapter(d, 8, 8, damage: (k, v) => { if (k == v0A) { v[0] = float.PositiveInfinity; v[9] = float.NegativeInfinity; } }), $"{v0A} has 2 non-finite"),
+            ("rank 16 under r: 8", d => WriteAdapter(d, 8, 16), "r = 8"),
+            ("rank 4 under r: 8", d => WriteAdapter(d, 8, 4), "r = 8"),
+            ("a layer missing", d => WriteAdapter(d, 8, 8, keep: k => !k.Contains(".layers.1.", StringComparison.Ordinal)), "no base_model.model.model.layers.1."),
+            ("one B missing", d => WriteAdapter(d, 8, 8, keep: k => k != q1B), $"no {q1B}"),
+        };
+        foreach (var (name, write, expected) in cases)
+        {
+            var adapter = tmp["adapter-" + name.Replace(' ', '-').Replace(':', '-')];
+            write(adapter);
+            var r = CliRunner.Run("merge", "--base", model, "--adapter", adapter, "--output", tmp["merged"]);
+            Assert.True(r.ExitCode == 1, $"{name}: {r.Stderr}{r.Stdout}");
+            Assert.Single(r.Stderr.TrimEnd().Split('\n'));
+            Assert.Contains(expected, r.Stderr);
+            Assert.False(Directory.Exists(tmp["merged"]), name);
+        }
+        WriteAdapter(tmp["good"], 8, 8); // the same adapter, undamaged, merges
+        var ok = CliRunner.Run("merge", "--base", model, "--adapter", tmp["good"], "--output", tmp["merged"]);
+        Assert.True(ok.ExitCode == 0, ok.Stderr);
+        Assert.Contains($"{2 * 7} projections merged", ok.Stdout);
+    }
+
+    [Fact]
+    public void NonFiniteBaseWeightsAreRefusedOrWarnedAsTheUserChooses()
+    {
+        using var tmp = new TempDir();
+        var model = tmp["base"];
+        var tensors = TinyHfFolder.Write(model);
+        const string name = "model.layers.1.mlp.up_proj.weight";
+        var (dtype, shape, data) = tensors[name];
+        var bf16Nan = new byte[] { 0xC0, 0x7F }; // bfloat16 NaN, little-endian
+        foreach (var at in new[] { 0, 10, 200 }) bf16Nan.CopyTo(data, at * 2);
+        SafetensorsWriter.WriteFile(Path.Combine(model, "model.safetensors"), tensors.Select(kv => (kv.Key, kv.Value.DType, kv.Value.Shape, kv.Value.Data)), new Dictionary<string, string> { ["format"] = "pt" });
+        var stop = CliRunner.Run("quantize", "--input", model, "--output", tmp["q"]);
+        AssertOneLineFailure(stop, $"{name} has 3 non-finite values");
+        Assert.False(Directory.Exists(tmp["q"]));
+        var warn = CliRunner.Run("quantize", "--input", model, "--output", tmp["q"], "--non-finite", "warn");
+        Assert.True(warn.ExitCode == 0, warn.Stderr);
+        Assert.Contains($"warning: {Path.Combine(model, "model.safetensors")}: {name} has 3 non-finite values", warn.Stdout);
+        Assert.Equal(3, NonFiniteValues.Count(data, FloatType.BFloat16));
     }
 }

@@ -33,6 +33,11 @@ public static class AdapterMerger
         using var adapter = SafetensorsReader.Open(adapterPath);
         using var checkpoint = SafetensorsCheckpoint.Open(baseFolder);
         var weights = new SafetensorsModelWeights(checkpoint);
+        var projections = checkpoint.Tensors.Select(t => t.Name)
+            .Where(n => !BnbCheckpointLayout.IsAuxiliaryKey(n) && n.StartsWith("model.layers.", StringComparison.Ordinal) && n.EndsWith(".weight", StringComparison.Ordinal))
+            .Select(n => (Module: n[..^".weight".Length], Shape: weights.Shape(n))).Where(p => p.Shape.Length == 2)
+            .ToDictionary(p => p.Module, p => p.Shape, StringComparer.Ordinal);
+        AdapterCheck.Verify(adapterPath, options, projections); // every tensor, shape and value, before anything is written
 
         // Which weights get a delta: every module the adapter carries, checked against the base.
         var deltas = new Dictionary<string, string>(StringComparer.Ordinal); // weight key -> module

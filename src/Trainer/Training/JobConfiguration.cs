@@ -55,13 +55,12 @@ public static class JobConfiguration
     }
 
     /// <summary>
-    /// The job keys set through the environment: <c>QLORA_&lt;Section&gt;__&lt;Key&gt;</c> for a section of the training
-    /// job (<c>QLORA_Training__LearningRate</c>). Other <c>QLORA_</c> variables (<c>QLORA_HOME</c>, a tool's own
-    /// settings) are not job keys and are not read as such.
+    /// The job keys set through the environment: <c>QLORA_&lt;Section&gt;__&lt;Key&gt;</c> (<c>QLORA_Training__LearningRate</c>).
+    /// A <c>QLORA_</c> variable without a <c>__</c> (<c>QLORA_HOME</c>, <c>QLORA_CUDART</c>: a tool's own settings) is
+    /// not a job key and is not read as one; one of the key form with a misspelt section is read, so that it is reported.
     /// </summary>
     public static IReadOnlyDictionary<string, string?> EnvironmentOverrides()
     {
-        var sections = typeof(TrainJob).GetProperties(BindingFlags.Public | BindingFlags.Instance).Select(p => p.Name).ToHashSet(StringComparer.OrdinalIgnoreCase);
         var result = new Dictionary<string, string?>(StringComparer.OrdinalIgnoreCase);
         foreach (System.Collections.DictionaryEntry e in Environment.GetEnvironmentVariables())
         {
@@ -69,7 +68,7 @@ public static class JobConfiguration
             if (!name.StartsWith(EnvironmentPrefix, StringComparison.OrdinalIgnoreCase)) continue;
             var key = name[EnvironmentPrefix.Length..].Replace("__", ":", StringComparison.Ordinal);
             int colon = key.IndexOf(':', StringComparison.Ordinal);
-            if (colon <= 0 || !sections.Contains(key[..colon])) continue;
+            if (colon <= 0) continue;
             result[key] = (string?)e.Value;
         }
         return result;
@@ -105,15 +104,15 @@ public static class JobConfiguration
         TrainJob job;
         try { job = Bind<TrainJob>(config, Path.GetFullPath(jsonPath), OtherVerbSections); }
         catch (FormatException e) when (env.Count > 0) { throw new FormatException(e.Message + Sources(), e); }
+        // An empty value unsets an optional setting (--Data:EvalFile "" removes the job file's eval file).
+        if (string.IsNullOrWhiteSpace(job.Data.EvalFile)) job.Data.EvalFile = null;
+        if (string.IsNullOrWhiteSpace(job.Model.ChatTemplate)) job.Model.ChatTemplate = null;
         var problems = job.Validate();
         if (problems.Count > 0) throw new FormatException($"{Path.GetFullPath(jsonPath)}: {string.Join("; ", problems)}{Sources()}");
         var dir = Path.GetDirectoryName(Path.GetFullPath(jsonPath))!;
         job.Model.Path = Resolve(dir, job.Model.Path);
         job.Data.TrainFile = Resolve(dir, job.Data.TrainFile);
         job.Data.EvalFile = Resolve(dir, job.Data.EvalFile);
-        // An empty value unsets an optional setting (--Data:EvalFile "" removes the job file's eval file).
-        if (string.IsNullOrWhiteSpace(job.Data.EvalFile)) job.Data.EvalFile = null;
-        if (string.IsNullOrWhiteSpace(job.Model.ChatTemplate)) job.Model.ChatTemplate = null;
         job.Output.Dir = Resolve(dir, job.Output.Dir);
         return job;
     }

@@ -103,6 +103,7 @@ public sealed class TrainingRun
             Blocksize = _job.Quantization.Blocksize,
             QuantType = QuantTypes.Parse(_job.Quantization.QuantType),
             DoubleQuant = _job.Quantization.DoubleQuant,
+            NonFinite = NonFiniteValues.ParsePolicy(_job.Model.NonFiniteWeights),
         }, Log);
         tokenizer.EnsureMatchesEmbedding(model.Config.VocabSize);
         model.GradientCheckpointing = t.GradientCheckpointing;
