@@ -235,9 +235,9 @@ public class ReliabilityTests
     {
         using var tmp = new TempDir();
         var folder = new RunOutputFolder(tmp.Path);
-        File.WriteAllLines(folder.TrainLogPath, [.. Enumerable.Range(1, 7).Select(i => $"{{\"Step\":{i},\"Loss\":1.5}}"), "{\"Step\":8,\"Lo"]);
+        File.WriteAllLines(folder.TrainLogPath, [.. Enumerable.Range(1, 7).Select(i => $"{{\"step\":{i},\"loss\":1.5}}"), "{\"step\":8,\"lo"]);
         folder.CutTrainLogAfter(4, null);
-        Assert.Equal([1, 2, 3, 4], File.ReadAllLines(folder.TrainLogPath).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("Step").GetInt32()));
+        Assert.Equal([1, 2, 3, 4], File.ReadAllLines(folder.TrainLogPath).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("step").GetInt32()));
     }
 
     // ---- Errors name their source ----
@@ -371,5 +371,61 @@ public class ReliabilityTests
         Assert.True(warn.ExitCode == 0, warn.Stderr);
         Assert.Contains($"warning: {Path.Combine(model, "model.safetensors")}: {name} has 3 non-finite values", warn.Stdout);
         Assert.Equal(3, NonFiniteValues.Count(data, FloatType.BFloat16));
+    }
+
+    // ---- Kills and interrupts, on the real process ----
+
+    [SkippableFact]
+    public void CtrlCSavesASecondCtrlCAbortsWithItsOwnCodeAndAKilledRunsLockIsTakenOver()
+    {
+        Skip.IfNot(OperatingSystem.IsLinux() || OperatingSystem.IsMacOS(), "POSIX signals");
+        using var tmp = new TempDir();
+        var output = tmp["out"];
+        string[] Args(params string[] more) => ["train", "--config", Job, "--Output:Dir", output, "--Training:MaxSteps", "60",
+            "--Eval:ExactMatch", "false", "--Eval:EveryNSteps", "0", "--Data:EvalFile", "", "--Data:EvalFraction", "0", "--Output:SaveEveryNSteps", "0", .. more];
+        var timeout = TimeSpan.FromMinutes(4); // a loaded 2-core machine
+
+        // One Ctrl-C: the step ends, a checkpoint is saved, exit 130.
+        using (var p = new CliProcess(Args()))
+        {
+            Assert.True(p.WaitForOutput("step 1/", timeout), p.Stdout + p.Stderr);
+            p.Signal("INT");
+            Assert.Equal(TrainVerb.InterruptedExitCode, p.WaitForExit(timeout));
+            Assert.Contains("continue with --resume latest", p.Stdout);
+        }
+        var first = new TrainingCheckpoints(Path.Combine(output, "checkpoints"), 10).Latest();
+        Assert.NotNull(first);
+        Assert.False(File.Exists(Path.Combine(output, OutputFolderLock.FileName)));
+
+        // Two Ctrl-Cs: the second aborts without saving, with its own exit code; the lock is released even so.
+        using (var p = new CliProcess(Args("--resume", "latest")))
+        {
+            Assert.True(p.WaitForOutput("resumed from", timeout), p.Stdout + p.Stderr);
+            int at = p.Stdout.Length;
+            Assert.True(p.WaitForOutput("/60 loss", timeout, after: at), p.Stdout + p.Stderr); // a step of the resumed run
+            p.Signal("INT");
+            Thread.Sleep(200);
+            p.Signal("INT");
+            Assert.Equal(TrainVerb.AbortedExitCode, p.WaitForExit(timeout));
+            Assert.Contains("aborted by a second Ctrl-C", p.Stderr);
+        }
+        Assert.False(File.Exists(Path.Combine(output, OutputFolderLock.FileName)));
+
+        // kill -9 during a step: the lock stays behind, and the next run takes it over with a log line.
+        int killed;
+        using (var p = new CliProcess(Args("--resume", "latest")))
+        {
+            Assert.True(p.WaitForOutput("resumed from", timeout), p.Stdout + p.Stderr);
+            Assert.True(p.WaitForOutput("/60 loss", timeout, after: p.Stdout.Length), p.Stdout + p.Stderr);
+            killed = p.Id;
+            p.Signal("KILL");
+            p.WaitForExit(timeout);
+        }
+        Assert.Contains($"\"Pid\":{killed}", File.ReadAllText(Path.Combine(output, OutputFolderLock.FileName)));
+        var next = CliRunner.Run(Args("--resume", "latest", "--Data:TrainFile", tmp["missing.jsonl"]));
+        Assert.Contains($"process {killed} that held it", next.Stdout);
+        AssertOneLineFailure(next, "missing.jsonl does not exist");
+        Assert.False(File.Exists(Path.Combine(output, OutputFolderLock.FileName)));
+        Assert.Equal(first, new TrainingCheckpoints(Path.Combine(output, "checkpoints"), 10).Latest()); // no checkpoint lost
     }
 }

@@ -120,7 +120,7 @@ public sealed class RunOutputFolder(string dir)
         try
         {
             using var doc = System.Text.Json.JsonDocument.Parse(line);
-            return doc.RootElement.ValueKind == System.Text.Json.JsonValueKind.Object && doc.RootElement.TryGetProperty("Step", out var s)
+            return doc.RootElement.ValueKind == System.Text.Json.JsonValueKind.Object && doc.RootElement.TryGetProperty("step", out var s)
                 && s.TryGetInt32(out var v) ? v : null;
         }
         catch (System.Text.Json.JsonException) { return int.MaxValue; } // a torn last line written when the process was killed
