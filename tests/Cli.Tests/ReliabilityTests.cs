@@ -428,4 +428,20 @@ public class ReliabilityTests
         Assert.False(File.Exists(Path.Combine(output, OutputFolderLock.FileName)));
         Assert.Equal(first, new TrainingCheckpoints(Path.Combine(output, "checkpoints"), 10).Latest()); // no checkpoint lost
     }
+
+    [Fact]
+    public void GenerateStopsAtMaxPositionEmbeddingsWithAWarningAndRefusesALongerPrompt()
+    {
+        var model = Path.Combine(RepoRoot(), "models", "tiny-llama-base"); // max_position_embeddings 512
+        var words = new string('a', 500); // about a token per character with this tokenizer
+        var r = CliRunner.Run("generate", "--model", model, "--prompt", words, "--max-new-tokens", "100000");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var json = System.Text.Json.Nodes.JsonNode.Parse(r.LastLine)!;
+        int prompt = json["prompt_tokens"]!.GetValue<int>();
+        Assert.InRange(prompt, 2, 511);
+        Assert.Contains($"--max-new-tokens 100000 with a {prompt}-token prompt goes past the model's max_position_embeddings 512; generating at most {512 - prompt} tokens", r.Stdout);
+        Assert.True(json["new_tokens"]!.GetValue<int>() <= 512 - prompt);
+        var tooLong = CliRunner.Run("generate", "--model", model, "--prompt", string.Join(" ", Enumerable.Repeat("hello", 2000)));
+        AssertOneLineFailure(tooLong, "max_position_embeddings is 512");
+    }
 }
