@@ -64,14 +64,42 @@ public sealed class RunOutputFolder(string dir)
         else DiscardPreviousRun(log);
     }
 
-    /// <summary>Moves the previous run's own files and checkpoints into <see cref="PreviousRunFolder"/> (nothing is deleted).</summary>
-    public void SetPreviousRunAside(Action<string>? log)
+    /// <summary>
+    /// Moves the previous run's own files and checkpoints into <see cref="PreviousRunFolder"/> (nothing is deleted).
+    /// The returned handle deletes them on <see cref="SetAside.Discard"/> (the new run has a checkpoint) and otherwise
+    /// puts them back when disposed (the new run ended without one).
+    /// </summary>
+    public SetAside SetPreviousRunAside(Action<string>? log)
     {
         var entries = OwnEntries();
-        if (entries.Count == 0) return;
+        var handle = new SetAside(this, log);
+        if (entries.Count == 0) return handle;
         Directory.CreateDirectory(Path.Combine(Aside, CheckpointsFolderName));
         foreach (var e in entries) Move(Path.Combine(Dir, e), Path.Combine(Aside, e));
         log?.Invoke($"Output:Overwrite: the previous run's {entries.Count} files and checkpoints are kept in {Aside} until this run's first checkpoint");
+        return handle;
+    }
+
+    /// <summary>A previous run set aside: discarded once the new run has a checkpoint, else restored on dispose.</summary>
+    public sealed class SetAside(RunOutputFolder folder, Action<string>? log) : IDisposable
+    {
+        bool _settled;
+
+        /// <summary>Deletes the previous run (the new run now has a checkpoint of its own); later calls do nothing.</summary>
+        public void Discard()
+        {
+            if (_settled) return;
+            _settled = true;
+            folder.DiscardPreviousRun(log);
+        }
+
+        /// <summary>Puts the previous run back unless it was discarded.</summary>
+        public void Dispose()
+        {
+            if (_settled) return;
+            _settled = true;
+            folder.RestorePreviousRun(log);
+        }
     }
 
     /// <summary>Deletes the set-aside previous run (the new run has a checkpoint of its own).</summary>

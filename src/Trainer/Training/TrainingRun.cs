@@ -128,14 +128,9 @@ public sealed class TrainingRun
         var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, PadId, Log);
 
         int? resumedFrom = null;
-        bool previousAside = false;
-        if (resumeFrom is null && output.HoldsRun())
-        {
-            output.SetPreviousRunAside(Log);
-            previousAside = true;
-        }
-        try
-        {
+        // Everything is loaded and checked: a previous run is set aside now, and put back when this one ends without a
+        // checkpoint of its own (disposed on every path out, errors included).
+        using var previousRun = resumeFrom is null && output.HoldsRun() ? output.SetPreviousRunAside(Log) : null;
         if (resumeFrom is not null)
         {
             PeftAdapter.LoadWeights(model, resumeFrom, names);
@@ -210,7 +205,7 @@ public sealed class TrainingRun
                 {
                     lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
                     lastSaved = _state.Step;
-                    if (previousAside) { output.DiscardPreviousRun(Log); previousAside = false; }
+                    previousRun?.Discard();
                 }
             }
         }
@@ -220,7 +215,7 @@ public sealed class TrainingRun
         {
             if (_state.Step > lastSaved || lastCheckpoint is null && _state.Step > 0) lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
             Log(lastCheckpoint is null
-                ? "interrupted before the first step; nothing was trained or saved" + (previousAside ? " (the previous run's results are put back)" : "") + "; run the same command again to start"
+                ? "interrupted before the first step; nothing was trained or saved" + (previousRun is null ? "" : " (the previous run's results are put back)") + "; run the same command again to start"
                 : $"interrupted at step {_state.Step}; checkpoint {lastCheckpoint}; continue with --resume latest");
             summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, null, null, interrupted: true);
         }
@@ -233,13 +228,8 @@ public sealed class TrainingRun
             summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, double.IsNaN(final.Loss) ? null : final.Loss, final.ExactMatch, interrupted: false);
         }
         AtomicFile.WriteAllBytes(Path.Combine(_out, "run_summary.json"), System.Text.Encoding.UTF8.GetBytes(summary.ToJson()));
-        if (previousAside && lastCheckpoint is not null) { output.DiscardPreviousRun(Log); previousAside = false; }
+        if (lastCheckpoint is not null) previousRun?.Discard();
         return new Result(summary, _state);
-        }
-        finally
-        {
-            if (previousAside) output.RestorePreviousRun(Log); // ended (error, interrupt) before a checkpoint of its own
-        }
     }
 
     StepRecord Step(LlamaForCausalLM model, BnbAdamW optimizer, List<IReadOnlyList<TokenRow>> microBatches, double lrFactor, TrainingSection t)
