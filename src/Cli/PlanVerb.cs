@@ -21,9 +21,11 @@ internal static class PlanVerb
         var chunk = new Option<int>("--loss-chunk") { Description = "tokens per chunk of the fp32 loss", DefaultValueFactory = _ => d.LossChunkTokens };
         var noCheckpointing = new Option<bool>("--no-checkpointing") { Description = "keep every layer's activations instead of recomputing them" };
         var bits = new Option<int>("--optimizer-bits") { Description = "AdamW state: 32 or 8", DefaultValueFactory = _ => d.OptimizerBits };
+        var ranks = new Option<int>("--ranks") { Description = "data-parallel ranks (processes under mpirun/srun): adds the throughput model", DefaultValueFactory = _ => 1 };
+        var microBatches = new Option<int?>("--micro-batches") { Description = "micro-batches per optimizer step across all ranks (default: one per rank)" };
         var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
         {
-            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing,
+            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing, ranks, microBatches,
         };
         cmd.SetAction(r =>
         {
@@ -34,13 +36,18 @@ internal static class PlanVerb
                 SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), OptimizerBits = r.GetValue(bits),
                 LossChunkTokens = r.GetValue(chunk), GradientCheckpointing = !r.GetValue(noCheckpointing), LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
             };
+            int n = r.GetValue(ranks), steps = r.GetValue(microBatches) ?? n;
+            if (n < 1) throw new ArgumentException($"--ranks {n}: must be positive");
+            if (steps < n) throw new ArgumentException($"--micro-batches {steps}: every one of the {n} ranks needs at least one");
             var plan = MemoryPlanner.Plan(config, options);
+            var parallel = n > 1 ? DataParallelPlan.Of(config, options, plan, steps, n) : null;
             var c = plan.Config;
             stdout.WriteLine($"{name}: {c.NumHiddenLayers} layers, hidden {c.HiddenSize}, intermediate {c.IntermediateSize}, heads {c.NumAttentionHeads}/{c.NumKeyValueHeads}, vocab {c.VocabSize}");
             stdout.WriteLine($"job: {options.MicroBatch} x {options.SequenceLength} tokens, LoRA r={options.LoraRank} on {string.Join(", ", options.LoraTargets)}, " +
                 $"{(options.GradientCheckpointing ? "checkpointing" : "no checkpointing")}, {(options.PagedOptimizer ? "paged " : "")}{options.OptimizerBits}-bit AdamW, " +
                 $"loss chunk {options.LossChunkTokens}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}");
             stdout.WriteLine(plan.ToTable());
+            if (parallel is not null) stdout.WriteLine(DataParallelPlan.Describe(config, options, plan, steps, n, "MPI"));
             stdout.WriteLine(Json.Line(new
             {
                 plan = name,
@@ -52,6 +59,11 @@ internal static class PlanVerb
                 components = plan.Components.ToDictionary(x => x.Name, x => x.Bytes),
                 host = plan.HostComponents.ToDictionary(x => x.Name, x => x.Bytes),
                 suggestions = plan.Suggestions.Select(s => new { change = s.Change, peak_bytes = s.PeakBytes }).ToList(),
+                data_parallel = parallel is null ? null : new
+                {
+                    ranks = parallel.Ranks, micro_batches_per_rank = parallel.MicroBatchesPerRank, tokens_per_rank = parallel.TokensPerRank,
+                    gflop_per_rank = Math.Round(parallel.FlopsPerRank / 1e9, 3), allreduce_bytes = parallel.AllReduceBytes, ring_bytes_per_rank = parallel.RingBytesPerRank,
+                },
             }));
             return 0;
         });

@@ -9,7 +9,15 @@ public static class Program
     /// Runs one verb and returns the process exit code: 0 success, 1 failure (one line on stderr, details in a log
     /// file), 2 usage error; <c>qlora train</c> adds 130 (interrupted, checkpoint saved) and 3 (aborted by a second Ctrl-C).
     /// </summary>
-    public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
+    public static int Main(string[] args)
+    {
+        if (LibTorchStartup.Refusal(args) is { } refusal)
+        {
+            Console.Error.WriteLine($"qlora: {refusal}");
+            return 1;
+        }
+        return Run(args, Console.Out, Console.Error);
+    }
 
     /// <summary>Runs with explicit output streams (used by tests).</summary>
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
@@ -24,7 +32,14 @@ public static class Program
             GenerateVerb.Create(stdout),
             PlanVerb.Create(stdout),
             BenchVerb.Create(stdout),
+            DoctorVerb.Create(stdout),
         };
+        // Read before parsing by LibTorchStartup (a module initializer); declared here so every verb accepts it.
+        root.Options.Add(new Option<string>("--libtorch")
+        {
+            Description = "Folder of a libtorch to run on, e.g. a PyTorch installation's .../site-packages/torch/lib (also QLORA_LIBTORCH); needs a qlora built with -p:TorchBackend=external.",
+            Recursive = true,
+        });
         var parse = root.Parse(args);
         if (parse.Errors.Count > 0)
         {

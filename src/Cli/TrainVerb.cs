@@ -61,12 +61,14 @@ internal static class TrainVerb
                     Cancellation = cts.Token,
                 });
                 progress.Finish();
+                int exit = result.Summary.Interrupted ? InterruptedExitCode : 0;
+                if (result.Rank != 0) return exit; // in a data-parallel run rank 0 reports and writes for all
                 var png = Path.Combine(result.Summary.OutputDir, "loss.png");
                 if (LossCurvePlot.Write(result.State, png, $"{Path.GetFileName(job.Model.Path)} QLoRA r={job.Lora.Rank}"))
                     stdout.WriteLine($"loss curve: {png}");
                 stdout.WriteLine($"summary: {Path.Combine(result.Summary.OutputDir, "run_summary.json")}");
                 stdout.WriteLine(result.Summary.ToJsonLine());
-                return result.Summary.Interrupted ? InterruptedExitCode : 0;
+                return exit;
             }
             finally
             {

@@ -8,7 +8,7 @@ namespace QLora.Kernels;
 /// CPU-only machine never touches it. Contexts: only the device's primary context (the one libtorch and the CUDA
 /// runtime use) is ever retained; there is deliberately no binding for <c>cuCtxCreate</c>.
 /// </summary>
-public sealed unsafe class CudaDriver
+public sealed unsafe partial class CudaDriver
 {
     /// <summary><c>CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR</c>.</summary>
     public const int AttributeComputeCapabilityMajor = 75;

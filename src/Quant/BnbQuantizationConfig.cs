@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using System.Text.RegularExpressions;
 
 namespace QLora.Quant;
 
@@ -13,8 +14,25 @@ public sealed record BnbQuantizationConfig
     public FloatType ComputeDType { get; init; } = FloatType.BFloat16;
     /// <summary>The storage dtype name of packed weights ("uint8" unless a checkpoint says otherwise).</summary>
     public string QuantStorage { get; init; } = "uint8";
-    /// <summary>Module names left unquantized, or null.</summary>
+    /// <summary>llm_int8_skip_modules: patterns of the modules left unquantized (see <see cref="SkipsModule"/>), or null.</summary>
     public IReadOnlyList<string>? SkipModules { get; init; }
+
+    /// <summary>
+    /// True if module <paramref name="moduleName"/> (e.g. <c>model.layers.0.mlp.down_proj</c>) is one that
+    /// <see cref="SkipModules"/> keeps dense, by transformers' rule (should_convert_module): an entry matches when, read
+    /// as a regular expression, it matches at the start of the name, or when the name ends with it — so a full name, a
+    /// prefix such as <c>model.layers.0.mlp</c>, or a last part such as <c>lm_head</c> or <c>down_proj</c>.
+    /// </summary>
+    public bool SkipsModule(string moduleName)
+    {
+        foreach (var key in SkipModules ?? [])
+        {
+            if (moduleName.EndsWith(key, StringComparison.Ordinal)) return true;
+            try { if (Regex.IsMatch(moduleName, @"\A(?:" + key + ")", RegexOptions.CultureInvariant)) return true; }
+            catch (ArgumentException) { throw new FormatException($"quantization_config.llm_int8_skip_modules entry '{key}' is not a valid regular expression"); }
+        }
+        return false;
+    }
 
     /// <summary>The block with every key transformers writes, in its (sorted) order.</summary>
     public JsonObject ToJson() => new()

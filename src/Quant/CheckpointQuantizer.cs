@@ -30,8 +30,7 @@ public static class CheckpointQuantizer
         using var writer = new SafetensorsWriter(output, metadata);
         foreach (var t in reader.Tensors)
         {
-            var floatType = FloatTypes.FromTensorDType(t.DType);
-            if (floatType is { } ft && t.Shape.Length == 2 && t.ElementCount > 0 && include.IsMatch(t.Name))
+            if (options.Quantizes(t, include) && FloatTypes.FromTensorDType(t.DType) is { } ft)
             {
                 var absmax = FourBitQuantizer.ComputeAbsmax(reader.GetSpan(t.Name), ft, options.Blocksize);
                 var state = new QuantState
@@ -95,6 +94,7 @@ public static class CheckpointQuantizer
         if (config["quantization_config"] is not null)
             throw new InvalidOperationException($"{configPath}: the model is already quantized (it has quantization_config)");
         var shards = ListShards(inputDir);
+        var skipModules = DenseLinearModules(inputDir, options);
         using var output = StagedFolder.Create(outputDir, overwrite);
         var staging = output.Path;
         var weightMap = new SortedDictionary<string, string>(StringComparer.Ordinal);
@@ -121,7 +121,7 @@ public static class CheckpointQuantizer
         }
         var cfg = new BnbQuantizationConfig
         {
-            QuantType = options.QuantType, DoubleQuant = options.DoubleQuant,
+            QuantType = options.QuantType, DoubleQuant = options.DoubleQuant, SkipModules = skipModules,
             ComputeDType = config["torch_dtype"]?.GetValue<string>() is { } td && TryParseFloat(td, out var ct) ? ct : FloatType.BFloat16,
         };
         config["quantization_config"] = cfg.ToJson();
@@ -129,6 +129,34 @@ public static class CheckpointQuantizer
         CopySideFiles(inputDir, staging);
         output.Commit();
         return new Report(q, c, elements, inBytes, outBytes);
+    }
+
+    /// <summary>
+    /// The llm_int8_skip_modules a folder quantized with <paramref name="options"/> needs so that transformers loads it:
+    /// null when only lm_head stays dense (transformers' default keeps exactly that one), else every Linear module left
+    /// dense, lm_head included unless it is quantized (a list replaces the default rather than extending it). Throws
+    /// <see cref="ArgumentException"/> when the include pattern reaches the embedding, which transformers never quantizes.
+    /// </summary>
+    private static List<string>? DenseLinearModules(string inputDir, QuantizeOptions options)
+    {
+        var include = options.IncludeRegex();
+        using var checkpoint = SafetensorsCheckpoint.Open(inputDir);
+        var dense = new SortedSet<string>(StringComparer.Ordinal);
+        bool headQuantized = false;
+        foreach (var t in checkpoint.Tensors)
+        {
+            if (FloatTypes.FromTensorDType(t.DType) is null || t.Shape.Length != 2 || !t.Name.EndsWith(".weight", StringComparison.Ordinal)) continue;
+            bool quantized = options.Quantizes(t, include);
+            if (t.Name.EndsWith("embed_tokens.weight", StringComparison.Ordinal))
+            {
+                if (quantized) throw new ArgumentException($"--include '{options.Include}' matches {t.Name}: transformers quantizes Linear layers only and could not load an embedding stored 4-bit");
+                continue;
+            }
+            if (t.Name == "lm_head.weight") headQuantized = quantized;
+            if (!quantized) dense.Add(QuantizeOptions.ModuleOf(t.Name));
+        }
+        if (!headQuantized) dense.Add("lm_head"); // tied heads too: a Linear module transformers must not convert
+        return dense.Count == 1 && dense.Contains("lm_head") ? null : dense.ToList();
     }
 
     /// <summary>

@@ -19,6 +19,21 @@ public sealed record QuantizeOptions
     /// <summary>What to do with a tensor holding NaN or infinity: stop (default) or warn.</summary>
     public NonFinitePolicy NonFinite { get; init; } = NonFinitePolicy.Stop;
 
+    /// <summary>
+    /// Modules left dense whatever <see cref="Include"/> says, as llm_int8_skip_modules patterns (transformers' rule, see
+    /// <see cref="BnbQuantizationConfig.SkipsModule"/>), or null: how a re-quantized merge keeps its base's dense modules.
+    /// </summary>
+    public IReadOnlyList<string>? SkipModules { get; init; }
+
+    /// <summary>True if tensor <paramref name="t"/> is quantized: a non-empty 2-D float tensor that <paramref name="include"/> matches and no skip entry names.</summary>
+    public bool Quantizes(TensorInfo t, Regex include) =>
+        FloatTypes.FromTensorDType(t.DType) is not null && t.Shape.Length == 2 && t.ElementCount > 0 && include.IsMatch(t.Name)
+        && !(SkipModules is not null && new BnbQuantizationConfig { SkipModules = SkipModules }.SkipsModule(ModuleOf(t.Name)));
+
+    /// <summary>The module a weight belongs to: its name without <c>.weight</c>.</summary>
+    public static string ModuleOf(string tensorName) =>
+        tensorName.EndsWith(".weight", StringComparison.Ordinal) ? tensorName[..^".weight".Length] : tensorName;
+
     /// <summary>The compiled <see cref="Include"/>; throws <see cref="ArgumentException"/> with the pattern for an invalid regex.</summary>
     public Regex IncludeRegex()
     {

@@ -22,6 +22,22 @@ public class PlanVerbTests
     }
 
     [Fact]
+    public void WithRanksThePlanAddsTheDataParallelThroughputModel()
+    {
+        var r = CliRunner.Run("plan", "--model", "llama-2-7b", "--ranks", "4", "--micro-batches", "8");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var dp = JsonNode.Parse(r.LastLine)!["data_parallel"]!;
+        // LoRA r=16 on the 7 projections of Llama-2-7B, by hand: per layer 4·16·(4096+4096) + 2·16·(4096+11008) + 16·(11008+4096)
+        // = 1,249,280 parameters; 32 layers: 39,976,960; 4 bytes each in the float32 gradient buffer.
+        Assert.Equal(4L * 39_976_960, dp["allreduce_bytes"]!.GetValue<long>());
+        Assert.Equal(4L * 39_976_960 * 2 * 3 / 4, dp["ring_bytes_per_rank"]!.GetValue<long>()); // a ring moves 2(N-1)/N of it per rank
+        Assert.Equal(2, dp["micro_batches_per_rank"]!.GetValue<int>());
+        Assert.Contains("data parallel: 4 ranks", r.Stdout);
+        Assert.Null(JsonNode.Parse(CliRunner.Run("plan", "--model", "llama-2-7b").LastLine)!["data_parallel"]);
+        Assert.Equal(1, CliRunner.Run("plan", "--model", "llama-2-7b", "--ranks", "4", "--micro-batches", "2").ExitCode);
+    }
+
+    [Fact]
     public void A70bWithoutStreamingDoesNotFitAndSaysWhatWould()
     {
         var r = CliRunner.Run("plan", "--model", "llama-3.1-70b", "--budget", "24GiB");

@@ -8,7 +8,7 @@ internal static class TinyHfFolder
 {
     public const int Hidden = 64, Intermediate = 128, Layers = 2, Vocab = 96;
 
-    public static Dictionary<string, (TensorDType DType, long[] Shape, byte[] Data)> Write(string dir, bool sharded = false, int seed = 1)
+    public static Dictionary<string, (TensorDType DType, long[] Shape, byte[] Data)> Write(string dir, bool sharded = false, int seed = 1, int vocab = Vocab)
     {
         Directory.CreateDirectory(dir);
         var rng = new Random(seed);
@@ -23,7 +23,7 @@ internal static class TinyHfFolder
             FloatTypes.FromFloat32(f, fd, bytes);
             tensors[name] = (dtype, shape, bytes);
         }
-        Add("model.embed_tokens.weight", TensorDType.BF16, Vocab, Hidden);
+        Add("model.embed_tokens.weight", TensorDType.BF16, vocab, Hidden);
         for (int l = 0; l < Layers; l++)
         {
             var p = $"model.layers.{l}.";
@@ -38,7 +38,7 @@ internal static class TinyHfFolder
             Add(p + "mlp.down_proj.weight", TensorDType.BF16, Hidden, Intermediate + 1 - 1);
         }
         Add("model.norm.weight", TensorDType.BF16, Hidden);
-        Add("lm_head.weight", TensorDType.BF16, Vocab, Hidden);
+        Add("lm_head.weight", TensorDType.BF16, vocab, Hidden);
 
         var meta = new Dictionary<string, string> { ["format"] = "pt" };
         if (!sharded)
@@ -63,7 +63,7 @@ internal static class TinyHfFolder
         {
             ["architectures"] = new JsonArray("LlamaForCausalLM"), ["model_type"] = "llama", ["hidden_size"] = Hidden,
             ["intermediate_size"] = Intermediate, ["num_hidden_layers"] = Layers, ["num_attention_heads"] = 4,
-            ["num_key_value_heads"] = 2, ["vocab_size"] = Vocab, ["torch_dtype"] = "bfloat16",
+            ["num_key_value_heads"] = 2, ["vocab_size"] = vocab, ["torch_dtype"] = "bfloat16",
         };
         File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJsonString());
         File.WriteAllText(Path.Combine(dir, "tokenizer.json"), "{\"version\": \"1.0\"}");

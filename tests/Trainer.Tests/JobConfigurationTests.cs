@@ -77,6 +77,9 @@ public class JobConfigurationTests
             Assert.Equal(0.003, fromEnv.Training.LearningRate);
             Assert.Equal(9, fromEnv.Training.MaxSteps);
             Assert.Equal(["q_proj", "v_proj"], fromEnv.Lora.TargetModules!); // a list replaces the default, not extends it
+            Environment.SetEnvironmentVariable("QLORA_LIBTORCH", "/opt/torch/lib"); // the process's libtorch, not a job key
+            Environment.SetEnvironmentVariable("QLORA_LIBTORCH_ALLOW_MISMATCH", "1");
+            Assert.Equal(9, JobConfiguration.LoadTrainJob(path).Training.MaxSteps);
             var fromArgs = JobConfiguration.LoadTrainJob(path, ["--Training:LearningRate", "1e-4", "--Lora:Rank=8"]);
             Assert.Equal(1e-4, fromArgs.Training.LearningRate);
             Assert.Equal(9, fromArgs.Training.MaxSteps);
@@ -90,6 +93,8 @@ public class JobConfigurationTests
             Environment.SetEnvironmentVariable("QLORA_Training__LearningRate", null);
             Environment.SetEnvironmentVariable("QLORA_Training__MaxSteps", null);
             Environment.SetEnvironmentVariable("QLORA_Trainin__MaxSteps", null);
+            Environment.SetEnvironmentVariable("QLORA_LIBTORCH", null);
+            Environment.SetEnvironmentVariable("QLORA_LIBTORCH_ALLOW_MISMATCH", null);
         }
     }
 
@@ -114,8 +119,10 @@ public class JobConfigurationTests
     [InlineData("Training:LossChunkTokens", "0", "Training:LossChunkTokens = 0: an integer from 1 to 1048576")]
     [InlineData("Training:MaxConsecutiveBadSteps", "0", "Training:MaxConsecutiveBadSteps = 0: a positive integer")]
     [InlineData("Training:Threads", "-1", "Training:Threads = -1: 0 (default) or a thread count")]
+    [InlineData("Training:DataParallel", "nccl", "Training:DataParallel = 'nccl': allowed values are auto, off")]
+    [InlineData("Training:CollectiveTimeoutSeconds", "0", "Training:CollectiveTimeoutSeconds = 0: an integer from 1 to 86400")]
     [InlineData("Model:ComputeDType", "int8", "Model:ComputeDType = 'int8': allowed values are bfloat16, float16, float32")]
-    [InlineData("Model:ChatTemplate", "vicuna", "Model:ChatTemplate = 'vicuna': allowed values are llama3, llama3.1, chatml, mistral, alpaca")]
+    [InlineData("Model:ChatTemplate", "vicuna", "Model:ChatTemplate = 'vicuna': allowed values are llama3, llama3.1, llama3.2, chatml, mistral, mistral-spaces, alpaca")]
     [InlineData("Quantization:QuantType", "int4", "Quantization:QuantType = 'int4': allowed values are nf4, fp4")]
     [InlineData("Quantization:Blocksize", "100", "Quantization:Blocksize = 100: a power of two from 32 to 4096")]
     [InlineData("Lora:Rank", "0", "Lora:Rank = 0: an integer from 1 to 4096")]

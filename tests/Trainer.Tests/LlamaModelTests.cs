@@ -14,10 +14,11 @@ public class LlamaModelTests
         Tensor W(string n) => w(n).to(ScalarType.Float64);
         Tensor Norm(Tensor x, string n) => W(n) * (x / (x.pow(2).mean([-1L], keepdim: true) + c.RmsNormEps).sqrt());
         Tensor Lin(Tensor x, string n) { var y = x.matmul(W(n + ".weight").t()); return c.AttentionBias && !n.EndsWith("o_proj") && n.Contains("self_attn") ? y + W(n + ".bias") : y; }
-        var inv = RotaryEmbedding.InverseFrequencies(hd, c.RopeTheta, c.RopeScaling).Select(f => (double)f).ToArray();
         var h = W("model.embed_tokens.weight").index_select(0, tensor(ids));
         for (int l = 0; l < c.NumHiddenLayers; l++)
         {
+            var rope = c.RopeForLayer(l);
+            var inv = RotaryEmbedding.InverseFrequencies(hd, rope.Theta, rope.Scaling).Select(f => (double)f).ToArray();
             string p = $"model.layers.{l}.";
             var x = Norm(h, p + "input_layernorm.weight");
             var q = Lin(x, p + "self_attn.q_proj").view(T, nh, hd);
@@ -45,7 +46,7 @@ public class LlamaModelTests
                 var vh = v.select(1, kvh);
                 var scores = qh.matmul(kh.t()) / Math.Sqrt(hd);
                 var mask = ones(T, T, dtype: ScalarType.Bool).triu(1);
-                if (c.SlidingWindow is int window) mask = mask.logical_or(ones(T, T, dtype: ScalarType.Bool).tril(-window));
+                if (c.SlidingWindowForLayer(l) is int window) mask = mask.logical_or(ones(T, T, dtype: ScalarType.Bool).tril(-window));
                 scores = scores.masked_fill(mask, double.NegativeInfinity);
                 outs.Add(scores.softmax(-1).matmul(vh));
             }

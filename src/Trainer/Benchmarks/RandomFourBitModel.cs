@@ -41,7 +41,17 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
                 Add($"{p}self_attn.{name}.weight", true, outF, inF);
                 if (config.AttentionBias && (name != "o_proj" || !config.QkvBiasOnly)) Add($"{p}self_attn.{name}.bias", false, outF);
             }
+            if (config.QkNorm)
+            {
+                Add(p + "self_attn.q_norm.weight", false, config.HeadDim);
+                Add(p + "self_attn.k_norm.weight", false, config.HeadDim);
+            }
             Add(p + "post_attention_layernorm.weight", false, h);
+            if (config.Gemma is not null)
+            {
+                Add(p + "pre_feedforward_layernorm.weight", false, h);
+                Add(p + "post_feedforward_layernorm.weight", false, h);
+            }
             foreach (var (name, outF, inF) in new[] { ("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i) })
             {
                 Add($"{p}mlp.{name}.weight", true, outF, inF);
@@ -217,7 +227,7 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
         var json = new JsonObject
         {
             ["architectures"] = new JsonArray(c.Architecture),
-            ["model_type"] = qwen ? "qwen2" : c.Architecture == "MistralForCausalLM" ? "mistral" : "llama",
+            ["model_type"] = qwen ? "qwen2" : c.Architecture == "Qwen3ForCausalLM" ? "qwen3" : c.Architecture == "MistralForCausalLM" ? "mistral" : "llama",
             ["hidden_size"] = c.HiddenSize, ["intermediate_size"] = c.IntermediateSize, ["num_hidden_layers"] = c.NumHiddenLayers,
             ["num_attention_heads"] = c.NumAttentionHeads, ["num_key_value_heads"] = c.NumKeyValueHeads, ["head_dim"] = c.HeadDim,
             ["vocab_size"] = c.VocabSize, ["rms_norm_eps"] = c.RmsNormEps, ["rope_theta"] = c.RopeTheta,
@@ -231,7 +241,31 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
                 ["rope_type"] = r.Type, ["factor"] = r.Factor, ["low_freq_factor"] = r.LowFreqFactor,
                 ["high_freq_factor"] = r.HighFreqFactor, ["original_max_position_embeddings"] = r.OriginalMaxPositionEmbeddings,
             };
-        if (c.SlidingWindow is int w) json["sliding_window"] = w;
+        // transformers' Mistral defaults an absent sliding_window to 4096, so "none" is written out; Qwen2 windows only
+        // with use_sliding_window, on the layers layer_types names.
+        if (c.SlidingWindow is not null || c.Architecture == "MistralForCausalLM") json["sliding_window"] = c.SlidingWindow;
+        if (qwen && c.SlidingWindow is not null) json["use_sliding_window"] = true;
+        if (c.LayerTypes is { } types) json["layer_types"] = new JsonArray(types.Select(t => (JsonNode?)t).ToArray());
+        if (c.Gemma is { } g)
+        {
+            json["model_type"] = c.Architecture == "Gemma3ForCausalLM" ? "gemma3_text" : "gemma2";
+            json["hidden_activation"] = "gelu_pytorch_tanh";
+            json["query_pre_attn_scalar"] = g.QueryPreAttnScalar;
+            json["attn_logit_softcapping"] = g.AttnLogitSoftcapping;
+            json["final_logit_softcapping"] = g.FinalLogitSoftcapping;
+            if (c.RopeByLayerType is { } byType) // transformers v5's per-type layout
+            {
+                json.Remove("rope_scaling");
+                var rope = new JsonObject();
+                foreach (var (type, p) in byType)
+                {
+                    var block = new JsonObject { ["rope_type"] = p.Scaling?.Type ?? "default", ["rope_theta"] = p.Theta };
+                    if (p.Scaling is { } sc) block["factor"] = sc.Factor;
+                    rope[type] = block;
+                }
+                json["rope_parameters"] = rope;
+            }
+        }
         return json;
     }
 

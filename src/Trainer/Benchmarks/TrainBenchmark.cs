@@ -74,12 +74,7 @@ public static class TrainBenchmark
     public static Result Run(Options o, Action<string>? log = null)
     {
         if (o.Hidden % o.Heads != 0 || o.Heads % o.KvHeads != 0) throw new ArgumentException("hidden must be a multiple of heads, heads of kv heads");
-        var config = new LlamaConfig
-        {
-            HiddenSize = o.Hidden, IntermediateSize = o.Intermediate, NumHiddenLayers = o.Layers, NumAttentionHeads = o.Heads,
-            NumKeyValueHeads = o.KvHeads, VocabSize = o.Vocab, HeadDim = o.Hidden / o.Heads, RmsNormEps = 1e-5, RopeTheta = 10000,
-            MaxPositionEmbeddings = Math.Max(2048, o.Sequence),
-        };
+        var config = ConfigOf(o);
         double gflops = MatmulRate(o.MatmulSize);
         log?.Invoke($"bf16 matmul {o.MatmulSize}^3: {gflops:F1} GFLOP/s on {torch.get_num_threads()} threads");
 
@@ -109,6 +104,72 @@ public static class TrainBenchmark
         return new Result(stats.Params, stats.LinearParams, stats.LoraParams, tokens, qlora, dense, gflops,
             linearFlops + attentionFlops, torch.get_num_threads());
     }
+
+    /// <summary>The figures of a data-parallel run (<see cref="RunDataParallel"/>).</summary>
+    public sealed record DataParallelResult(int Ranks, int ThreadsPerRank, int GlobalBatch, int Tokens, long LoraParams,
+        double OneProcessStepSeconds, double StepSeconds, double AllReduceSeconds, double WaitSeconds)
+    {
+        /// <summary>One process's step time over the ranks' step time.</summary>
+        public double Speedup => OneProcessStepSeconds / StepSeconds;
+        /// <summary>Speedup per rank: 1 is perfect scaling.</summary>
+        public double ScalingEfficiency => Speedup / Ranks;
+        /// <summary>The share of a data-parallel step spent in the gradient all-reduce itself (after every rank arrived).</summary>
+        public double AllReduceShare => AllReduceSeconds / StepSeconds;
+        /// <summary>The share of a data-parallel step spent waiting for the slowest rank before the all-reduce.</summary>
+        public double WaitShare => WaitSeconds / StepSeconds;
+
+        static double Sig(double x) => Math.Round(x, 4);
+
+        /// <summary>One JSON line of the figures.</summary>
+        public string ToJson() => System.Text.Json.JsonSerializer.Serialize(new
+        {
+            bench = "train_data_parallel", ranks = Ranks, threads_per_rank = ThreadsPerRank, global_batch = GlobalBatch, tokens_per_step = Tokens,
+            lora_params = LoraParams, allreduce_bytes = 4 * LoraParams, one_process_step_s = Sig(OneProcessStepSeconds), step_s = Sig(StepSeconds),
+            allreduce_s = Sig(AllReduceSeconds), allreduce_share = Sig(AllReduceShare), wait_s = Sig(WaitSeconds), wait_share = Sig(WaitShare), speedup = Sig(Speedup), scaling_efficiency = Sig(ScalingEfficiency),
+        });
+    }
+
+    /// <summary>
+    /// Data-parallel scaling on the ranks of <paramref name="ranks"/>: the same global batch of <see cref="Options.Batch"/>
+    /// sequences per step, trained (a) split across the ranks with the LoRA gradients all-reduced, and (b) whole by rank 0
+    /// alone with the same threads as one rank, while the others wait. The two alternate step by step so machine noise
+    /// hits both alike; medians are reported. Each rank builds the same random NF4 model; the dense variant is skipped.
+    /// A barrier before the all-reduce (in the benchmark only) separates waiting for the slowest rank from the exchange.
+    /// </summary>
+    public static DataParallelResult RunDataParallel(Options o, DataParallel ranks, Action<string>? log = null)
+    {
+        if (o.Batch < ranks.WorldSize) throw new ArgumentException($"--batch {o.Batch}: the global batch needs at least one sequence per rank ({ranks.WorldSize} ranks)");
+        var config = ConfigOf(o);
+        using var parallel = Variant.Create(config, o, quantize: true);
+        using var single = ranks.IsRoot ? Variant.Create(config, o, quantize: true) : null;
+        var (start, count) = BatchSharding.Range(o.Batch, ranks.Rank, ranks.WorldSize);
+        var gen = new Generator(5);
+        var steps = new List<double>();
+        var reduces = new List<double>();
+        var waits = new List<double>();
+        var singles = new List<double>();
+        for (int i = 0; i <= o.Steps; i++)
+        {
+            using var scope = NewDisposeScope();
+            var ids = randint(0, config.VocabSize, [o.Batch, o.Sequence], generator: gen); // the same global batch on every rank
+            ranks.Collectives.Barrier($"the start of benchmark step {i}");
+            var (step, wait, reduce) = parallel.StepDataParallel(ids.narrow(0, start, count), (long)o.Batch * (o.Sequence - 1), ranks, i);
+            double one = single?.Step(ids) ?? 0;
+            ranks.Collectives.Barrier($"the end of benchmark step {i}");
+            if (i > 0) { steps.Add(step); waits.Add(wait); reduces.Add(reduce); singles.Add(one); }
+            log?.Invoke($"step {i}{(i == 0 ? " (warm-up)" : "")}: {ranks.WorldSize} ranks {step:F3} s (waiting {wait:F3} s, all-reduce {reduce:F3} s), one process {one:F3} s");
+        }
+        // Rank 0's figures are the ones reported: its step includes waiting for the slowest rank at the all-reduce.
+        return new DataParallelResult(ranks.WorldSize, torch.get_num_threads(), o.Batch, o.Batch * o.Sequence, parallel.Stats.LoraParams,
+            Median(singles), Median(steps), Median(reduces), Median(waits));
+    }
+
+    static LlamaConfig ConfigOf(Options o) => new()
+    {
+        HiddenSize = o.Hidden, IntermediateSize = o.Intermediate, NumHiddenLayers = o.Layers, NumAttentionHeads = o.Heads,
+        NumKeyValueHeads = o.KvHeads, VocabSize = o.Vocab, HeadDim = o.Hidden / o.Heads, RmsNormEps = 1e-5, RopeTheta = 10000,
+        MaxPositionEmbeddings = Math.Max(2048, o.Sequence),
+    };
 
     private sealed record ModelStats(long Params, long LinearParams, long LoraParams);
 
@@ -156,6 +217,28 @@ public static class TrainBenchmark
             _optimizer.Step();
             _optimizer.ZeroGrad();
             return sw.Elapsed.TotalSeconds;
+        }
+
+        /// <summary>
+        /// One data-parallel step on this rank's <paramref name="ids"/>: the loss normalised by the global batch's
+        /// <paramref name="globalTargets"/>, the gradients all-reduced, the optimizer step. Returns the step's seconds,
+        /// the seconds spent waiting for the other ranks before the all-reduce, and the all-reduce's.
+        /// </summary>
+        public (double Step, double Wait, double Reduce) StepDataParallel(Tensor ids, long globalTargets, DataParallel ranks, int step)
+        {
+            using var scope = NewDisposeScope();
+            var sw = Stopwatch.StartNew();
+            var (sum, _) = _model.Loss(ids, ids);
+            Checkpoint.Backward(sum / globalTargets);
+            double arrived = sw.Elapsed.TotalSeconds;
+            ranks.Collectives.Barrier($"the backward of benchmark step {step}");
+            double wait = sw.Elapsed.TotalSeconds - arrived;
+            var before = ranks.ReduceTime;
+            ranks.ReduceGradients([.. _optimizer.Parameters.Select(p => p.Parameter)], 0, false, step);
+            double reduce = (ranks.ReduceTime - before).TotalSeconds;
+            _optimizer.Step();
+            _optimizer.ZeroGrad();
+            return (sw.Elapsed.TotalSeconds, wait, reduce);
         }
 
         public void Dispose()

@@ -26,6 +26,7 @@ public static class AdapterMerger
         if (!File.Exists(configPath)) throw new FileNotFoundException($"{baseFolder}: no config.json, so not a Hugging Face model folder", configPath);
         LlamaConfig.Load(configPath); // refuses unsupported architectures and inconsistent shapes up front
         var rawConfig = (JsonObject)JsonNode.Parse(File.ReadAllText(configPath))!;
+        var baseSkipModules = BnbQuantizationConfig.FromConfig(rawConfig)?.SkipModules;
 
         var options = PeftAdapter.ReadOptions(adapterFolder);
         var adapterPath = Path.Combine(adapterFolder, PeftAdapter.WeightsFile);
@@ -50,7 +51,6 @@ public static class AdapterMerger
             deltas[module + ".weight"] = module;
         }
         if (deltas.Count == 0) throw new InvalidDataException($"{adapterPath}: no lora_A/lora_B tensors");
-        double scaling = options.Scaling;
 
         using var output = StagedFolder.Create(outputFolder, overwrite);
         // With re-quantization, the dense merge goes to a second staging folder that is never committed.
@@ -72,9 +72,10 @@ public static class AdapterMerger
                 Tensor w;
                 if (BnbCheckpointLayout.IsQuantized(checkpoint, name))
                 {
+                    // As PEFT merges a bnb layer: dequantize_4bit gives quant_state.dtype (usually bf16), then the delta is added.
                     var q = BnbCheckpointLayout.Read(checkpoint, name);
-                    w = empty(q.State.Shape, dtype: ScalarType.Float32);
-                    FourBitDequantizer.Dequantize(q, FloatType.Float32, w.bytes);
+                    w = empty(q.State.Shape, dtype: TorchDTypes.ToScalarType(q.State.DType));
+                    FourBitDequantizer.Dequantize(q, q.State.DType, w.bytes);
                 }
                 else if (FloatTypes.FromTensorDType(checkpoint.GetInfo(name).DType) is not null)
                 {
@@ -92,7 +93,10 @@ public static class AdapterMerger
                     var b = ReadAdapter(adapter, $"{Prefix}{module}.lora_B.weight");
                     if (a.shape[0] != b.shape[1] || b.shape[0] != w.shape[0] || a.shape[1] != w.shape[1])
                         throw new InvalidDataException($"{adapterPath}: {module} has A [{string.Join(", ", a.shape)}] and B [{string.Join(", ", b.shape)}], which do not fit the base weight [{string.Join(", ", w.shape)}]");
-                    w = w.to(ScalarType.Float32) + b.matmul(a) * scaling;
+                    var own = options.ForModule(module); // rank_pattern / alpha_pattern
+                    if (a.shape[0] != own.Rank)
+                        throw new InvalidDataException($"{adapterPath}: {module} has rank {a.shape[0]}, adapter_config.json gives it rank {own.Rank} (r / rank_pattern)");
+                    w = w.to(ScalarType.Float32) + b.matmul(a) * own.Scaling;
                     merged++;
                 }
                 else copied++;
@@ -106,8 +110,9 @@ public static class AdapterMerger
         rawConfig["torch_dtype"] = dtype.Name();
         CheckpointQuantizer.WriteJson(Path.Combine(dense, "config.json"), rawConfig);
         CheckpointQuantizer.CopySideFiles(baseFolder, dense);
-        log?.Invoke($"merged {merged} projections (scaling {scaling}), copied {copied} tensors, {dtype.Name()}");
-        if (quantize) CheckpointQuantizer.QuantizeFolder(dense, output.Path, new QuantizeOptions(), log, overwrite: true);
+        log?.Invoke($"merged {merged} projections (scaling {options.Scaling}{(options.RankPattern.Count + options.AlphaPattern.Count > 0 ? " by default, rank_pattern / alpha_pattern elsewhere" : "")}), copied {copied} tensors, {dtype.Name()}");
+        // Re-quantized, the modules the base kept dense (llm_int8_skip_modules) stay dense.
+        if (quantize) CheckpointQuantizer.QuantizeFolder(dense, output.Path, new QuantizeOptions { SkipModules = baseSkipModules }, log, overwrite: true);
         output.Commit();
         long outBytes = Directory.EnumerateFiles(output.Target).Sum(f => new FileInfo(f).Length);
         return new Report(merged, copied, outBytes);

@@ -64,7 +64,8 @@ public static class HfModelLoader
             NonFiniteValues.Check(folder, checkpoint.Tensors, n => checkpoint.GetSpan(n), options.NonFinite, log, "set Model:NonFiniteWeights to warn");
             if (options.Streaming) streamer = new LayerStreamer(checkpoint, config.NumHiddenLayers, options.StreamWindow);
             var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize || bnb is not null,
-                options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer);
+                options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer,
+                keepDense: bnb is { SkipModules: not null } ? bnb.SkipsModule : null); // llm_int8_skip_modules stay 16-bit, as transformers keeps them
             long quantized = model.named_modules().Select(m => m.module).OfType<Linear4bit>().Distinct().Sum(l => l.QuantizedBytes);
             long dense = model.named_parameters().Sum(p => p.parameter.numel() * p.parameter.element_size());
             log?.Invoke($"model: {quantized / 1e6:F1} MB of 4-bit projections{(streamer is null ? "" : $" streamed from disk (at most {streamer.Window} layers of {streamer.LargestLayerBytes / 1e6:F1} MB resident)")} + {dense / 1e6:F1} MB dense ({options.ComputeDType}) in {sw.Elapsed.TotalSeconds:F1} s");

@@ -39,23 +39,28 @@ public static class PeftAdapter
             foreach (var (key, t) in parts) writer.Write(key, t.bytes);
             writer.Commit();
         }
-        var modules = model.LoraLayers.Where(l => l.Layer.Adapters.Contains(adapter))
-            .Select(l => l.Name[(l.Name.LastIndexOf('.') + 1)..]).Distinct().OrderBy(s => s, StringComparer.Ordinal).ToList();
+        // target_modules: the entries that selected a module (a name or dotted suffix, as given).
+        var adapted = model.LoraLayers.Where(l => l.Layer.Adapters.Contains(adapter)).Select(l => l.Name).ToList();
+        var modules = options.TargetModules.Where(t => adapted.Any(n => n == t || n.EndsWith("." + t, StringComparison.Ordinal)))
+            .Distinct().OrderBy(s => s, StringComparer.Ordinal).ToList();
         var config = new SortedDictionary<string, JsonNode?>(StringComparer.Ordinal)
         {
-            ["alpha_pattern"] = new JsonObject(),
+            ["alpha_pattern"] = new JsonObject(options.AlphaPattern.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)Alpha(kv.Value)))),
             ["base_model_name_or_path"] = baseModel,
             ["bias"] = "none",
+            ["exclude_modules"] = options.ExcludeRegex is not null ? options.ExcludeRegex
+                : options.ExcludeModules is null ? null : new JsonArray(options.ExcludeModules.Select(m => (JsonNode?)m).ToArray()),
             ["fan_in_fan_out"] = false,
             ["inference_mode"] = true,
             ["init_lora_weights"] = options.Init == "gaussian" ? "gaussian" : true,
+            ["layers_pattern"] = options.LayersPattern is null ? null : new JsonArray(options.LayersPattern.Select(p => (JsonNode?)p).ToArray()),
             ["layers_to_transform"] = options.LayersToTransform is null ? null : new JsonArray(options.LayersToTransform.Select(i => (JsonNode?)i).ToArray()),
-            ["lora_alpha"] = options.Alpha == Math.Floor(options.Alpha) && Math.Abs(options.Alpha) < int.MaxValue ? (int)options.Alpha : Number(options.Alpha),
+            ["lora_alpha"] = Alpha(options.Alpha),
             ["lora_dropout"] = Number(options.Dropout),
             ["modules_to_save"] = null,
             ["peft_type"] = "LORA",
             ["r"] = options.Rank,
-            ["rank_pattern"] = new JsonObject(),
+            ["rank_pattern"] = new JsonObject(options.RankPattern.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))),
             ["target_modules"] = options.TargetRegex is not null ? options.TargetRegex : new JsonArray(modules.Select(m => (JsonNode?)m).ToArray()),
             ["task_type"] = "CAUSAL_LM",
             ["use_dora"] = false,
@@ -65,7 +70,11 @@ public static class PeftAdapter
         AtomicFile.WriteAllBytes(Path.Combine(folder, ConfigFile), Encoding.UTF8.GetBytes(json));
     }
 
-    /// <summary>Reads adapter_config.json into LoRA options (missing keys take PEFT's defaults, unknown keys are ignored).</summary>
+    /// <summary>
+    /// Reads adapter_config.json into LoRA options. Missing keys take PEFT's defaults (target_modules: q_proj and v_proj,
+    /// PEFT's choice for Llama, Mistral and Qwen2). A field this project does not implement is refused by name when it
+    /// is set to anything but its inactive default, so an adapter is never loaded with part of its meaning dropped.
+    /// </summary>
     public static LoraOptions ReadOptions(string folder, string adapterName = "default")
     {
         var path = Path.Combine(folder, ConfigFile);
@@ -77,30 +86,100 @@ public static class PeftAdapter
         {
             string peftType = c["peft_type"]?.GetValue<string>() ?? "LORA";
             if (peftType != "LORA") throw new FormatException($"peft_type {peftType} is not supported (LORA only)");
-            if (c["use_dora"]?.GetValue<bool>() == true) throw new FormatException("DoRA adapters (use_dora) are not supported");
+            RefuseUnsupported(c);
             var target = c["target_modules"];
-            return new LoraOptions
+            string? targetRegex = target is JsonValue v && v.TryGetValue<string>(out var regex) && regex != "all-linear" ? regex : null;
+            var options = new LoraOptions
             {
                 AdapterName = adapterName,
                 Rank = c["r"]?.GetValue<int>() ?? 8,
                 Alpha = c["lora_alpha"]?.GetValue<double>() ?? 8,
                 Dropout = c["lora_dropout"]?.GetValue<double>() ?? 0,
                 UseRsLora = c["use_rslora"]?.GetValue<bool>() ?? false,
-                TargetModules = target is JsonArray a ? a.Select(n => n!.GetValue<string>()).ToList() : LoraOptions.AllLinear,
-                TargetRegex = target is JsonValue v && v.TryGetValue<string>(out var regex) ? regex : null,
+                // "all-linear": every Linear but the output layer, i.e. the seven projections.
+                TargetModules = target switch
+                {
+                    JsonArray a => a.Select(n => n!.GetValue<string>()).ToList(),
+                    null => ["q_proj", "v_proj"],
+                    _ => LoraOptions.AllLinear,
+                },
+                TargetRegex = targetRegex,
+                ExcludeModules = c["exclude_modules"] is JsonArray ex ? ex.Select(n => n!.GetValue<string>()).ToList() : null,
+                ExcludeRegex = c["exclude_modules"] is JsonValue exv ? exv.GetValue<string>() : null,
+                RankPattern = Pattern(c, "rank_pattern", n => n.GetValue<int>()),
+                AlphaPattern = Pattern(c, "alpha_pattern", n => n.GetValue<double>()),
                 LayersToTransform = c["layers_to_transform"] switch
                 {
                     JsonArray l => l.Select(n => n!.GetValue<int>()).ToList(),
                     JsonValue one when one.TryGetValue<int>(out var i) => [i],
                     _ => null,
                 },
+                LayersPattern = c["layers_pattern"] switch
+                {
+                    JsonArray l => l.Select(n => n!.GetValue<string>()).ToList(),
+                    JsonValue one => [one.GetValue<string>()],
+                    _ => null,
+                },
             };
+            if (targetRegex is not null && options.LayersToTransform is not null)
+                throw new FormatException("layers_to_transform cannot be used when target_modules is a str (a regex); PEFT refuses this adapter too");
+            if (targetRegex is not null && options.LayersPattern is not null)
+                throw new FormatException("layers_pattern cannot be used when target_modules is a str (a regex); PEFT refuses this adapter too");
+            try { options.Validate(); }
+            catch (ArgumentException e) { throw new FormatException(e.Message, e); }
+            return options;
         }
         catch (Exception e) when (e is InvalidOperationException or FormatException)
         {
             throw new FormatException($"{path}: {e.Message}", e);
         }
     }
+
+    // Fields that only describe the file or the run that wrote it, or that are inactive for the layers LoRA adapts here:
+    // fan_in_fan_out (PEFT itself resets it for nn.Linear), qalora_group_size (only with use_qalora), megatron_core (only
+    // with megatron_config), eva_config (initialisation only: the base stays untouched).
+    private static readonly HashSet<string> Descriptive = new(StringComparer.Ordinal)
+    {
+        "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version", "runtime_config",
+        "fan_in_fan_out", "qalora_group_size", "megatron_core", "eva_config",
+    };
+
+    // Fields this project reads and applies.
+    private static readonly HashSet<string> Implemented = new(StringComparer.Ordinal)
+    {
+        "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules", "rank_pattern",
+        "alpha_pattern", "layers_to_transform", "layers_pattern", "init_lora_weights", "bias", "use_dora", "modules_to_save",
+    };
+
+    // init_lora_weights values that leave the base weights as they are (the others train against a changed base, which
+    // PEFT saves separately or converts away before saving with init_lora_weights = true).
+    private static readonly string[] BaseKeepingInits = ["gaussian", "eva", "orthogonal", "mica"];
+
+    private static void RefuseUnsupported(JsonObject c)
+    {
+        if (c["use_dora"]?.GetValue<bool>() == true) throw new FormatException("DoRA adapters (use_dora) are not supported");
+        if (c["bias"] is JsonNode bias && bias.GetValue<string>() != "none")
+            throw new FormatException($"bias '{bias.GetValue<string>()}' (trained base biases) is not supported; only \"none\"");
+        if (c["modules_to_save"] is JsonArray { Count: > 0 } save)
+            throw new FormatException($"modules_to_save {save.ToJsonString()} (full trained copies of those modules) is not supported; only LoRA layers are loaded");
+        if (c["init_lora_weights"] is JsonValue init && init.TryGetValue<string>(out var how) && !BaseKeepingInits.Contains(how))
+            throw new FormatException($"init_lora_weights '{how}' changes the base weights the adapter was trained against and is not supported (convert the adapter with PEFT first)");
+        foreach (var (key, value) in c)
+        {
+            if (Implemented.Contains(key) || Descriptive.Contains(key) || IsInactive(value)) continue;
+            throw new FormatException($"{key} = {value!.ToJsonString()} is not supported (this project implements {string.Join(", ", Implemented.Order(StringComparer.Ordinal))})");
+        }
+    }
+
+    // null, false, 0-free empties: how LoraConfig writes a feature that is off.
+    private static bool IsInactive(JsonNode? value) => value switch
+    {
+        null => true,
+        JsonObject o => o.Count == 0,
+        JsonArray a => a.Count == 0,
+        JsonValue v => v.TryGetValue<bool>(out var b) ? !b : v.TryGetValue<string>(out var s) && s.Length == 0,
+        _ => false,
+    };
 
     /// <summary>
     /// Attaches the adapter in <paramref name="folder"/> to <paramref name="model"/> and makes it active. Target modules
@@ -153,6 +232,14 @@ public static class PeftAdapter
         }
     }
 
+    // A {pattern: value} object in its file order (PEFT takes the first matching key).
+    private static List<KeyValuePair<string, T>> Pattern<T>(JsonObject c, string name, Func<JsonNode, T> value) => c[name] switch
+    {
+        null => [],
+        JsonObject o => o.Select(kv => KeyValuePair.Create(kv.Key, kv.Value is null ? throw new FormatException($"{name}['{kv.Key}'] is null") : value(kv.Value))).ToList(),
+        var other => throw new FormatException($"{name} = {other.ToJsonString()} is not an object of module patterns"),
+    };
+
     private static void ValidateKeys(string weightsPath, LoraOptions options)
     {
         using var reader = SafetensorsReader.Open(weightsPath);
@@ -164,6 +251,9 @@ public static class PeftAdapter
             if (!options.IsTarget(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which adapter_config.json does not select");
         }
     }
+
+    // PEFT's lora_alpha is an int unless it has a fraction.
+    private static JsonNode Alpha(double v) => v == Math.Floor(v) && Math.Abs(v) < int.MaxValue ? JsonValue.Create((int)v) : Number(v);
 
     private static JsonNode Number(double v) => JsonNode.Parse(PythonFloat.Repr(v))!; // Python's spelling: 0.0, 0.05, 16.0
 }

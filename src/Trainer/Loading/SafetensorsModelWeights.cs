@@ -13,6 +13,9 @@ public sealed class SafetensorsModelWeights(SafetensorsCheckpoint checkpoint) : 
     /// <inheritdoc />
     public bool Contains(string name) => checkpoint.Contains(name);
 
+    /// <summary>True if <paramref name="name"/> is stored as a bnb 4-bit weight.</summary>
+    public bool IsFourBit(string name) => BnbCheckpointLayout.IsQuantized(checkpoint, name);
+
     /// <inheritdoc />
     public long[] Shape(string name) => BnbCheckpointLayout.IsQuantized(checkpoint, name)
         ? BnbCheckpointLayout.ReadFields(checkpoint, name, out _).Shape

@@ -76,7 +76,8 @@ public static class MemoryPlanner
         long biasPerLayer = (cfg.AttentionBias ? q + 2 * kv + (cfg.QkvBiasOnly ? 0 : h) : 0) + (cfg.MlpBias ? 2L * cfg.IntermediateSize + h : 0);
         long embed = v * h * c;
         long head = cfg.TieWordEmbeddings ? 0 : v * h * c;
-        long norms = (2L * layers + 1) * h * c;
+        // Two norms per layer (Gemma: four, around attention and MLP), the final one; Qwen3 and Gemma 3 add q_norm, k_norm.
+        long norms = ((cfg.Gemma is null ? 2L : 4L) * layers + 1) * h * c + (cfg.QkNorm ? 2L * layers * cfg.HeadDim * c : 0);
         long unquant = embed + head + norms + biasPerLayer * c * layers;
 
         // LoRA: A [r, in] and B [out, r] per target projection.

@@ -1,3 +1,5 @@
+using System.Text.Json.Nodes;
+
 namespace QLora.Trainer;
 
 /// <summary>
@@ -41,6 +43,29 @@ public static class ModelPresets
             HiddenSize = 8192, IntermediateSize = 28672, NumHiddenLayers = 80, NumAttentionHeads = 64, NumKeyValueHeads = 8,
             VocabSize = 128256, HeadDim = 128, RmsNormEps = 1e-5, RopeTheta = 500000, RopeScaling = Llama31Rope, MaxPositionEmbeddings = 131072,
         },
+        // Qwen/Qwen3-8B: q_norm/k_norm on the heads, no biases, untied embeddings
+        ["qwen3-8b"] = new LlamaConfig
+        {
+            Architecture = "Qwen3ForCausalLM", HiddenSize = 4096, IntermediateSize = 12288, NumHiddenLayers = 36, NumAttentionHeads = 32,
+            NumKeyValueHeads = 8, VocabSize = 151936, HeadDim = 128, RmsNormEps = 1e-6, RopeTheta = 1000000, MaxPositionEmbeddings = 40960,
+            QkNorm = true, TieWordEmbeddings = false,
+        },
+        // google/gemma-2-9b: GeGLU, sandwich norms, soft-capping (attention 50, logits 30), every other layer a 4096 window
+        ["gemma-2-9b"] = LlamaConfig.FromJson(new JsonObject
+        {
+            ["architectures"] = new JsonArray("Gemma2ForCausalLM"), ["hidden_size"] = 3584, ["intermediate_size"] = 14336, ["num_hidden_layers"] = 42,
+            ["num_attention_heads"] = 16, ["num_key_value_heads"] = 8, ["head_dim"] = 256, ["vocab_size"] = 256000, ["rms_norm_eps"] = 1e-6,
+            ["rope_theta"] = 10000.0, ["max_position_embeddings"] = 8192, ["sliding_window"] = 4096, ["query_pre_attn_scalar"] = 256.0,
+            ["attn_logit_softcapping"] = 50.0, ["final_logit_softcapping"] = 30.0,
+        }),
+        // google/gemma-3-12b-pt's text model (its text_config): q/k norms, 1024-token windows on 5 of every 6 layers, local RoPE base 10000
+        ["gemma-3-12b"] = LlamaConfig.FromJson(new JsonObject
+        {
+            ["architectures"] = new JsonArray("Gemma3ForCausalLM"), ["hidden_size"] = 3840, ["intermediate_size"] = 15360, ["num_hidden_layers"] = 48,
+            ["num_attention_heads"] = 16, ["num_key_value_heads"] = 8, ["head_dim"] = 256, ["vocab_size"] = 262208, ["rms_norm_eps"] = 1e-6,
+            ["rope_theta"] = 1000000.0, ["rope_local_base_freq"] = 10000.0, ["rope_scaling"] = new JsonObject { ["rope_type"] = "linear", ["factor"] = 8.0 },
+            ["max_position_embeddings"] = 131072, ["sliding_window"] = 1024, ["sliding_window_pattern"] = 6, ["query_pre_attn_scalar"] = 256.0,
+        }),
     };
 
     /// <summary>The preset names.</summary>

@@ -66,7 +66,8 @@ internal sealed class StepMemorySimulation
     private StepMemorySimulation(LlamaConfig cfg, PlanOptions o)
     {
         _cfg = cfg;
-        _o = o;
+        // Gemma 2's soft-capped scores are computed explicitly (the B·heads·T² path), as a masked attention is.
+        _o = cfg.Gemma?.AttnLogitSoftcapping is not null ? o with { AttentionMask = true } : o;
         _n = (long)o.MicroBatch * o.SequenceLength;
         _c = DTypeBytes(o.ComputeDType);
         _m = DTypeBytes(o.AdapterDType);

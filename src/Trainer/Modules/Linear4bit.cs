@@ -147,10 +147,29 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
         }
     }
 
-    /// <summary>A fresh dense [out, in] weight in <paramref name="dtype"/> (the compute dtype by default) on the module's device.</summary>
+    /// <summary>
+    /// A fresh dense [out, in] weight in <paramref name="dtype"/> (the compute dtype by default) on the module's device,
+    /// with bitsandbytes' rounding: decoded to the dtype the weight was quantized from (quant_state.dtype, usually bf16),
+    /// then converted, as <c>dequantize_4bit(B, quant_state).to(A.dtype)</c> does. So fp32 compute sees the same weight
+    /// values as bf16 compute, widened, rather than a second set that no Python run produces.
+    /// </summary>
+    /// <remarks>
+    /// bitsandbytes ≤ 0.49 rounds this way in forward and backward; 0.50's fused gemm_4bit forward decodes straight to
+    /// the compute dtype while its backward still rounds through quant_state.dtype. One rule for both passes keeps the
+    /// gradient the gradient of the forward.
+    /// </remarks>
     public Tensor Dequantize(ScalarType? dtype = null)
     {
         var dt = dtype ?? ComputeDType;
+        var stored = TorchDTypes.ToScalarType(OriginalDType);
+        if (dt == stored || OriginalDType == FloatType.Float32) return Decode(dt); // one rounding of the fp32 product either way
+        using var w = Decode(stored);
+        return w.to(dt);
+    }
+
+    // Decodes the codes straight into a new tensor of dtype dt.
+    private Tensor Decode(ScalarType dt)
+    {
         var floatType = TorchDTypes.ToFloatType(dt);
         if (_streamed is not null)
         {

@@ -4,7 +4,7 @@ using System.Text.Json.Nodes;
 namespace QLora.Trainer;
 
 /// <summary>
-/// The architecture of a Llama-family model (Llama 2/3, Mistral, Qwen2), read from a Hugging Face config.json with its
+/// The architecture of a Llama-family model (Llama 2/3, Mistral, Qwen2, Qwen3), read from a Hugging Face config.json with its
 /// field names. Missing optional fields take the transformers defaults.
 /// </summary>
 public sealed record LlamaConfig
@@ -25,10 +25,17 @@ public sealed record LlamaConfig
     public required int HeadDim { get; init; }
     /// <summary>rms_norm_eps.</summary>
     public double RmsNormEps { get; init; } = 1e-6;
-    /// <summary>rope_theta.</summary>
+    /// <summary>rope_theta (transformers v4: top level; v5: inside rope_parameters).</summary>
     public double RopeTheta { get; init; } = 10000.0;
-    /// <summary>rope_scaling, or null.</summary>
+    /// <summary>rope_scaling (v4) or the scaling in rope_parameters (v5), or null for plain RoPE.</summary>
     public RopeScaling? RopeScaling { get; init; }
+    /// <summary>
+    /// RoPE per layer type (transformers v5's nested <c>rope_parameters</c>, keyed by the names in
+    /// <see cref="LayerTypes"/>), or null when every layer uses <see cref="RopeTheta"/> and <see cref="RopeScaling"/>.
+    /// </summary>
+    public IReadOnlyDictionary<string, RopeParameters>? RopeByLayerType { get; init; }
+    /// <summary>layer_types: each layer's attention kind (full_attention or sliding_attention), or null when all are full.</summary>
+    public IReadOnlyList<string>? LayerTypes { get; init; }
     /// <summary>max_position_embeddings.</summary>
     public int MaxPositionEmbeddings { get; init; } = 2048;
     /// <summary>tie_word_embeddings: lm_head shares the embedding matrix.</summary>
@@ -39,13 +46,43 @@ public sealed record LlamaConfig
     public bool QkvBiasOnly { get; init; }
     /// <summary>mlp_bias: gate/up/down projections have biases.</summary>
     public bool MlpBias { get; init; }
-    /// <summary>sliding_window (Mistral v0.1: each token attends to at most this many positions), or null.</summary>
+    /// <summary>
+    /// sliding_window: a windowed layer's token attends to at most this many positions (itself included), or null for
+    /// none. Which layers are windowed is <see cref="SlidingWindowForLayer"/>'s decision.
+    /// </summary>
     public int? SlidingWindow { get; init; }
+    /// <summary>
+    /// Qwen3's q_norm / k_norm: an RMSNorm over head_dim (weights <c>self_attn.q_norm.weight</c>, <c>self_attn.k_norm.weight</c>)
+    /// applied to every query and key head before RoPE.
+    /// </summary>
+    public bool QkNorm { get; init; }
+    /// <summary>
+    /// Gemma 2 / Gemma 3's departures from Llama (embedding scaling, (1 + weight) norms, GeGLU, sandwich norms, query
+    /// scaling, soft-capping), or null for the Llama family.
+    /// </summary>
+    public GemmaFeatures? Gemma { get; init; }
     /// <summary>The architectures entry (e.g. LlamaForCausalLM).</summary>
     public string Architecture { get; init; } = "LlamaForCausalLM";
 
     /// <summary>Architectures this project runs.</summary>
-    public static readonly IReadOnlyList<string> SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+    public static readonly IReadOnlyList<string> SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"];
+
+    /// <summary>
+    /// The window of layer <paramref name="layer"/>, or null when it attends to every earlier position: the one place that
+    /// decides it. With <see cref="LayerTypes"/>, only sliding_attention layers are windowed (Qwen2 from
+    /// max_window_layers on, or as layer_types says); without, every layer has <see cref="SlidingWindow"/> (Mistral).
+    /// </summary>
+    public int? SlidingWindowForLayer(int layer) =>
+        SlidingWindow is int w && (LayerTypes is null || LayerTypes[layer] == SlidingAttention) ? w : null;
+
+    /// <summary>The RoPE of layer <paramref name="layer"/>: its layer type's when the config has one per type.</summary>
+    public RopeParameters RopeForLayer(int layer) =>
+        RopeByLayerType is { } byType && LayerTypes is { } types ? byType[types[layer]] : new RopeParameters(RopeTheta, RopeScaling);
+
+    /// <summary>The layer_types name of a layer with full causal attention.</summary>
+    public const string FullAttention = "full_attention";
+    /// <summary>The layer_types name of a layer with sliding-window attention.</summary>
+    public const string SlidingAttention = "sliding_attention";
 
     /// <summary>Reads config.json; throws <see cref="FormatException"/> naming the file and the field for anything missing or invalid.</summary>
     public static LlamaConfig Load(string path)
@@ -61,31 +98,54 @@ public sealed record LlamaConfig
     public static LlamaConfig FromJson(JsonObject c)
     {
         string arch = c["architectures"] is JsonArray a && a.Count > 0 ? a[0]!.GetValue<string>() : "LlamaForCausalLM";
+        if (arch == "Gemma3ForConditionalGeneration")
+            throw new FormatException("architecture Gemma3ForConditionalGeneration (Gemma 3 with its vision tower, the 4B/12B/27B checkpoints) is not supported; the text-only Gemma3ForCausalLM layout is");
         if (!SupportedArchitectures.Contains(arch))
             throw new FormatException($"architecture {arch} is not supported; supported: {string.Join(", ", SupportedArchitectures)}");
+        if (GemmaFeatures.IsGemma(arch))
+            return GemmaFeatures.ReadConfig(c, arch);
         int hidden = Int(c, "hidden_size");
         int heads = Int(c, "num_attention_heads");
-        bool qwen = arch == "Qwen2ForCausalLM";
+        int layers = Int(c, "num_hidden_layers");
+        bool qwen = arch == "Qwen2ForCausalLM", mistral = arch == "MistralForCausalLM";
+        bool qwen3 = arch == "Qwen3ForCausalLM";
+        int maxPositions = c["max_position_embeddings"] is null ? 2048 : Int(c, "max_position_embeddings");
+        // Sliding windows as transformers decides them. Mistral: sliding_window, 4096 when the key is absent (an explicit
+        // null means none), on every layer. Qwen2: only with use_sliding_window (sliding_window defaulting to 4096), on
+        // the layers layer_types marks sliding_attention, by default those from max_window_layers (28) on. Llama: none.
+        int? window = null;
+        IReadOnlyList<string>? layerTypes = null;
+        if (mistral) window = c.ContainsKey("sliding_window") ? OptionalInt(c, "sliding_window") : 4096;
+        if (qwen || qwen3) // Qwen3Config decides windows as Qwen2Config does
+        {
+            window = Bool(c, "use_sliding_window", false) ? (c.ContainsKey("sliding_window") ? OptionalInt(c, "sliding_window") : 4096) : null;
+            int maxWindowLayers = c["max_window_layers"] is null ? 28 : Int(c, "max_window_layers");
+            layerTypes = Enumerable.Range(0, layers).Select(i => window is not null && i >= maxWindowLayers ? SlidingAttention : FullAttention).ToList();
+        }
+        if (!mistral && c["layer_types"] is JsonNode lt) layerTypes = LayerTypeList(lt, layers);
+        var rope = RopeParameters.Read(c, maxPositions, layerTypes);
         var cfg = new LlamaConfig
         {
             Architecture = arch,
             HiddenSize = hidden,
             IntermediateSize = Int(c, "intermediate_size"),
-            NumHiddenLayers = Int(c, "num_hidden_layers"),
+            NumHiddenLayers = layers,
             NumAttentionHeads = heads,
             NumKeyValueHeads = c["num_key_value_heads"] is null ? heads : Int(c, "num_key_value_heads"),
             VocabSize = Int(c, "vocab_size"),
             HeadDim = c["head_dim"] is null ? hidden / heads : Int(c, "head_dim"),
             RmsNormEps = Double(c, "rms_norm_eps", 1e-6),
-            RopeTheta = Double(c, "rope_theta", 10000.0),
-            RopeScaling = c["rope_scaling"] is JsonObject rs ? Trainer.RopeScaling.FromJson(rs) : null,
-            MaxPositionEmbeddings = c["max_position_embeddings"] is null ? 2048 : Int(c, "max_position_embeddings"),
+            RopeTheta = rope.Global.Theta,
+            RopeScaling = rope.Global.Scaling,
+            RopeByLayerType = rope.ByLayerType,
+            LayerTypes = layerTypes,
+            MaxPositionEmbeddings = maxPositions,
             TieWordEmbeddings = Bool(c, "tie_word_embeddings", false),
             AttentionBias = qwen || Bool(c, "attention_bias", false),
             QkvBiasOnly = qwen,
             MlpBias = Bool(c, "mlp_bias", false),
-            // Qwen2 configs carry sliding_window but only apply it with use_sliding_window.
-            SlidingWindow = c["sliding_window"] is JsonValue && (!qwen || Bool(c, "use_sliding_window", false)) ? Int(c, "sliding_window") : null,
+            QkNorm = qwen3,
+            SlidingWindow = window,
         };
         cfg.Validate();
         return cfg;
@@ -100,43 +160,44 @@ public sealed record LlamaConfig
         if (NumAttentionHeads % NumKeyValueHeads != 0)
             throw new FormatException($"num_attention_heads {NumAttentionHeads} is not a multiple of num_key_value_heads {NumKeyValueHeads}");
         if (HeadDim % 2 != 0) throw new FormatException($"head_dim {HeadDim} must be even for rotary embeddings");
+        if (SlidingWindow is <= 0) throw new FormatException($"sliding_window = {SlidingWindow}: must be positive");
+        if (LayerTypes is not null && LayerTypes.Count != NumHiddenLayers)
+            throw new FormatException($"layer_types has {LayerTypes.Count} entries, num_hidden_layers is {NumHiddenLayers}");
+        if (RopeByLayerType is not null && LayerTypes?.FirstOrDefault(t => !RopeByLayerType.ContainsKey(t)) is { } missing)
+            throw new FormatException($"rope_parameters has no entry for layer type {missing}");
     }
 
-    private static int Int(JsonObject c, string name)
+    internal static int Int(JsonObject c, string name)
     {
         if (c[name] is not JsonValue v) throw new FormatException($"missing field {name}");
         try { return v.GetValue<int>(); }
         catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new FormatException($"field {name} = {v.ToJsonString()} is not an integer"); }
     }
 
-    private static double Double(JsonObject c, string name, double fallback)
+    internal static int? OptionalInt(JsonObject c, string name) => c[name] is null ? null : Int(c, name);
+
+    internal static List<string> LayerTypeList(JsonNode node, int layers)
+    {
+        if (node is not JsonArray a || a.Any(n => n is not JsonValue v || !v.TryGetValue<string>(out _)))
+            throw new FormatException($"field layer_types = {node.ToJsonString()} is not a list of strings");
+        var types = a.Select(n => n!.GetValue<string>()).ToList();
+        if (types.FirstOrDefault(t => t is not (FullAttention or SlidingAttention)) is { } other)
+            throw new FormatException($"layer_types entry '{other}' is not supported ({FullAttention}, {SlidingAttention})");
+        if (types.Count != layers) throw new FormatException($"layer_types has {types.Count} entries, num_hidden_layers is {layers}");
+        return types;
+    }
+
+    internal static double Double(JsonObject c, string name, double fallback)
     {
         if (c[name] is null) return fallback;
         try { return c[name]!.GetValue<double>(); }
         catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new FormatException($"field {name} = {c[name]!.ToJsonString()} is not a number"); }
     }
 
-    private static bool Bool(JsonObject c, string name, bool fallback)
+    internal static bool Bool(JsonObject c, string name, bool fallback)
     {
         if (c[name] is null) return fallback;
         try { return c[name]!.GetValue<bool>(); }
         catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new FormatException($"field {name} = {c[name]!.ToJsonString()} is not true/false"); }
-    }
-}
-
-/// <summary>rope_scaling: "llama3" (Llama 3.1+: per-frequency scaling between low and high wavelength bounds) or "linear".</summary>
-public sealed record RopeScaling(string Type, double Factor, double LowFreqFactor = 1, double HighFreqFactor = 4, int OriginalMaxPositionEmbeddings = 8192)
-{
-    /// <summary>Reads the block; throws <see cref="FormatException"/> for an unknown type.</summary>
-    public static RopeScaling FromJson(JsonObject o)
-    {
-        string type = (o["rope_type"] ?? o["type"])?.GetValue<string>() ?? throw new FormatException("rope_scaling has no rope_type");
-        if (type is not ("llama3" or "linear" or "default"))
-            throw new FormatException($"rope_scaling type '{type}' is not supported (llama3, linear)");
-        double factor = o["factor"]?.GetValue<double>() ?? 1.0;
-        return new RopeScaling(type, factor,
-            o["low_freq_factor"]?.GetValue<double>() ?? 1,
-            o["high_freq_factor"]?.GetValue<double>() ?? 4,
-            o["original_max_position_embeddings"]?.GetValue<int>() ?? 8192);
     }
 }

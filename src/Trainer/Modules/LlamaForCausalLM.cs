@@ -12,7 +12,8 @@ namespace QLora.Trainer;
 /// </summary>
 public sealed class LlamaForCausalLM : nn.Module
 {
-    private readonly RotaryEmbedding _rope;
+    private readonly RotaryEmbedding[] _ropes;  // the distinct RoPEs of the layers (usually one)
+    private readonly int[] _ropeOfLayer;       // index into _ropes per decoder layer
     private readonly nn.Module<Tensor, Tensor>? _lmHead;
     private readonly List<(string Name, LoraLinear Layer)> _lora = [];
 
@@ -22,7 +23,10 @@ public sealed class LlamaForCausalLM : nn.Module
         ComputeDType = computeDType;
         this.model = model;
         _lmHead = lmHead;
-        _rope = new RotaryEmbedding(config.HeadDim, config.RopeTheta, config.RopeScaling);
+        var distinct = Enumerable.Range(0, config.NumHiddenLayers).Select(config.RopeForLayer).Distinct().ToList();
+        if (distinct.Count == 0) distinct.Add(config.RopeForLayer(0));
+        _ropes = distinct.Select(r => new RotaryEmbedding(config.HeadDim, r.Theta, r.Scaling)).ToArray();
+        _ropeOfLayer = Enumerable.Range(0, config.NumHiddenLayers).Select(i => distinct.IndexOf(config.RopeForLayer(i))).ToArray();
         register_module("model", model);
         if (lmHead is not null) register_module("lm_head", lmHead);
     }
@@ -84,7 +88,7 @@ public sealed class LlamaForCausalLM : nn.Module
     /// </remarks>
     public static LlamaForCausalLM FromWeights(LlamaConfig config, IModelWeights weights, bool quantize = true,
         ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64, QuantType quantType = QuantType.Nf4, bool doubleQuant = true,
-        IFourBitProjectionFactory? projections = null)
+        IFourBitProjectionFactory? projections = null, Func<string, bool>? keepDense = null)
     {
         void Check(string name, long[] shape)
         {
@@ -101,14 +105,17 @@ public sealed class LlamaForCausalLM : nn.Module
         Tensor? Bias(string name, bool present, long size) => present ? Get(name, size) : null;
         nn.Module<Tensor, Tensor> Proj(string name, long outF, long inF, bool bias)
         {
-            if (projections is not null)
+            bool dense = keepDense?.Invoke(name) == true;
+            if (dense && weights is SafetensorsModelWeights sw && sw.IsFourBit(name + ".weight"))
+                throw new InvalidDataException($"{name} is kept dense by llm_int8_skip_modules but its weight is stored 4-bit");
+            if (projections is not null && !dense)
             {
                 using var pb = Bias(name + ".bias", bias, outF);
                 return projections.Create(name + ".weight", [outF, inF], pb, computeDType);
             }
             Check(name + ".weight", [outF, inF]);
             using var b = Bias(name + ".bias", bias, outF);
-            if (quantize) return new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType);
+            if (quantize && !dense) return new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType);
             using var w = weights.Dense(name + ".weight");
             var lin = nn.Linear(inF, outF, hasBias: b is not null, dtype: computeDType);
             using (no_grad())
@@ -128,17 +135,22 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             string p = $"model.layers.{i}.";
             bool ab = config.AttentionBias;
-            var attn = new LlamaAttention(config,
-                Proj(p + "self_attn.q_proj", q, hsz, ab), Proj(p + "self_attn.k_proj", kv, hsz, ab),
-                Proj(p + "self_attn.v_proj", kv, hsz, ab), Proj(p + "self_attn.o_proj", hsz, q, ab && !config.QkvBiasOnly));
+            nn.Module<Tensor, Tensor> qp = Proj(p + "self_attn.q_proj", q, hsz, ab), kp = Proj(p + "self_attn.k_proj", kv, hsz, ab),
+                vp = Proj(p + "self_attn.v_proj", kv, hsz, ab), op = Proj(p + "self_attn.o_proj", hsz, q, ab && !config.QkvBiasOnly);
+            var attn = config.QkNorm
+                ? new LlamaAttention(config, qp, kp, vp, op, Norm(p + "self_attn.q_norm.weight", hd), Norm(p + "self_attn.k_norm.weight", hd))
+                : new LlamaAttention(config, qp, kp, vp, op);
             var mlp = new LlamaMlp(Proj(p + "mlp.gate_proj", isz, hsz, config.MlpBias), Proj(p + "mlp.up_proj", isz, hsz, config.MlpBias),
-                Proj(p + "mlp.down_proj", hsz, isz, config.MlpBias));
-            layers.Add(new LlamaDecoderLayer(Norm(p + "input_layernorm.weight"), attn, Norm(p + "post_attention_layernorm.weight"), mlp));
+                Proj(p + "mlp.down_proj", hsz, isz, config.MlpBias), geluTanh: config.Gemma is not null);
+            layers.Add(config.Gemma is null
+                ? new LlamaDecoderLayer(Norm(p + "input_layernorm.weight"), attn, Norm(p + "post_attention_layernorm.weight"), mlp)
+                : new LlamaDecoderLayer(Norm(p + "input_layernorm.weight"), attn, Norm(p + "post_attention_layernorm.weight"),
+                    Norm(p + "pre_feedforward_layernorm.weight"), mlp, Norm(p + "post_feedforward_layernorm.weight")));
         }
-        RmsNorm Norm(string name)
+        RmsNorm Norm(string name, int? size = null)
         {
-            var n = new RmsNorm(hsz, config.RmsNormEps, computeDType);
-            using var w = Get(name, hsz);
+            var n = new RmsNorm(size ?? hsz, config.RmsNormEps, computeDType, unitOffset: config.Gemma is not null);
+            using var w = Get(name, size ?? hsz);
             using (no_grad()) n.weight.copy_(w);
             return n;
         }
@@ -146,7 +158,13 @@ public sealed class LlamaForCausalLM : nn.Module
         using (var e = Get("model.embed_tokens.weight", config.VocabSize, hsz)) embed = new FrozenEmbedding(e.to(computeDType));
         var model = new LlamaModel(embed, layers, Norm("model.norm.weight"));
         nn.Module<Tensor, Tensor>? head = null;
-        if (!config.TieWordEmbeddings)
+        if (!config.TieWordEmbeddings && weights is SafetensorsModelWeights stored && stored.IsFourBit("lm_head.weight"))
+        {
+            // A checkpoint quantized with lm_head (llm_int8_skip_modules without it): a frozen 4-bit head, as transformers loads it.
+            Check("lm_head.weight", [config.VocabSize, hsz]);
+            head = new Linear4bit(weights.FourBit("lm_head.weight", quantType, blocksize, doubleQuant), null, computeDType);
+        }
+        else if (!config.TieWordEmbeddings)
         {
             using var w = Get("lm_head.weight", config.VocabSize, hsz);
             var lin = nn.Linear(hsz, config.VocabSize, hasBias: false, dtype: computeDType);
@@ -169,6 +187,7 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             int hsz = config.HiddenSize, hd = config.HeadDim;
             long[]? shape = null;
+            if (name.EndsWith("q_norm.weight", StringComparison.Ordinal) || name.EndsWith("k_norm.weight", StringComparison.Ordinal)) return ones(hd);
             if (name.EndsWith("norm.weight", StringComparison.Ordinal)) return ones(hsz);
             if (name == "model.embed_tokens.weight" || name == "lm_head.weight") shape = [config.VocabSize, hsz];
             else if (name.EndsWith(".bias", StringComparison.Ordinal))
@@ -211,13 +230,14 @@ public sealed class LlamaForCausalLM : nn.Module
         void Wrap(string name, nn.Module<Tensor, Tensor> current, Action<nn.Module<Tensor, Tensor>> replace)
         {
             if (!options.IsTarget(name)) return;
+            var own = options.ForModule(name); // rank_pattern / alpha_pattern
             if (current is LoraLinear existing)
             {
-                existing.AddAdapter(options, generator);
+                existing.AddAdapter(own, generator);
             }
             else
             {
-                var lora = new LoraLinear(current, options, generator);
+                var lora = new LoraLinear(current, own, generator);
                 lora.train(training); // a new module starts in training mode; follow the model's
                 replace(lora);
                 _lora.Add((name, lora));
@@ -265,15 +285,18 @@ public sealed class LlamaForCausalLM : nn.Module
         using var scope = NewDisposeScope();
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var pos = positionIds ?? arange(t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
-        var (cos, sin) = _rope.CosSin(pos, ComputeDType);
-        if (Config.SlidingWindow is int window && t > window)
+        var rope = _ropes.Select(r => r.CosSin(pos, ComputeDType)).ToArray();
+        var masks = new Dictionary<int, Tensor?>();
+        Tensor? MaskFor(int layer)
         {
-            // Mistral's sliding window: causal and at most `window` positions back.
+            // A windowed layer (see LlamaConfig.SlidingWindowForLayer): causal and at most `window` positions back.
+            if (Config.SlidingWindowForLayer(layer) is not int window || t <= window) return attentionMask;
+            if (masks.TryGetValue(window, out var cached)) return cached;
             var i = arange(t, device: inputIds.device);
             var band = i.unsqueeze(1).ge(i.unsqueeze(0)).logical_and((i.unsqueeze(1) - i.unsqueeze(0)).lt(window)).view(1, 1, t, t);
-            attentionMask = attentionMask is null ? band : attentionMask.logical_and(band);
+            return masks[window] = attentionMask is null ? band : attentionMask.logical_and(band);
         }
-        var h = model.embed_tokens.forward(inputIds);
+        var h = ScaleEmbedding(model.embed_tokens.forward(inputIds));
         bool checkpoint = GradientCheckpointing && is_grad_enabled() && training;
         if (checkpoint) h = h.detach().requires_grad_(true); // the checkpoint node is only recorded when its input requires grad
         var streamer = Streamer;
@@ -281,6 +304,8 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             var l = model.layers[index];
             int i = index;
+            var (cos, sin) = rope[_ropeOfLayer[index]];
+            var mask = MaskFor(index);
             if (checkpoint)
             {
                 // Streaming: the first call is the forward (prefetch the next layer), the second the backward
@@ -290,12 +315,12 @@ public sealed class LlamaForCausalLM : nn.Module
                 {
                     streamer?.Acquire(i, calls++ == 0 ? i + 1 : i - 1);
                     return l.Forward(x, c[0], c[1], c.Count > 2 ? c[2] : null);
-                }, h, attentionMask is null ? [cos, sin] : [cos, sin, attentionMask]);
+                }, h, mask is null ? [cos, sin] : [cos, sin, mask]);
             }
             else
             {
                 streamer?.Acquire(i, i + 1);
-                h = l.Forward(h, cos, sin, attentionMask);
+                h = l.Forward(h, cos, sin, mask);
             }
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();
@@ -310,22 +335,35 @@ public sealed class LlamaForCausalLM : nn.Module
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         long b = inputIds.shape[0], t = inputIds.shape[1];
-        if (Config.SlidingWindow is int window && cache.Length + t > window)
-            throw new NotSupportedException($"generation past the sliding window ({window} tokens) is not supported");
+        for (int layer = 0; layer < Config.NumHiddenLayers; layer++)
+            if (Config.SlidingWindowForLayer(layer) is int window && cache.Length + t > window)
+                throw new NotSupportedException($"generation past the sliding window ({window} tokens, layer {layer}) is not supported");
         var pos = arange(cache.Length, cache.Length + t, dtype: ScalarType.Int64, device: inputIds.device).unsqueeze(0).expand(b, t);
-        var (cos, sin) = _rope.CosSin(pos, ComputeDType);
-        var h = model.embed_tokens.forward(inputIds);
+        var rope = _ropes.Select(r => r.CosSin(pos, ComputeDType)).ToArray();
+        var h = ScaleEmbedding(model.embed_tokens.forward(inputIds));
         for (int i = 0; i < model.layers.Count; i++)
         {
             Streamer?.Acquire(i, (i + 1) % model.layers.Count); // the next token starts again at layer 0
+            var (cos, sin) = rope[_ropeOfLayer[i]];
             h = model.layers[i].Forward(h, cos, sin, null, cache, i);
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Logits [.., vocab] in the compute dtype for hidden states.</summary>
-    public Tensor LmHead(Tensor hidden) =>
-        _lmHead is not null ? _lmHead.forward(hidden) : hidden.matmul(model.embed_tokens.weight.t());
+    /// <summary>Logits [.., vocab] in the compute dtype for hidden states (soft-capped when the model caps them: Gemma 2).</summary>
+    public Tensor LmHead(Tensor hidden)
+    {
+        var logits = _lmHead is not null ? _lmHead.forward(hidden) : hidden.matmul(model.embed_tokens.weight.t());
+        if (Config.Gemma?.FinalLogitSoftcapping is not double cap) return logits;
+        using var scope = NewDisposeScope();
+        var capped = (logits / cap).tanh() * cap;
+        logits.Dispose();
+        return capped.MoveToOuterDisposeScope();
+    }
+
+    // Gemma multiplies the embeddings by √hidden_size, a constant rounded to the activations' dtype first (as transformers does).
+    private Tensor ScaleEmbedding(Tensor embedded) =>
+        Config.Gemma is null ? embedded : embedded * tensor(Math.Sqrt(Config.HiddenSize), dtype: embedded.dtype, device: embedded.device);
 
     /// <summary>Logits [B, T, vocab] for token ids (inference and tests; training uses <see cref="Loss"/>).</summary>
     public Tensor Logits(Tensor inputIds, Tensor? positionIds = null, Tensor? attentionMask = null)

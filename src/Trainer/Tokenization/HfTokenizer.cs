@@ -267,16 +267,20 @@ public sealed class HfTokenizer : IDisposable
     }
 
     /// <summary>
-    /// The chat template for this tokenizer, with its BOS/EOS strings: the named format when <paramref name="name"/>
-    /// is given, else the format detected from <see cref="ChatTemplateSource"/> (or <paramref name="modelType"/>).
+    /// The chat template for this tokenizer, with its BOS/EOS strings: the named built-in format when <paramref name="name"/>
+    /// is given; else <see cref="ChatTemplateSource"/> itself, evaluated as transformers does, falling back to the built-in
+    /// format recognised from it (or from <paramref name="modelType"/> when there is no template).
     /// </summary>
-    /// <exception cref="NotSupportedException">No name was given and the template is missing or not a supported format.</exception>
+    /// <exception cref="NotSupportedException">No name was given and the template is missing, or neither evaluable nor a built-in format.</exception>
     public ChatTemplate GetChatTemplate(string? name = null, string? modelType = null)
     {
         // Templates take the tokenizer's own strings: {{ bos_token }} / {{ eos_token }} in the reference Jinja.
-        return name is null
-            ? ChatTemplate.Detect(ChatTemplateSource, modelType, BosToken ?? "", EosToken)
-            : ChatTemplate.ByName(name, BosToken ?? "", EosToken);
+        if (name is not null)
+            return ChatTemplate.ByName(name, BosToken ?? "", EosToken);
+        var others = new Dictionary<string, string>(StringComparer.Ordinal);
+        if (UnkTokenId is int unk && IdToToken(unk) is { } unkToken) others["unk_token"] = unkToken;
+        if (!PadTokenIsEos && PadTokenId is int pad && IdToToken(pad) is { } padToken) others["pad_token"] = padToken;
+        return ChatTemplate.FromTokenizer(ChatTemplateSource, modelType, BosToken, EosToken, others);
     }
 
     /// <summary>Releases the native tokenizers.</summary>

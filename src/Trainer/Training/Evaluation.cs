@@ -6,10 +6,14 @@ namespace QLora.Trainer;
 /// <summary>
 /// Evaluation of a model during training: mean loss over the eval rows' target tokens (and its perplexity), greedy
 /// exact-match accuracy on eval samples that have a reference answer, and completions of fixed prompts for the log.
+/// In data-parallel training the rows and samples are dealt round-robin to the ranks and the sums gathered, so every
+/// rank gets the same figures; the prompts are completed on rank 0 only.
 /// </summary>
 internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, SampleEncoder encoder, IReadOnlyList<TokenRow> rows,
-    IReadOnlyList<TrainingSample> samples, EvalSection options, int padId, Action<string> log)
+    IReadOnlyList<TrainingSample> samples, EvalSection options, int padId, Action<string> log, DataParallel ranks)
 {
+    IReadOnlyList<T> Mine<T>(IReadOnlyList<T> all) => ranks.Enabled ? [.. all.Where((_, i) => i % ranks.WorldSize == ranks.Rank)] : all;
+
     /// <summary>How many samples exact match uses.</summary>
     public static int ExactMatchCount(IReadOnlyList<TrainingSample> samples, EvalSection options)
     {
@@ -23,7 +27,7 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         double loss = Loss();
         double? em = exactMatch ? ExactMatch($"after {step} steps") : null;
         if (!double.IsNaN(loss)) log($"eval at step {step}: loss {loss:F4}, perplexity {Math.Exp(loss):F3}");
-        foreach (var prompt in options.Prompts ?? [])
+        foreach (var prompt in ranks.IsRoot ? options.Prompts ?? [] : [])
         {
             var ids = tokenizer.Encode(prompt, addSpecialTokens: true);
             var output = Generate(ids);
@@ -44,7 +48,7 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         try
         {
             using var noGrad = no_grad();
-            foreach (var row in use)
+            foreach (var row in Mine(use))
             {
                 using var scope = NewDisposeScope();
                 using var batch = MicroBatch.Create([row], padId);
@@ -58,6 +62,9 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         {
             model.train(wasTraining);
         }
+        Span<double> sums = [sum, tokens];
+        ranks.Sum(sums, "the evaluation loss");
+        (sum, tokens) = (sums[0], (long)sums[1]);
         return tokens == 0 ? double.NaN : sum / tokens;
     }
 
@@ -73,13 +80,16 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         }
         int hits = 0;
         string? example = null;
-        foreach (var s in chosen)
+        foreach (var s in Mine(chosen))
         {
             var output = Generate(encoder.EncodePrompt(s));
             var answer = tokenizer.Decode(output).Trim();
             if (answer == s.ReferenceAnswer!.Trim()) hits++;
             example ??= $"'{answer.ReplaceLineEndings("\\n")}' (expected '{s.ReferenceAnswer.Trim().ReplaceLineEndings("\\n")}')";
         }
+        Span<double> total = [hits];
+        ranks.Sum(total, $"exact match {when}");
+        hits = (int)total[0];
         double em = (double)hits / chosen.Count;
         log($"exact match {when}: {hits}/{chosen.Count} = {em.ToString("P1", CultureInfo.InvariantCulture)}; first answer {example}");
         return Math.Round(em, 6);

@@ -17,6 +17,12 @@ public static class JobConfiguration
     /// <summary>The environment-variable prefix.</summary>
     public const string EnvironmentPrefix = "QLORA_";
 
+    /// <summary>
+    /// <c>QLORA_</c> variables that configure the process, not the job (the libtorch preload, the GPU check): never
+    /// read as job keys, so setting them does not make every job fail with an unknown key.
+    /// </summary>
+    public static readonly IReadOnlyList<string> ProcessVariables = ["QLORA_LIBTORCH", "QLORA_LIBTORCH_ALLOW_MISMATCH", "QLORA_CUDART", "QLORA_GPU_CHECK"];
+
     /// <summary>Top-level sections that belong to other verbs and are allowed in the same file (e.g. <c>Quantize</c>).</summary>
     public static readonly IReadOnlyList<string> OtherVerbSections = ["Quantize"];
 
@@ -66,6 +72,7 @@ public static class JobConfiguration
         {
             var name = (string)e.Key;
             if (!name.StartsWith(EnvironmentPrefix, StringComparison.OrdinalIgnoreCase)) continue;
+            if (ProcessVariables.Contains(name, StringComparer.OrdinalIgnoreCase)) continue;
             var key = name[EnvironmentPrefix.Length..].Replace("__", ":", StringComparison.Ordinal);
             int colon = key.IndexOf(':', StringComparison.Ordinal);
             if (colon <= 0) continue;
@@ -197,6 +204,16 @@ public static class JobConfiguration
             }
             return;
         }
+        if (IsDictionary(inner, out var valueType))
+        {
+            if (section.Value is { Length: > 0 } single)
+            {
+                errors.Add($"{section.Path} = '{single}': a JSON object is required");
+                return;
+            }
+            foreach (var item in section.GetChildren()) CheckValue(item, valueType, errors);
+            return;
+        }
         if (inner == typeof(string) || inner.IsPrimitive || inner == typeof(decimal))
         {
             if (section.Value is null)
@@ -230,6 +247,17 @@ public static class JobConfiguration
             return true;
         }
         element = typeof(void);
+        return false;
+    }
+
+    static bool IsDictionary(Type t, out Type value)
+    {
+        if (t.IsGenericType && t.GetGenericTypeDefinition() == typeof(Dictionary<,>) && t.GetGenericArguments()[0] == typeof(string))
+        {
+            value = t.GetGenericArguments()[1];
+            return true;
+        }
+        value = typeof(void);
         return false;
     }
 

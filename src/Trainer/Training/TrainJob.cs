@@ -114,12 +114,27 @@ public sealed class LoraSection
     public List<string>? TargetModules { get; set; }
     /// <summary>A regex over full module names instead of <see cref="TargetModules"/>.</summary>
     public string? TargetRegex { get; set; }
+    /// <summary>Modules never adapted (PEFT's exclude_modules list: full names or dot-delimited suffixes).</summary>
+    public List<string>? ExcludeModules { get; set; }
     /// <summary>Only these layer indices (PEFT's layers_to_transform).</summary>
     public List<int>? LayersToTransform { get; set; }
+    /// <summary>
+    /// PEFT's rank_pattern: {"pattern": rank} for modules whose name ends in (a regex over) the pattern after a dot, e.g.
+    /// <c>{"mlp.down_proj": 32}</c> or <c>{"layers\.0\..*": 4}</c>. The job file's keys are tried in sorted order.
+    /// </summary>
+    public Dictionary<string, int>? RankPattern { get; set; }
+    /// <summary>PEFT's alpha_pattern: {"pattern": alpha}, matched as <see cref="RankPattern"/>.</summary>
+    public Dictionary<string, double>? AlphaPattern { get; set; }
     /// <summary>kaiming (PEFT's default) or gaussian.</summary>
     public string Init { get; set; } = "kaiming";
     /// <summary>Master-weight dtype of the adapters: float32 or bfloat16.</summary>
     public string DType { get; set; } = "float32";
+
+    static void CheckRegex(List<string> e, string key, string pattern)
+    {
+        try { _ = new System.Text.RegularExpressions.Regex(pattern); }
+        catch (ArgumentException x) { e.Add($"{key} = '{pattern}': not a valid regular expression ({x.Message})"); }
+    }
 
     internal void Validate(List<string> e)
     {
@@ -127,13 +142,21 @@ public sealed class LoraSection
         TrainJob.Check(e, Alpha > 0 && double.IsFinite(Alpha), "Lora:Alpha", Alpha, "a positive number");
         TrainJob.Check(e, Dropout is >= 0 and < 1, "Lora:Dropout", Dropout, "a number in [0, 1)");
         TrainJob.Check(e, TargetModules is null or { Count: > 0 } || TargetRegex is not null, "Lora:TargetModules", "[]", "at least one module name (e.g. q_proj) or a TargetRegex");
-        if (TargetRegex is not null)
-        {
-            try { _ = new System.Text.RegularExpressions.Regex(TargetRegex); }
-            catch (ArgumentException x) { e.Add($"Lora:TargetRegex = '{TargetRegex}': not a valid regular expression ({x.Message})"); }
-        }
+        if (TargetRegex is not null) CheckRegex(e, "Lora:TargetRegex", TargetRegex);
+        if (TargetRegex is not null && LayersToTransform is not null)
+            e.Add("Lora:TargetRegex and Lora:LayersToTransform cannot be used together (PEFT: layers_to_transform cannot be used when target_modules is a str); put the layer indices into the regex or use Lora:TargetModules");
         if (LayersToTransform is not null)
             TrainJob.Check(e, LayersToTransform.All(i => i >= 0), "Lora:LayersToTransform", string.Join(",", LayersToTransform), "non-negative layer indices");
+        foreach (var (key, r) in RankPattern ?? [])
+        {
+            TrainJob.Check(e, r is >= 1 and <= 4096, $"Lora:RankPattern:{key}", r, "an integer from 1 to 4096");
+            CheckRegex(e, $"Lora:RankPattern:{key}", key);
+        }
+        foreach (var (key, a) in AlphaPattern ?? [])
+        {
+            TrainJob.Check(e, a > 0 && double.IsFinite(a), $"Lora:AlphaPattern:{key}", a, "a positive number");
+            CheckRegex(e, $"Lora:AlphaPattern:{key}", key);
+        }
         TrainJob.OneOf(e, "Lora:Init", Init, "kaiming", "gaussian");
         TrainJob.OneOf(e, "Lora:DType", DType, "float32", "bfloat16");
     }
@@ -208,8 +231,12 @@ public sealed class TrainingSection
     public int LossChunkTokens { get; set; } = 256;
     /// <summary>Stop after this many consecutive steps with a non-finite loss or gradient.</summary>
     public int MaxConsecutiveBadSteps { get; set; } = 5;
-    /// <summary>CPU threads for libtorch (0: libtorch's default).</summary>
+    /// <summary>CPU threads for libtorch (0: libtorch's default; under MPI, the cores divided among the ranks on the machine).</summary>
     public int Threads { get; set; }
+    /// <summary>auto: data-parallel over MPI when started by an MPI launcher (mpirun, srun) with more than one rank; off: one process.</summary>
+    public string DataParallel { get; set; } = "auto";
+    /// <summary>Seconds a collective waits for the slowest rank before the job stops with an error naming the missing rank.</summary>
+    public int CollectiveTimeoutSeconds { get; set; } = 600;
 
     internal void Validate(List<string> e)
     {
@@ -228,6 +255,8 @@ public sealed class TrainingSection
         TrainJob.Check(e, LossChunkTokens is >= 1 and <= 1 << 20, "Training:LossChunkTokens", LossChunkTokens, "an integer from 1 to 1048576");
         TrainJob.Check(e, MaxConsecutiveBadSteps >= 1, "Training:MaxConsecutiveBadSteps", MaxConsecutiveBadSteps, "a positive integer");
         TrainJob.Check(e, Threads is >= 0 and <= 1024, "Training:Threads", Threads, "0 (default) or a thread count");
+        TrainJob.OneOf(e, "Training:DataParallel", DataParallel, "auto", "off");
+        TrainJob.Check(e, CollectiveTimeoutSeconds is >= 1 and <= 86400, "Training:CollectiveTimeoutSeconds", CollectiveTimeoutSeconds, "an integer from 1 to 86400");
     }
 }
 

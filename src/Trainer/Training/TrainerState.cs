@@ -44,6 +44,8 @@ public sealed class TrainerState
     [JsonPropertyName("train_seconds")] public double TrainSeconds { get; set; }
     /// <summary>libtorch's CPU generator state (base64).</summary>
     [JsonPropertyName("rng_state")] public string? RngState { get; set; }
+    /// <summary>Every rank's generator state (base64), in rank order, in a data-parallel run (absent otherwise).</summary>
+    [JsonPropertyName("rank_rng_states"), JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public List<string>? RankRngStates { get; set; }
     /// <summary>Exact match of the base model before training, when measured.</summary>
     [JsonPropertyName("exact_match_before")] public double? ExactMatchBefore { get; set; }
     /// <summary>Per-step history.</summary>

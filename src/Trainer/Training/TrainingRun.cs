@@ -30,7 +30,11 @@ public sealed class TrainingRun
     /// <summary>The result of a run.</summary>
     /// <param name="Summary">The figures.</param>
     /// <param name="State">Final trainer state (history included).</param>
-    public sealed record Result(TrainSummary Summary, TrainerState State);
+    public sealed record Result(TrainSummary Summary, TrainerState State)
+    {
+        /// <summary>This process's rank in a data-parallel run (0 otherwise); only rank 0 wrote the output folder.</summary>
+        public int Rank { get; init; }
+    }
 
     const string OptimizerFile = "optimizer.safetensors";
 
@@ -38,6 +42,8 @@ public sealed class TrainingRun
     readonly RunOptions _run;
     readonly string _out;
     TrainerState _state = new();
+    DataParallel _ranks = DataParallel.Single();
+    bool _stopAgreed;
 
     TrainingRun(TrainJob job, RunOptions run)
     {
@@ -46,7 +52,10 @@ public sealed class TrainingRun
         _out = job.Output.Dir!;
     }
 
-    void Log(string line) => _run.Log?.Invoke(line);
+    void Log(string line)
+    {
+        if (_ranks.IsRoot) _run.Log?.Invoke(line);
+    }
 
     /// <summary>Runs <paramref name="job"/> (already validated by <see cref="JobConfiguration"/>).</summary>
     public static Result Run(TrainJob job, RunOptions? run = null)
@@ -59,6 +68,8 @@ public sealed class TrainingRun
     Result Execute()
     {
         var wall = Stopwatch.StartNew();
+        using var ranks = _ranks = DataParallel.Start(_job.Training.DataParallel, TimeSpan.FromSeconds(_job.Training.CollectiveTimeoutSeconds));
+        if (ranks.Check(_job.Training.GradientAccumulationSteps) is { } rankProblem) throw new InvalidOperationException(rankProblem);
         using var sampler = new PeakMemorySampler();
         var output = new RunOutputFolder(_out);
         var checkpoints = new TrainingCheckpoints(output.CheckpointsDir, _job.Output.KeepLast);
@@ -82,16 +93,31 @@ public sealed class TrainingRun
         if (_job.Data.MaxSeqLength > config.MaxPositionEmbeddings)
             throw new InvalidOperationException($"Data:MaxSeqLength {_job.Data.MaxSeqLength} is longer than the model's max_position_embeddings {config.MaxPositionEmbeddings} " +
                 $"({Path.Combine(modelPath, "config.json")}); positions beyond it were never trained. Set Data:MaxSeqLength to at most {config.MaxPositionEmbeddings}. Nothing was loaded.");
+        if (ranks.Enabled) Log(DataParallelPlan.Describe(config, plan.Options, plan, _job.Training.GradientAccumulationSteps, ranks.WorldSize, ranks.Collectives.Description));
 
-        // The folder has one writer; leftovers of an interrupted run are cleaned up. Nothing of a previous run is
-        // moved before every input has been read and checked below.
-        using var owner = OutputFolderLock.Acquire(_out, "Output:Dir", Log);
-        output.Recover(Log);
-        string? resumeFrom = ChooseResume(checkpoints, output);
+        // The folder has one writer (rank 0, for every rank); leftovers of an interrupted run are cleaned up. Nothing
+        // of a previous run is moved before every input has been read and checked below.
+        OutputFolderLock? owner = null;
+        string? resumeFrom = ranks.OnRoot(() =>
+        {
+            owner = OutputFolderLock.Acquire(_out, "Output:Dir", Log);
+            try
+            {
+                output.Recover(Log);
+                return ChooseResume(checkpoints, output);
+            }
+            catch
+            {
+                owner.Dispose();
+                throw;
+            }
+        }, "preparing the output folder");
+        using var ownerLock = owner;
 
         var t = _job.Training;
-        if (t.Threads > 0) set_num_threads(t.Threads);
-        manual_seed(t.Seed);
+        int threads = t.Threads > 0 ? t.Threads : ranks.DefaultThreads;
+        if (threads > 0) set_num_threads(threads);
+        manual_seed(ranks.RankSeed(t.Seed));
         using var tokenizer = HfTokenizer.Load(modelPath);
         var template = ChooseTemplate(tokenizer);
         var data = PrepareData(tokenizer, template);
@@ -125,32 +151,41 @@ public sealed class TrainingRun
         int totalSteps = t.MaxSteps > 0 ? t.MaxSteps
             : Math.Max(1, (int)Math.Ceiling(t.Epochs * schedule.BatchesPerEpoch / t.GradientAccumulationSteps));
         var lr = new LearningRateSchedule(t.Scheduler, t.WarmupSteps, totalSteps, t.MinLearningRateRatio);
-        var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, PadId, Log);
+        var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, PadId, Log, ranks);
 
         int? resumedFrom = null;
         // Everything is loaded and checked: a previous run is set aside now, and put back when this one ends without a
         // checkpoint of its own (disposed on every path out, errors included).
-        using var previousRun = resumeFrom is null && output.HoldsRun() ? output.SetPreviousRunAside(Log) : null;
+        using var previousRun = ranks.IsRoot && resumeFrom is null && output.HoldsRun() ? output.SetPreviousRunAside(Log) : null;
         if (resumeFrom is not null)
         {
             PeftAdapter.LoadWeights(model, resumeFrom, names);
             optimizer.Load(Path.Combine(resumeFrom, OptimizerFile));
             _state = TrainerState.Load(Path.Combine(resumeFrom, TrainerState.FileName));
-            if (_state.RngState is { } rng) using (var saved = tensor(Convert.FromBase64String(rng), ScalarType.Byte)) random.set_rng_state(saved);
+            if (RankRngState() is { } rng) using (var saved = tensor(Convert.FromBase64String(rng), ScalarType.Byte)) random.set_rng_state(saved);
             resumedFrom = _state.Step;
             Log($"resumed from {resumeFrom} at step {_state.Step} (epoch {_state.Epoch}, batch {_state.BatchIndex})");
-            output.CutTrainLogAfter(_state.Step, Log);
-            if (!File.Exists(Path.Combine(_out, "job.json"))) AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
+            if (ranks.IsRoot)
+            {
+                output.CutTrainLogAfter(_state.Step, Log);
+                if (!File.Exists(Path.Combine(_out, "job.json"))) AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
+            }
             if (_state.Step >= totalSteps)
             {
                 Log($"the run already finished at step {_state.Step} of {totalSteps}; nothing to do (raise Training:MaxSteps or Training:Epochs to train further)");
                 var last = _state.EvalHistory.LastOrDefault(e => e.Step == _state.Step);
-                return new Result(Summarize(wall, sampler, data, resumedFrom, resumeFrom, last?.Loss is double l && !double.IsNaN(l) ? l : null, last?.ExactMatch, interrupted: false), _state);
+                var done = Summarize(wall, sampler, data, resumedFrom, resumeFrom, last?.Loss is double l && !double.IsNaN(l) ? l : null, last?.ExactMatch, interrupted: false);
+                ranks.Finish();
+                return new Result(done, _state) { Rank = ranks.Rank };
             }
         }
         else
         {
-            AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
+            if (ranks.IsRoot)
+            {
+                Directory.CreateDirectory(_out);
+                AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
+            }
             if (_job.Eval.ExactMatch) _state.ExactMatchBefore = evaluator.ExactMatch("before training");
         }
 
@@ -160,11 +195,11 @@ public sealed class TrainingRun
         var epochBatches = schedule.Epoch(_state.Epoch);
         var stepTimer = new Stopwatch();
         bool interrupted = false;
-        using (var trainLog = new StreamWriter(Path.Combine(_out, "train_log.jsonl"), append: resumeFrom is not null))
+        using (var trainLog = ranks.IsRoot ? new StreamWriter(Path.Combine(_out, "train_log.jsonl"), append: resumeFrom is not null) : new StreamWriter(Stream.Null))
         {
             while (_state.Step < totalSteps)
             {
-                if (_run.Cancellation.IsCancellationRequested) { interrupted = true; break; }
+                if (ranks.Enabled ? _stopAgreed : _run.Cancellation.IsCancellationRequested) { interrupted = true; break; }
                 stepTimer.Restart();
                 var rows = new List<IReadOnlyList<TokenRow>>();
                 for (int m = 0; m < t.GradientAccumulationSteps; m++)
@@ -197,7 +232,7 @@ public sealed class TrainingRun
                 else _state.ConsecutiveBadSteps = 0;
                 double tps = _state.TokensSeen / Math.Max(_state.TrainSeconds, 1e-9);
                 double perStep = _state.TrainSeconds / Math.Max(1, _state.Step - (resumedFrom ?? 0));
-                _run.Progress?.Invoke(new TrainProgress(_state.Step, totalSteps, record.Loss, record.LearningRate, tps,
+                if (ranks.IsRoot) _run.Progress?.Invoke(new TrainProgress(_state.Step, totalSteps, record.Loss, record.LearningRate, tps,
                     TimeSpan.FromSeconds(_state.TrainSeconds), TimeSpan.FromSeconds(perStep * (totalSteps - _state.Step)), sampler.Sample()));
                 if (_job.Eval.EveryNSteps > 0 && _state.Step % _job.Eval.EveryNSteps == 0 && _state.Step < totalSteps)
                     _state.EvalHistory.Add(evaluator.Evaluate(_state.Step, exactMatch: false));
@@ -224,17 +259,19 @@ public sealed class TrainingRun
             var final = evaluator.Evaluate(_state.Step, _job.Eval.ExactMatch);
             if (final.Loss is not double.NaN) _state.EvalHistory.Add(final);
             lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
-            PeftAdapter.Save(model, lora, _out, baseModel: modelPath);
+            ranks.OnRoot(() => { PeftAdapter.Save(model, lora, _out, baseModel: modelPath); return null; }, "writing the adapter");
             summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, double.IsNaN(final.Loss) ? null : final.Loss, final.ExactMatch, interrupted: false);
         }
-        AtomicFile.WriteAllBytes(Path.Combine(_out, "run_summary.json"), System.Text.Encoding.UTF8.GetBytes(summary.ToJson()));
+        ranks.OnRoot(() => { AtomicFile.WriteAllBytes(Path.Combine(_out, "run_summary.json"), System.Text.Encoding.UTF8.GetBytes(summary.ToJson())); return null; }, "writing run_summary.json");
         if (lastCheckpoint is not null) previousRun?.Discard();
-        return new Result(summary, _state);
+        ranks.Finish();
+        return new Result(summary, _state) { Rank = ranks.Rank };
     }
 
     StepRecord Step(LlamaForCausalLM model, BnbAdamW optimizer, List<IReadOnlyList<TokenRow>> microBatches, double lrFactor, TrainingSection t)
     {
-        var (lossSum, total, tokens) = Backward(model, microBatches, PadId);
+        var (lossSum, total, tokens) = Backward(model, microBatches, PadId, _ranks.Shard(microBatches));
+        (lossSum, _stopAgreed) = _ranks.ReduceGradients([.. optimizer.Parameters.Select(x => x.Parameter)], lossSum, _run.Cancellation.IsCancellationRequested, _state.Step + 1);
         double loss = total > 0 ? lossSum / total : double.NaN;
         double norm = GradNorm(optimizer);
         double rate = t.LearningRate * lrFactor;
@@ -265,15 +302,18 @@ public sealed class TrainingRun
     /// Forward and backward over the micro-batches of one optimizer step. The step's loss is the mean over every target
     /// token of all its micro-batches (not the mean of micro-batch means): each micro-batch's summed loss is divided by
     /// the step's total target count before backward, so the accumulated gradients are that mean's gradient.
-    /// Returns the summed loss, the target count and the tokens processed.
+    /// In data-parallel training a rank runs only <paramref name="mine"/>, its share of the step's micro-batches, still
+    /// normalised by the whole step's target count. Returns the summed loss (of the micro-batches run), the step's
+    /// target count and the step's tokens.
     /// </summary>
-    internal static (double LossSum, long Targets, long Tokens) Backward(LlamaForCausalLM model, IReadOnlyList<IReadOnlyList<TokenRow>> microBatches, int padId)
+    internal static (double LossSum, long Targets, long Tokens) Backward(LlamaForCausalLM model, IReadOnlyList<IReadOnlyList<TokenRow>> microBatches, int padId,
+        IReadOnlyList<IReadOnlyList<TokenRow>>? mine = null)
     {
         long total = microBatches.Sum(rows => rows.Sum(r => (long)r.ShiftedTargetCount));
         long tokens = microBatches.Sum(rows => rows.Sum(r => (long)r.InputIds.Length));
         double lossSum = 0;
         if (total == 0) return (0, 0, tokens);
-        foreach (var rows in microBatches)
+        foreach (var rows in mine ?? microBatches)
         {
             using var scope = NewDisposeScope();
             using var batch = MicroBatch.Create(rows, padId);
@@ -302,14 +342,29 @@ public sealed class TrainingRun
     string SaveCheckpoint(TrainingCheckpoints checkpoints, LlamaForCausalLM model, LoraOptions lora, BnbAdamW optimizer)
     {
         using (var rng = random.get_rng_state()) _state.RngState = Convert.ToBase64String(rng.bytes.ToArray());
-        var path = checkpoints.Save(_state.Step, dir =>
+        if (_ranks.Enabled)
+        {
+            _state.RankRngStates = [.. _ranks.AllGather(_state.RngState, $"the random states of checkpoint {_state.Step}")];
+            _state.RngState = _state.RankRngStates[0];
+        }
+        // Every rank is here, at the same step; rank 0 writes, and every rank learns whether the checkpoint was written.
+        var path = _ranks.OnRoot(() => checkpoints.Save(_state.Step, dir =>
         {
             PeftAdapter.Save(model, lora, dir, baseModel: _job.Model.Path);
             optimizer.Save(Path.Combine(dir, OptimizerFile));
             AtomicFile.WriteAllBytes(Path.Combine(dir, TrainerState.FileName), System.Text.Encoding.UTF8.GetBytes(_state.ToJson()));
-        });
+        }), $"writing checkpoint {_state.Step}")!;
         Log($"checkpoint {path}");
         return path;
+    }
+
+    /// <summary>The random state this rank resumes with: its own when the checkpoint has one per rank for this many ranks, else rank 0's.</summary>
+    string? RankRngState()
+    {
+        if (_state.RankRngStates is { } all && all.Count == _ranks.WorldSize) return all[_ranks.Rank];
+        if (_ranks.Enabled || _state.RankRngStates is not null)
+            Log($"the checkpoint was written by {_state.RankRngStates?.Count ?? 1} rank(s) and resumes on {_ranks.WorldSize}: data and weights continue exactly, dropout masks do not");
+        return _state.RngState;
     }
 
     /// <summary>
@@ -449,8 +504,8 @@ public sealed class TrainingRun
     {
         SequenceLength = job.Data.MaxSeqLength,
         MicroBatch = job.Training.MicroBatchSize,
-        LoraRank = job.Lora.Rank,
-        LoraTargets = LoraOptionsOf(job.Lora).TargetModules,
+        LoraRank = Math.Max(job.Lora.Rank, job.Lora.RankPattern?.Values.DefaultIfEmpty().Max() ?? 0), // an upper bound with rank_pattern
+        LoraTargets = PlannedTargets(LoraOptionsOf(job.Lora)),
         AdapterDType = ParseDType(job.Lora.DType),
         QuantBlocksize = job.Quantization.Blocksize,
         DoubleQuant = job.Quantization.DoubleQuant,
@@ -463,6 +518,11 @@ public sealed class TrainingRun
         BudgetBytes = job.Memory.BudgetBytes,
     };
 
+    // The projection kinds a job may adapt, for the planner: those a target name (plain or dotted) ends with; every
+    // kind for a regex. An upper bound where exclusions or layer choices adapt fewer.
+    static IReadOnlyList<string> PlannedTargets(LoraOptions o) => o.TargetRegex is not null ? LoraOptions.AllLinear
+        : LoraOptions.AllLinear.Where(p => o.TargetModules.Any(t => t == p || t.EndsWith("." + p, StringComparison.Ordinal))).ToList();
+
     /// <summary>PEFT-style LoRA options from the job's section.</summary>
     public static LoraOptions LoraOptionsOf(LoraSection s) => new()
     {
@@ -472,7 +532,10 @@ public sealed class TrainingRun
         UseRsLora = s.UseRsLora,
         TargetModules = s.TargetModules is { } m ? [.. m] : LoraOptions.AllLinear,
         TargetRegex = s.TargetRegex,
+        ExcludeModules = s.ExcludeModules,
         LayersToTransform = s.LayersToTransform,
+        RankPattern = s.RankPattern?.ToList() ?? [],
+        AlphaPattern = s.AlphaPattern?.ToList() ?? [],
         Init = s.Init,
         DType = ParseDType(s.DType),
     };

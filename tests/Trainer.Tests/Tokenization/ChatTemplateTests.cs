@@ -131,7 +131,7 @@ public sealed class ChatTemplateTests
         Assert.Null(ChatTemplate.TryDetect(Llama2Jinja));
         var e = Assert.Throws<NotSupportedException>(() => ChatTemplate.Detect(Llama2Jinja));
         Assert.Contains("not one of the supported formats", e.Message);
-        Assert.Contains("llama3, llama3.1, chatml, mistral, alpaca", e.Message);
+        Assert.Contains("llama3, llama3.1, llama3.2, chatml, mistral, mistral-spaces, alpaca", e.Message);
         Assert.Contains("no chat_template", Assert.Throws<NotSupportedException>(() => ChatTemplate.Detect(null, "llama")).Message);
         Assert.Contains("Unknown chat template name 'vicuna'", Assert.Throws<ArgumentException>(() => ChatTemplate.ByName("vicuna")).Message);
     }

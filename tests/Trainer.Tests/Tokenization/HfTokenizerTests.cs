@@ -187,7 +187,7 @@ public sealed class HfTokenizerTests : IDisposable
     {
         using var tok = HfTokenizer.Load(Track(WriteByteLevelFolder()));
         var template = tok.GetChatTemplate();
-        Assert.Equal(ChatTemplateFormat.Llama3, template.Format);
+        Assert.Equal(ChatTemplateFormat.Jinja, template.Format);
         var text = template.Render([ChatMessage.User("hello"), ChatMessage.Assistant("world")], addGenerationPrompt: false);
         var ids = tok.Encode(text, addSpecialTokens: false);
         Assert.Equal(ByteLevelBos, ids[0]);
