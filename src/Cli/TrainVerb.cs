@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Runtime.InteropServices;
+using QLora.Quant;
 using QLora.Trainer;
 
 namespace QLora.Cli;
@@ -43,7 +44,8 @@ internal static class TrainVerb
                 {
                     // A second Ctrl-C: stop now, without the checkpoint the first one asked for.
                     Console.Error.WriteLine($"qlora train: aborted by a second Ctrl-C; steps since the last checkpoint are lost (exit code {AbortedExitCode}); continue with --resume latest");
-                    Environment.Exit(AbortedExitCode);
+                    OutputFolderLock.ReleaseAll();
+                    ImmediateExit.Now(AbortedExitCode);
                 }
                 Console.Error.WriteLine("qlora train: interrupted; saving a checkpoint at the end of this step (press Ctrl-C again to abort without saving)");
                 cts.Cancel();

@@ -16,6 +16,8 @@ public sealed class OutputFolderLock : IDisposable
     /// <summary>The lock file's name inside the output folder.</summary>
     public const string FileName = ".qlora.lock";
 
+    static readonly List<OutputFolderLock> Held = [];
+
     readonly string _path;
     readonly string _content;
     readonly bool _createdFolder;
@@ -28,6 +30,7 @@ public sealed class OutputFolderLock : IDisposable
         _content = content;
         _createdFolder = createdFolder;
         AppDomain.CurrentDomain.ProcessExit += OnExit;
+        lock (Held) Held.Add(this);
     }
 
     /// <summary>The locked folder.</summary>
@@ -100,10 +103,22 @@ public sealed class OutputFolderLock : IDisposable
 
     void OnExit(object? sender, EventArgs e) => Release();
 
+    /// <summary>Releases every lock this process holds (before an immediate exit, which runs no handlers).</summary>
+    public static void ReleaseAll()
+    {
+        OutputFolderLock[] all;
+        lock (Held) all = [.. Held];
+        foreach (var l in all) l.Release();
+    }
+
     void Release()
     {
-        if (_released) return;
-        _released = true;
+        lock (Held)
+        {
+            if (_released) return;
+            _released = true;
+            Held.Remove(this);
+        }
         AppDomain.CurrentDomain.ProcessExit -= OnExit;
         try
         {
