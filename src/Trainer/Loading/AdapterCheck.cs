@@ -28,10 +28,10 @@ public static class AdapterCheck
             if (!baseProjections.ContainsKey(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which the base model does not have");
             if (!options.IsTarget(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which adapter_config.json does not select");
         }
-        int r = options.Rank;
         foreach (var (module, shape) in baseProjections.OrderBy(p => p.Key, StringComparer.Ordinal))
         {
             if (!options.IsTarget(module)) continue;
+            int r = options.RankFor(module); // r, or its rank_pattern entry
             foreach (var (part, expected) in new[] { ("lora_A", new[] { r, shape[1] }), ("lora_B", new[] { shape[0], (long)r }) })
             {
                 var key = $"{Prefix}{module}.{part}.weight";
@@ -39,7 +39,7 @@ public static class AdapterCheck
                     throw new InvalidDataException($"{weightsPath}: no {key}: adapter_config.json selects {module}, but the adapter has no weights for it (incomplete adapter)");
                 var info = reader.GetInfo(key);
                 if (!info.Shape.SequenceEqual(expected))
-                    throw new InvalidDataException($"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}]; adapter_config.json's r = {r} and the base weight [{string.Join(", ", shape)}] need [{string.Join(", ", expected)}]");
+                    throw new InvalidDataException($"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}]; adapter_config.json gives {module} r = {r} (r or rank_pattern), which with the base weight [{string.Join(", ", shape)}] needs [{string.Join(", ", expected)}]");
                 RequireFinite(reader, key);
             }
         }
