@@ -27,8 +27,8 @@ public sealed class MicroBatch : IDisposable
         InputIds = ids; Labels = labels; PositionIds = pos; AttentionMask = mask; TargetTokens = targets; RealTokens = real;
     }
 
-    /// <summary>Builds the tensors; a mask is made when some row packs several samples.</summary>
-    public static MicroBatch Create(IReadOnlyList<TokenRow> rows, int padId)
+    /// <summary>Builds the tensors on <paramref name="device"/> (null: the CPU); a mask is made when some row packs several samples.</summary>
+    public static MicroBatch Create(IReadOnlyList<TokenRow> rows, int padId, Device? device = null)
     {
         int b = rows.Count, t = rows.Max(r => r.InputIds.Length);
         var ids = new long[b * t];
@@ -61,12 +61,13 @@ public sealed class MicroBatch : IDisposable
             // [B, 1, T, T]: same segment and not later. Built by torch, since B·T·T exceeds an array's index range
             // at the sequence lengths allowed (65536² > 2³¹); the memory planner counts its bytes.
             using var scope = NewDisposeScope();
-            var segments = tensor(seg, [b, t]);
+            var segments = tensor(seg, [b, t], device: device);
             var same = segments.unsqueeze(2).eq(segments.unsqueeze(1));
-            var causal = ones([t, t], ScalarType.Bool).tril_();
+            var causal = ones([t, t], ScalarType.Bool, device: device).tril_();
             mask = same.logical_and_(causal).unsqueeze(1).MoveToOuterDisposeScope();
         }
-        return new MicroBatch(tensor(ids, [b, t]), tensor(labels, [b, t]), tensor(pos, [b, t]), mask, targets, real);
+        return new MicroBatch(tensor(ids, [b, t], device: device), tensor(labels, [b, t], device: device), tensor(pos, [b, t], device: device),
+            mask, targets, real);
     }
 
     /// <summary>Releases the tensors.</summary>

@@ -12,6 +12,9 @@ public interface IModelWeights
     /// <summary>The shape the source records for <paramref name="name"/> (the original shape for a 4-bit weight).</summary>
     long[] Shape(string name);
 
+    /// <summary>True if <paramref name="name"/> is stored as a 4-bit weight (a bnb-4bit checkpoint); false for dense sources.</summary>
+    bool IsFourBit(string name) => false;
+
     /// <summary>A dense CPU tensor (its stored float dtype) for a tensor stored densely.</summary>
     Tensor Dense(string name);
 

@@ -31,8 +31,8 @@ public static class PeftAdapter
             foreach (var (name, layer) in model.LoraLayers)
             {
                 if (!layer.Adapters.Contains(adapter)) continue;
-                parts.Add(($"{Prefix}{name}.lora_A.weight", layer.LoraA(adapter).detach().contiguous()));
-                parts.Add(($"{Prefix}{name}.lora_B.weight", layer.LoraB(adapter).detach().contiguous()));
+                parts.Add(($"{Prefix}{name}.lora_A.weight", layer.LoraA(adapter).detach().cpu().contiguous())); // a GPU model's adapters are copied to the host
+                parts.Add(($"{Prefix}{name}.lora_B.weight", layer.LoraB(adapter).detach().cpu().contiguous()));
             }
             if (parts.Count == 0) throw new ArgumentException($"no layer has an adapter named '{adapter}'");
             foreach (var (key, t) in parts) writer.Declare(key, TorchDTypes.ToTensorDType(t.dtype), t.shape);
@@ -160,8 +160,8 @@ public static class PeftAdapter
         if (c["use_dora"]?.GetValue<bool>() == true) throw new FormatException("DoRA adapters (use_dora) are not supported");
         if (c["bias"] is JsonNode bias && bias.GetValue<string>() != "none")
             throw new FormatException($"bias '{bias.GetValue<string>()}' (trained base biases) is not supported; only \"none\"");
-        if (c["modules_to_save"] is JsonArray { Count: > 0 } save)
-            throw new FormatException($"modules_to_save {save.ToJsonString()} (full trained copies of those modules) is not supported; only LoRA layers are loaded");
+        if (!IsInactive(c["modules_to_save"]))
+            throw new FormatException($"modules_to_save {c["modules_to_save"]!.ToJsonString()} (full trained copies of those modules) is not supported; only LoRA layers are loaded");
         if (c["init_lora_weights"] is JsonValue init && init.TryGetValue<string>(out var how) && !BaseKeepingInits.Contains(how))
             throw new FormatException($"init_lora_weights '{how}' changes the base weights the adapter was trained against and is not supported (convert the adapter with PEFT first)");
         foreach (var (key, value) in c)
@@ -171,7 +171,7 @@ public static class PeftAdapter
         }
     }
 
-    // null, false, 0-free empties: how LoraConfig writes a feature that is off.
+    // null, false, "", {} or []: how LoraConfig writes a feature that is off.
     private static bool IsInactive(JsonNode? value) => value switch
     {
         null => true,

@@ -13,7 +13,7 @@ public sealed class SafetensorsModelWeights(SafetensorsCheckpoint checkpoint) : 
     /// <inheritdoc />
     public bool Contains(string name) => checkpoint.Contains(name);
 
-    /// <summary>True if <paramref name="name"/> is stored as a bnb 4-bit weight.</summary>
+    /// <inheritdoc />
     public bool IsFourBit(string name) => BnbCheckpointLayout.IsQuantized(checkpoint, name);
 
     /// <inheritdoc />
