@@ -25,8 +25,10 @@ internal static class MergeVerb
         cmd.SetAction(r =>
         {
             string b = r.GetValue(baseOpt)!, a = r.GetValue(adapter)!, o = r.GetValue(output)!;
-            if (!Directory.Exists(b)) throw new DirectoryNotFoundException($"--base {b}: no such folder");
-            if (!Directory.Exists(a)) throw new DirectoryNotFoundException($"--adapter {a}: no such folder");
+            InputPaths.RequireFolder("--base", b, "a Hugging Face model folder");
+            InputPaths.RequireFolder("--adapter", a, "a PEFT adapter folder");
+            PathOverlap.Refuse("--output", o, ("--base", b), ("--adapter", a));
+            StagedFolder.CleanLeftoversBeside(o, stdout.WriteLine);
             if (DeviceRequest.Parse(r.GetValue(device), "--device").Kind == DeviceRequestKind.Cuda)
                 stdout.WriteLine("merge runs on the CPU: it reads, merges and writes one layer at a time, bound by disk and host memory, so a GPU would not speed it up");
             var report = AdapterMerger.Merge(b, a, o, FloatTypes.Parse(r.GetValue(dtype)!), r.GetValue(quantize) is not null,

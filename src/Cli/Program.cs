@@ -6,7 +6,10 @@ namespace QLora.Cli;
 /// <summary>Entry point of the <c>qlora</c> command: one verb per job, errors as one line on stderr.</summary>
 public static class Program
 {
-    /// <summary>Runs one verb and returns the process exit code (0 success, 1 failure, 2 usage error).</summary>
+    /// <summary>
+    /// Runs one verb and returns the process exit code: 0 success, 1 failure (one line on stderr, details in a log
+    /// file), 2 usage error; <c>qlora train</c> adds 130 (interrupted, checkpoint saved) and 3 (aborted by a second Ctrl-C).
+    /// </summary>
     public static int Main(string[] args)
     {
         if (LibTorchStartup.Refusal(args) is { } refusal)
@@ -50,10 +53,9 @@ public static class Program
         {
             return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false });
         }
-        catch (Exception e) when (CliErrors.IsUserFacing(e))
+        catch (Exception e)
         {
-            stderr.WriteLine($"qlora {VerbPath(parse.CommandResult)}: {CliErrors.Describe(e)}");
-            return 1;
+            return CliErrors.Report($"qlora {VerbPath(parse.CommandResult)}", e, stderr);
         }
     }
 

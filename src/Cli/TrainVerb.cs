@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Runtime.InteropServices;
+using QLora.Quant;
 using QLora.Trainer;
 
 namespace QLora.Cli;
@@ -14,6 +15,12 @@ internal static class TrainVerb
 {
     /// <summary>Exit code of a run stopped by Ctrl-C after saving its checkpoint (128 + SIGINT, as shells report).</summary>
     public const int InterruptedExitCode = 130;
+
+    /// <summary>
+    /// Exit code of a run aborted by a second Ctrl-C before it could save: steps since the last checkpoint are lost
+    /// (the checkpoints already written are complete; --resume latest continues from the newest).
+    /// </summary>
+    public const int AbortedExitCode = 3;
 
     public static Command Create(TextWriter stdout)
     {
@@ -35,8 +42,15 @@ internal static class TrainVerb
             using var cts = new CancellationTokenSource();
             ConsoleCancelEventHandler onCancel = (_, e) =>
             {
-                if (cts.IsCancellationRequested) return; // a second Ctrl-C terminates
                 e.Cancel = true;
+                if (cts.IsCancellationRequested)
+                {
+                    // A second Ctrl-C: stop now, without the checkpoint the first one asked for.
+                    Console.Error.WriteLine($"qlora train: aborted by a second Ctrl-C; steps since the last checkpoint are lost (exit code {AbortedExitCode}); continue with --resume latest");
+                    OutputFolderLock.ReleaseAll();
+                    ImmediateExit.Now(AbortedExitCode);
+                }
+                Console.Error.WriteLine("qlora train: interrupted; saving a checkpoint at the end of this step (press Ctrl-C again to abort without saving)");
                 cts.Cancel();
             };
             Console.CancelKeyPress += onCancel;

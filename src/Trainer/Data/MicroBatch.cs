@@ -58,12 +58,13 @@ public sealed class MicroBatch : IDisposable
         Tensor? mask = null;
         if (packed)
         {
-            var m = new bool[b * t * t];
-            for (int r = 0; r < b; r++)
-                for (int i = 0; i < t; i++)
-                    for (int j = 0; j <= i; j++)
-                        m[(r * t + i) * t + j] = seg[r * t + i] == seg[r * t + j];
-            mask = tensor(m, [b, 1, t, t], device: device);
+            // [B, 1, T, T]: same segment and not later. Built by torch, since B·T·T exceeds an array's index range
+            // at the sequence lengths allowed (65536² > 2³¹); the memory planner counts its bytes.
+            using var scope = NewDisposeScope();
+            var segments = tensor(seg, [b, t], device: device);
+            var same = segments.unsqueeze(2).eq(segments.unsqueeze(1));
+            var causal = ones([t, t], ScalarType.Bool, device: device).tril_();
+            mask = same.logical_and_(causal).unsqueeze(1).MoveToOuterDisposeScope();
         }
         return new MicroBatch(tensor(ids, [b, t], device: device), tensor(labels, [b, t], device: device), tensor(pos, [b, t], device: device),
             mask, targets, real);

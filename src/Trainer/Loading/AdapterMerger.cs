@@ -19,13 +19,14 @@ public static class AdapterMerger
     public static Report Merge(string baseFolder, string adapterFolder, string outputFolder, FloatType dtype = FloatType.BFloat16,
         bool quantize = false, bool overwrite = false, Action<string>? log = null, long maxShardBytes = ShardedSafetensorsWriter.DefaultMaxShardBytes)
     {
+        PathOverlap.Refuse("output", outputFolder, ("base", baseFolder), ("adapter", adapterFolder));
         var configPath = Path.Combine(baseFolder, "config.json");
         if (!File.Exists(configPath)) throw new FileNotFoundException($"{baseFolder}: no config.json, so not a Hugging Face model folder", configPath);
         LlamaConfig.Load(configPath); // refuses unsupported architectures and inconsistent shapes up front
         var rawConfig = (JsonObject)JsonNode.Parse(File.ReadAllText(configPath))!;
         var baseSkipModules = BnbQuantizationConfig.FromConfig(rawConfig)?.SkipModules;
 
-        using var source = MergedWeights.Open(baseFolder, adapterFolder);
+        using var source = MergedWeights.Open(baseFolder, adapterFolder); // checks the adapter in full (AdapterCheck) before anything is written
         var options = source.Options!;
 
         using var output = StagedFolder.Create(outputFolder, overwrite);

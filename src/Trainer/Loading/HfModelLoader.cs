@@ -35,6 +35,8 @@ public static class HfModelLoader
         public bool Streaming { get; init; }
         /// <summary>Most decoder layers resident at once when streaming (2: the current one and the prefetched one).</summary>
         public int StreamWindow { get; init; } = 2;
+        /// <summary>What to do with a stored weight holding NaN or infinity (checked before anything is built).</summary>
+        public NonFinitePolicy NonFinite { get; init; } = NonFinitePolicy.Stop;
         /// <summary>
         /// The device the model is placed on (null: the CPU). Each tensor is read, quantized on the CPU and moved there
         /// on its own, so host memory never holds the whole model on its way to a GPU.
@@ -65,6 +67,7 @@ public static class HfModelLoader
         {
             long stored = checkpoint.Tensors.Sum(t => t.ByteLength);
             log?.Invoke($"weights: {checkpoint.Tensors.Count} tensors, {stored / 1e6:F1} MB in {checkpoint.Shards.Count} file(s), memory-mapped");
+            NonFiniteValues.Check(folder, checkpoint.Tensors, n => checkpoint.GetSpan(n), options.NonFinite, log, "set Model:NonFiniteWeights to warn");
             if (options.Streaming) streamer = new LayerStreamer(checkpoint, config.NumHiddenLayers, options.StreamWindow);
             var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize || bnb is not null,
                 options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer,

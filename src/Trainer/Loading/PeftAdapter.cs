@@ -220,6 +220,7 @@ public static class PeftAdapter
                 var info = reader.GetInfo(key);
                 if (!info.Shape.SequenceEqual(target.shape))
                     throw new InvalidDataException($"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}], the model needs [{string.Join(", ", target.shape)}]");
+                AdapterCheck.RequireFinite(reader, key);
                 plan.Add((key, target));
             }
         }
