@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Diagnostics;
+using QLora.Quant;
 using QLora.Trainer;
 
 namespace QLora.Cli;
@@ -19,9 +20,10 @@ internal static class GenerateVerb
         var topK = new Option<int>("--top-k") { Description = "sample among the k most likely tokens (0 = off)", DefaultValueFactory = _ => 0 };
         var topP = new Option<double>("--top-p") { Description = "nucleus sampling threshold (1 = off)", DefaultValueFactory = _ => 1.0 };
         var seed = new Option<ulong>("--seed") { Description = "sampling seed", DefaultValueFactory = _ => 42UL };
+        var device = DeviceOptions.Device();
         var cmd = new Command("generate", "Generate text with a KV cache; greedy or temperature/top-k/top-p sampling; stops at EOS.")
         {
-            model, adapter, prompt, chat, template, maxNew, temperature, topK, topP, seed,
+            model, adapter, prompt, chat, template, maxNew, temperature, topK, topP, seed, device,
         };
         cmd.SetAction(r =>
         {
@@ -32,9 +34,11 @@ internal static class GenerateVerb
                 TopP = r.GetValue(topP), Seed = r.GetValue(seed),
             };
             options.Validate();
-            if (!Directory.Exists(folder)) throw new DirectoryNotFoundException($"--model {folder}: no such folder");
+            InputPaths.RequireFolder("--model", folder, "a Hugging Face model folder");
+            if (r.GetValue(adapter) is { } adapterFolder) InputPaths.RequireFolder("--adapter", adapterFolder, "a PEFT adapter folder");
+            var on = DeviceSelector.Resolve(r.GetValue(device), "--device", stdout.WriteLine);
             using var tokenizer = HfTokenizer.Load(folder);
-            using var m = HfModelLoader.Load(folder);
+            using var m = HfModelLoader.Load(folder, new HfModelLoader.Options { Device = on.Torch });
             tokenizer.EnsureMatchesEmbedding((int)m.Config.VocabSize);
             if (r.GetValue(adapter) is { } a) PeftAdapter.Load(m, a);
             int[] ids;
@@ -45,13 +49,38 @@ internal static class GenerateVerb
                 ids = tokenizer.Encode(text, addSpecialTokens: false); // the template writes BOS itself
             }
             else ids = tokenizer.Encode(r.GetValue(prompt)!, addSpecialTokens: true);
+            // As transformers: positions past max_position_embeddings were never trained. A prompt that long is refused;
+            // generation stops there, with a warning, instead of running on for minutes.
+            int maxPositions = m.Config.MaxPositionEmbeddings;
+            if (ids.Length >= maxPositions)
+                throw new ArgumentException($"the prompt has {ids.Length} tokens; the model's max_position_embeddings is {maxPositions}, which leaves no room to generate; shorten the prompt");
+            if (ids.Length + options.MaxNewTokens > maxPositions)
+            {
+                stdout.WriteLine($"warning: --max-new-tokens {options.MaxNewTokens} with a {ids.Length}-token prompt goes past the model's max_position_embeddings {maxPositions}; generating at most {maxPositions - ids.Length} tokens");
+                options = options with { MaxNewTokens = maxPositions - ids.Length };
+            }
             var sw = Stopwatch.StartNew();
-            var output = TextGenerator.Generate(m, ids, options with { StopTokenIds = tokenizer.EosTokenIds, VocabLimit = tokenizer.VocabSize });
+            // Streamed: the text is written as it is produced (decoded so far, less what was already written; a
+            // token that ends inside a UTF-8 character waits for the next one).
+            var produced = new List<int>();
+            int written = 0;
+            var output = TextGenerator.Generate(m, ids, options with { StopTokenIds = tokenizer.EosTokenIds, VocabLimit = tokenizer.VocabSize }, token =>
+            {
+                produced.Add(token);
+                var text = tokenizer.Decode(produced, skipSpecialTokens: true);
+                if (text.Length > written && !text.EndsWith('\uFFFD'))
+                {
+                    stdout.Write(text[written..]);
+                    stdout.Flush();
+                    written = text.Length;
+                }
+            });
             sw.Stop();
-            stdout.WriteLine(tokenizer.Decode(output, skipSpecialTokens: true));
+            var all = tokenizer.Decode(output, skipSpecialTokens: true);
+            stdout.WriteLine(all.Length > written ? all[written..] : "");
             stdout.WriteLine(Json.Line(new
             {
-                verb = "generate", prompt_tokens = ids.Length, new_tokens = output.Count,
+                verb = "generate", device = on.Name, prompt_tokens = ids.Length, new_tokens = output.Count,
                 stopped_at_eos = output.Count > 0 && tokenizer.EosTokenIds.Contains(output[^1]),
                 tokens_per_s = Math.Round(output.Count / Math.Max(sw.Elapsed.TotalSeconds, 1e-9), 1),
             }));

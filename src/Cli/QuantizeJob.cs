@@ -15,6 +15,7 @@ internal sealed class QuantizeJob
     public bool? DoubleQuant { get; set; }
     public string? Include { get; set; }
     public bool? Overwrite { get; set; }
+    public string? NonFinite { get; set; }
 
     /// <summary>
     /// Reads the section from <paramref name="path"/>; returns an empty job if the default file is absent. An unknown key

@@ -20,10 +20,12 @@ internal static class QuantizeVerb
         var blocksize = new Option<int?>("--blocksize") { Description = "elements per absmax block: 32, 64 (default), ..., 4096" };
         var doubleQuant = new Option<bool?>("--double-quant") { Description = "double-quantize the absmax: true (default) or false" };
         var include = new Option<string?>("--include") { Description = "regex of tensor names to quantize (2-D float tensors only; default: the q/k/v/o/gate/up/down projections)" };
+        var nonFinite = new Option<string?>("--non-finite") { Description = "a weight with NaN/Inf values: stop (default) or warn" };
+        nonFinite.AcceptOnlyFromAmong("stop", "warn");
         var overwrite = new Option<bool?>("--overwrite") { Description = "replace an existing output (atomically, once the new one is complete)" };
         var cmd = new Command("quantize", "Quantize Linear weights to NF4/FP4 in the bitsandbytes layout, tensor by tensor.")
         {
-            config, input, output, quantType, blocksize, doubleQuant, include, overwrite,
+            config, input, output, quantType, blocksize, doubleQuant, include, overwrite, nonFinite,
         };
         cmd.SetAction(r =>
         {
@@ -34,6 +36,7 @@ internal static class QuantizeVerb
                 Blocksize = r.GetValue(blocksize) ?? job.Blocksize ?? 64,
                 DoubleQuant = r.GetValue(doubleQuant) ?? job.DoubleQuant ?? true,
                 Include = r.GetValue(include) ?? job.Include ?? QuantizeOptions.DefaultInclude,
+                NonFinite = NonFiniteValues.ParsePolicy(r.GetValue(nonFinite) ?? job.NonFinite ?? "stop"),
             };
             try { QuantTypes.ValidateBlocksize(options.Blocksize); }
             catch (ArgumentOutOfRangeException) { throw new ArgumentException($"--blocksize {options.Blocksize}: must be a power of two from 32 to 4096"); }
@@ -42,6 +45,8 @@ internal static class QuantizeVerb
             string outPath = r.GetValue(output) ?? job.Output ?? throw new ArgumentException("--output is required (or set Quantize:Output in the job file)");
             bool replace = r.GetValue(overwrite) ?? job.Overwrite ?? false;
 
+            if (File.Exists(inPath) || Directory.Exists(inPath)) PathOverlap.Refuse("--output", outPath, ("--input", inPath));
+            StagedFolder.CleanLeftoversBeside(outPath, stdout.WriteLine);
             var sw = Stopwatch.StartNew();
             CheckpointQuantizer.Report report;
             if (Directory.Exists(inPath)) report = CheckpointQuantizer.QuantizeFolder(inPath, outPath, options, stdout.WriteLine, replace);

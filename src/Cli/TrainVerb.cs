@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Runtime.InteropServices;
+using QLora.Quant;
 using QLora.Trainer;
 
 namespace QLora.Cli;
@@ -15,13 +16,20 @@ internal static class TrainVerb
     /// <summary>Exit code of a run stopped by Ctrl-C after saving its checkpoint (128 + SIGINT, as shells report).</summary>
     public const int InterruptedExitCode = 130;
 
+    /// <summary>
+    /// Exit code of a run aborted by a second Ctrl-C before it could save: steps since the last checkpoint are lost
+    /// (the checkpoints already written are complete; --resume latest continues from the newest).
+    /// </summary>
+    public const int AbortedExitCode = 3;
+
     public static Command Create(TextWriter stdout)
     {
         var config = new Option<string?>("--config") { Description = "the job file (default: ./appsettings.json)" };
         var resume = new Option<string?>("--resume") { Description = "continue from 'latest' (the newest complete checkpoint of Output:Dir) or a checkpoint folder" };
-        var cmd = new Command("train", "QLoRA fine-tuning from a job file; overrides as --Section:Key value (e.g. --Training:LearningRate 1e-4).")
+        var emulate = DeviceOptions.EmulateVram();
+        var cmd = new Command("train", "QLoRA fine-tuning from a job file; overrides as --Section:Key value (e.g. --Training:LearningRate 1e-4; the device: --Model:Device cuda).")
         {
-            config, resume,
+            config, resume, emulate,
         };
         cmd.TreatUnmatchedTokensAsErrors = false;
         cmd.SetAction(r =>
@@ -29,16 +37,26 @@ internal static class TrainVerb
             NativeHeap.UseLeanPolicy(); // freed activations go back to the system, as the planner assumes
             var jobPath = r.GetValue(config) ?? Path.Combine(Directory.GetCurrentDirectory(), "appsettings.json");
             var job = JobConfiguration.LoadTrainJob(jobPath, r.UnmatchedTokens);
+            using var reservation = r.GetValue(emulate) is { } vram
+                ? DeviceOptions.Emulate(DeviceSelector.Resolve(job.Model.Device, "Model:Device"), vram, stdout) : null;
             using var cts = new CancellationTokenSource();
             ConsoleCancelEventHandler onCancel = (_, e) =>
             {
-                if (cts.IsCancellationRequested) return; // a second Ctrl-C terminates
                 e.Cancel = true;
+                if (cts.IsCancellationRequested)
+                {
+                    // A second Ctrl-C: stop now, without the checkpoint the first one asked for.
+                    Console.Error.WriteLine($"qlora train: aborted by a second Ctrl-C; steps since the last checkpoint are lost (exit code {AbortedExitCode}); continue with --resume latest");
+                    OutputFolderLock.ReleaseAll();
+                    ImmediateExit.Now(AbortedExitCode);
+                }
+                Console.Error.WriteLine("qlora train: interrupted; saving a checkpoint at the end of this step (press Ctrl-C again to abort without saving)");
                 cts.Cancel();
             };
             Console.CancelKeyPress += onCancel;
             using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
-            var progress = new ProgressDisplay(stdout, interactive: ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected);
+            // Under mpirun the ranks' output is a pseudo-terminal that the launcher copies into its own: plain lines, not a bar.
+            var progress = new ProgressDisplay(stdout, interactive: ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected && !MpiLaunch.IsLaunched);
             try
             {
                 var result = TrainingRun.Run(job, new TrainingRun.RunOptions

@@ -19,7 +19,9 @@ public static class CheckpointQuantizer
     {
         var include = options.IncludeRegex();
         QuantTypes.ValidateBlocksize(options.Blocksize);
+        PathOverlap.Refuse("output", output, ("input", input));
         using var reader = SafetensorsReader.Open(input);
+        NonFiniteValues.Check(input, reader.Tensors, n => reader.GetSpan(n), options.NonFinite, log, "pass --non-finite warn");
 
         // Pass 1: lay out the output. A quantized weight's entries depend only on its shape and, through the
         // quant-state JSON, on the double-quantization offset, which the cheap absmax pass gives.
@@ -80,6 +82,7 @@ public static class CheckpointQuantizer
     /// </summary>
     public static Report QuantizeFolder(string inputDir, string outputDir, QuantizeOptions options, Action<string>? log = null, bool overwrite = false)
     {
+        PathOverlap.Refuse("output", outputDir, ("input", inputDir));
         var configPath = Path.Combine(inputDir, "config.json");
         if (!File.Exists(configPath)) throw new FileNotFoundException($"{inputDir}: not a Hugging Face model folder (no config.json)", configPath);
         JsonObject config;

@@ -16,6 +16,8 @@ public sealed record QuantizeOptions
     public bool DoubleQuant { get; init; } = true;
     /// <summary>Regex over tensor names; matching 2-D floating-point tensors are quantized, all others copied.</summary>
     public string Include { get; init; } = DefaultInclude;
+    /// <summary>What to do with a tensor holding NaN or infinity: stop (default) or warn.</summary>
+    public NonFinitePolicy NonFinite { get; init; } = NonFinitePolicy.Stop;
 
     /// <summary>
     /// Modules left dense whatever <see cref="Include"/> says, as llm_int8_skip_modules patterns (transformers' rule, see

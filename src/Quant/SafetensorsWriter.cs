@@ -16,9 +16,6 @@ namespace QLora.Quant;
 /// </summary>
 public sealed class SafetensorsWriter : IDisposable
 {
-    /// <summary>Suffix of the temporary files the writers create (ignored by git).</summary>
-    internal const string TempSuffix = ".qlora-tmp";
-
     private readonly string _path;
     private readonly string _tempPath;
     private readonly SortedDictionary<string, string> _metadata = new(StringComparer.Ordinal);
@@ -38,8 +35,7 @@ public sealed class SafetensorsWriter : IDisposable
         {
             foreach (var (key, value) in metadata) _metadata[key] = value;
         }
-        string directory = System.IO.Path.GetDirectoryName(_path)!;
-        _tempPath = System.IO.Path.Combine(directory, $".{System.IO.Path.GetFileName(_path)}.{Guid.NewGuid():N}{TempSuffix}");
+        _tempPath = WriteLeftovers.TempPathFor(_path);
     }
 
     /// <summary>The file this writer replaces on <see cref="Commit"/>.</summary>
@@ -151,12 +147,7 @@ public sealed class SafetensorsWriter : IDisposable
         _disposed = true;
         _stream?.Dispose();
         _stream = null;
-        if (!_committed)
-        {
-            try { File.Delete(_tempPath); }
-            catch (IOException) { }
-            catch (UnauthorizedAccessException) { }
-        }
+        if (!_committed) AtomicFile.TryDelete(_tempPath);
     }
 
     /// <summary>Checks that metadata keys and values are non-null, encodable strings.</summary>

@@ -31,9 +31,19 @@ public sealed class StagedFolder : IDisposable
         if (!overwrite && Directory.Exists(outputDir) && Directory.EnumerateFileSystemEntries(outputDir).Any())
             throw new IOException($"{outputDir}: output folder exists and is not empty; pass --overwrite to replace it, or choose another --output");
         var full = System.IO.Path.GetFullPath(outputDir.TrimEnd(System.IO.Path.DirectorySeparatorChar, System.IO.Path.AltDirectorySeparatorChar));
-        var staging = full + $".partial-{Environment.ProcessId}-{Guid.NewGuid():N}"[..24];
+        var staging = WriteLeftovers.StagingPathFor(full);
         Directory.CreateDirectory(staging);
         return new StagedFolder(full, staging);
+    }
+
+    /// <summary>
+    /// Removes unfinished writes (staging folders, temporary files) that processes no longer running left beside
+    /// <paramref name="output"/>, logging each; a live writer's and anything not named as the project's are kept.
+    /// </summary>
+    public static void CleanLeftoversBeside(string output, Action<string>? log)
+    {
+        var parent = System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(output.TrimEnd(System.IO.Path.DirectorySeparatorChar, System.IO.Path.AltDirectorySeparatorChar)));
+        if (parent is not null) WriteLeftovers.Clean(parent, folderIsOwned: false, log);
     }
 
     /// <summary>Moves the finished folder into place (swapping out an existing one).</summary>

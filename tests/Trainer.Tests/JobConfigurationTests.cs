@@ -28,6 +28,43 @@ public class JobConfigurationTests
     }
 
     [Fact]
+    public void QloraVariablesThatAreNotJobKeysAreNotReadAndWrongOnesAreNamed()
+    {
+        using var dir = new TempFolder();
+        var path = Job(dir, Minimal);
+        string[] names = ["QLORA_HOME", "QLORA_CUDART", "QLORA_Lora__Rnak", "QLORA_Lora__Rank"];
+        try
+        {
+            Environment.SetEnvironmentVariable("QLORA_HOME", "/opt/qlora");
+            Environment.SetEnvironmentVariable("QLORA_CUDART", "/nowhere/libcudart.so");
+            Environment.SetEnvironmentVariable("QLORA_Lora__Rank", "8");
+            Assert.Equal(8, JobConfiguration.LoadTrainJob(path).Lora.Rank); // QLORA_HOME and QLORA_CUDART are not job keys
+            Environment.SetEnvironmentVariable("QLORA_Lora__Rnak", "8");
+            var e = Assert.Throws<FormatException>(() => JobConfiguration.LoadTrainJob(path));
+            Assert.Contains("unknown key Lora:Rnak", e.Message);
+            Assert.Contains("QLORA_Lora__Rnak", e.Message); // the source is named
+            Environment.SetEnvironmentVariable("QLORA_Lora__Rnak", null);
+            Environment.SetEnvironmentVariable("QLORA_Lora__Rank", "zero");
+            Assert.Contains("QLORA_Lora__Rank", Assert.Throws<FormatException>(() => JobConfiguration.LoadTrainJob(path)).Message);
+        }
+        finally
+        {
+            foreach (var n in names) Environment.SetEnvironmentVariable(n, null);
+        }
+    }
+
+    [Fact]
+    public void AnEmptyOverrideUnsetsAnOptionalSetting()
+    {
+        using var dir = new TempFolder();
+        var path = Job(dir, """{ "Model": { "Path": "m", "ChatTemplate": "chatml" }, "Data": { "TrainFile": "t.jsonl", "EvalFile": "e.jsonl" }, "Output": { "Dir": "o" } }""");
+        var job = JobConfiguration.LoadTrainJob(path, ["--Data:EvalFile", "", "--Model:ChatTemplate="], environment: false);
+        Assert.Null(job.Data.EvalFile);
+        Assert.Null(job.Model.ChatTemplate);
+        Assert.Equal(Path.Combine(dir.Path, "e.jsonl"), JobConfiguration.LoadTrainJob(path, environment: false).Data.EvalFile);
+    }
+
+    [Fact]
     public void EnvironmentVariablesOverrideTheFileAndTheCommandLineOverridesBoth()
     {
         using var dir = new TempFolder();
@@ -42,6 +79,7 @@ public class JobConfigurationTests
             Assert.Equal(["q_proj", "v_proj"], fromEnv.Lora.TargetModules!); // a list replaces the default, not extends it
             Environment.SetEnvironmentVariable("QLORA_LIBTORCH", "/opt/torch/lib"); // the process's libtorch, not a job key
             Environment.SetEnvironmentVariable("QLORA_LIBTORCH_ALLOW_MISMATCH", "1");
+            Environment.SetEnvironmentVariable("QLORA_MPI_LIBRARY", "/opt/mpi/lib/libmpi.so");
             Assert.Equal(9, JobConfiguration.LoadTrainJob(path).Training.MaxSteps);
             var fromArgs = JobConfiguration.LoadTrainJob(path, ["--Training:LearningRate", "1e-4", "--Lora:Rank=8"]);
             Assert.Equal(1e-4, fromArgs.Training.LearningRate);
@@ -58,6 +96,7 @@ public class JobConfigurationTests
             Environment.SetEnvironmentVariable("QLORA_Trainin__MaxSteps", null);
             Environment.SetEnvironmentVariable("QLORA_LIBTORCH", null);
             Environment.SetEnvironmentVariable("QLORA_LIBTORCH_ALLOW_MISMATCH", null);
+            Environment.SetEnvironmentVariable("QLORA_MPI_LIBRARY", null);
         }
     }
 

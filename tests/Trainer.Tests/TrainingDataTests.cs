@@ -121,6 +121,23 @@ public class TrainingDataTests
     }
 
     [Fact]
+    public void ThePackingMaskIsSameSegmentAndNotLaterForEveryRowAndPadding()
+    {
+        // Two packed rows of different lengths (the shorter is padded): the mask, checked element by element against
+        // its definition (same segment, j ≤ i; padding its own segment).
+        var a = new TokenRow([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 0], [0, 0, 0, 1, 1, 2]);
+        var b = new TokenRow([7, 8, 9, 10], [7, 8, 9, 10], [0, 1, 0, 1], [0, 0, 1, 1]);
+        using var batch = MicroBatch.Create([a, b], padId: 0);
+        Assert.Equal([2, 1, 6, 6], batch.AttentionMask!.shape);
+        var mask = batch.AttentionMask.data<bool>().ToArray();
+        int[][] segments = [[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, -1, -1]];
+        for (int r = 0; r < 2; r++)
+            for (int i = 0; i < 6; i++)
+                for (int j = 0; j < 6; j++)
+                    Assert.Equal(j <= i && segments[r][i] == segments[r][j], mask[(r * 6 + i) * 6 + j]);
+    }
+
+    [Fact]
     public void PaddedBatchesAreGroupedByLengthAndTheScheduleIsAFunctionOfSeedAndEpoch()
     {
         var rows = Enumerable.Range(1, 40).Select(n => TokenRow.Single(new EncodedSample(new int[n], new int[n], false))).ToList();

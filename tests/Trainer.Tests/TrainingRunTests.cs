@@ -67,6 +67,67 @@ public class TrainingResumeTests
     }
 
     [Fact]
+    public void ResumingAFinishedRunIsANoOpAndAResumeCutsTheLogBackToItsCheckpoint()
+    {
+        using var a = new TempFolder();
+        using var b = new TempFolder();
+        var jobA = TrainJobFixture.WriteJob(a.Path);
+        var full = RunJob(jobA);
+        var summary = File.ReadAllText(a.File("out/run_summary.json"));
+        string[] StepsLogged(string dir) => File.ReadAllLines(Path.Combine(dir, "train_log.jsonl"))
+            .Select(l => JsonNode.Parse(l)!["step"]!.ToString()).ToArray();
+
+        // A finished run resumed: nothing trained, evaluated or written; it says so.
+        var log = new List<string>();
+        var again = RunJob(jobA, resume: "latest", log: log);
+        Assert.Contains(log, l => l.Contains("already finished at step 6", StringComparison.Ordinal));
+        Assert.Equal(6, again.Summary.Steps);
+        Assert.Equal(full.State.EvalHistory.Count, again.State.EvalHistory.Count);
+        Assert.Equal(summary, File.ReadAllText(a.File("out/run_summary.json")));
+        Assert.Equal(["1", "2", "3", "4", "5", "6"], StepsLogged(a.File("out")));
+
+        // Resumed from an older checkpoint (as after a kill at step 6 before its checkpoint): the log is cut back to it.
+        var fromFour = RunJob(jobA, resume: a.File("out/checkpoints/checkpoint-000004"));
+        Assert.Equal(4, fromFour.Summary.ResumedFromStep);
+        Assert.Equal(["1", "2", "3", "4", "5", "6"], StepsLogged(a.File("out")));
+        Assert.Equal(Losses(full, 4), Losses(fromFour, 4));
+
+        // Another run's checkpoint into a new Output:Dir.
+        var other = JobConfiguration.LoadTrainJob(jobA, ["--Output:Dir", b.File("new-out")], environment: false);
+        var continued = TrainingRun.Run(other, new TrainingRun.RunOptions { Resume = a.File("out/checkpoints/checkpoint-000002") });
+        Assert.Equal(2, continued.Summary.ResumedFromStep);
+        Assert.Equal(Losses(full, 2), continued.State.History.Where(h => h.Step > 2).Select(h => h.Loss).ToArray());
+        Assert.True(File.Exists(b.File("new-out/job.json")));
+        Assert.Equal(["3", "4", "5", "6"], StepsLogged(b.File("new-out")));
+    }
+
+    [Fact]
+    public void AFreshRunStoppedBeforeItsFirstCheckpointPutsThePreviousRunBack()
+    {
+        using var a = new TempFolder();
+        var jobA = TrainJobFixture.WriteJob(a.Path, j => j["Eval"] = new JsonObject { ["ExactMatch"] = false });
+        RunJob(jobA);
+        var before = Directory.EnumerateFiles(a.File("out"), "*", SearchOption.AllDirectories).ToDictionary(f => f, File.ReadAllBytes);
+        var job = JobConfiguration.LoadTrainJob(jobA, ["--Output:Overwrite", "true", "--Training:LearningRate", "0.5"], environment: false);
+        using var cts = new CancellationTokenSource();
+        cts.Cancel(); // Ctrl-C before the first step
+        var log = new List<string>();
+        var r = TrainingRun.Run(job, new TrainingRun.RunOptions { Cancellation = cts.Token, Log = log.Add });
+        Assert.True(r.Summary.Interrupted);
+        Assert.Contains(log, l => l.Contains("interrupted before the first step", StringComparison.Ordinal) && l.Contains("run the same command again", StringComparison.Ordinal));
+        Assert.DoesNotContain(log, l => l.Contains("--resume latest", StringComparison.Ordinal)); // it would fail: no checkpoint
+        var after = Directory.EnumerateFiles(a.File("out"), "*", SearchOption.AllDirectories).ToDictionary(f => f, File.ReadAllBytes);
+        Assert.Equal(before.Keys.Order(), after.Keys.Order());
+        foreach (var (f, bytes) in before) Assert.True(bytes.AsSpan().SequenceEqual(after[f]), f);
+
+        // The same fresh run, not stopped: the previous run is replaced once the new one has a checkpoint.
+        var replaced = TrainingRun.Run(job, new TrainingRun.RunOptions { Log = log.Add });
+        Assert.Equal(6, replaced.Summary.Steps);
+        Assert.False(Directory.Exists(a.File("out/" + RunOutputFolder.PreviousRunFolder)));
+        Assert.Contains(log, l => l.StartsWith("removed the previous run's results", StringComparison.Ordinal));
+    }
+
+    [Fact]
     public void ADamagedCheckpointIsRefusedAndLatestFallsBackToThePreviousOne()
     {
         using var a = new TempFolder();

@@ -53,7 +53,7 @@ public static class JobMemoryBenchmark
         WriteText(eval, Math.Max(o.EvalRows, 1), o.Sequence, seed: 2);
         var job = new JsonObject
         {
-            ["Model"] = new JsonObject { ["Path"] = Path.GetFullPath(o.ModelFolder), ["Stream"] = o.Stream, ["StreamWindow"] = o.StreamWindow },
+            ["Model"] = new JsonObject { ["Path"] = Path.GetFullPath(o.ModelFolder), ["Stream"] = o.Stream, ["StreamWindow"] = o.StreamWindow, ["Device"] = "cpu" }, // measured as host memory
             ["Lora"] = new JsonObject { ["Rank"] = o.Rank, ["Alpha"] = 2 * o.Rank },
             ["Data"] = new JsonObject
             {

@@ -33,10 +33,10 @@ public sealed class MicroBatch : IDisposable
     }
 
     /// <summary>
-    /// Builds the tensors; when some row packs several samples, a mask is made, or with <paramref name="segmentAttention"/>
-    /// the rows' segments instead (the same attention without a [B, 1, T, T] mask).
+    /// Builds the tensors on <paramref name="device"/> (null: the CPU); when some row packs several samples, a mask is made,
+    /// or with <paramref name="segmentAttention"/> the rows' segments instead (the same attention without a [B, 1, T, T] mask).
     /// </summary>
-    public static MicroBatch Create(IReadOnlyList<TokenRow> rows, int padId, bool segmentAttention = false)
+    public static MicroBatch Create(IReadOnlyList<TokenRow> rows, int padId, Device? device = null, bool segmentAttention = false)
     {
         int b = rows.Count, t = rows.Max(r => r.InputIds.Length);
         var ids = new long[b * t];
@@ -83,14 +83,16 @@ public sealed class MicroBatch : IDisposable
         }
         else if (packed)
         {
-            var m = new bool[b * t * t];
-            for (int r = 0; r < b; r++)
-                for (int i = 0; i < t; i++)
-                    for (int j = 0; j <= i; j++)
-                        m[(r * t + i) * t + j] = seg[r * t + i] == seg[r * t + j];
-            mask = tensor(m, [b, 1, t, t]);
+            // [B, 1, T, T]: same segment and not later. Built by torch, since B·T·T exceeds an array's index range
+            // at the sequence lengths allowed (65536² > 2³¹); the memory planner counts its bytes.
+            using var scope = NewDisposeScope();
+            var segIds = tensor(seg, [b, t], device: device);
+            var same = segIds.unsqueeze(2).eq(segIds.unsqueeze(1));
+            var causal = ones([t, t], ScalarType.Bool, device: device).tril_();
+            mask = same.logical_and_(causal).unsqueeze(1).MoveToOuterDisposeScope();
         }
-        return new MicroBatch(tensor(ids, [b, t]), tensor(labels, [b, t]), tensor(pos, [b, t]), mask, segments, targets, real);
+        return new MicroBatch(tensor(ids, [b, t], device: device), tensor(labels, [b, t], device: device), tensor(pos, [b, t], device: device),
+            mask, segments, targets, real);
     }
 
     /// <summary>Releases the tensors.</summary>

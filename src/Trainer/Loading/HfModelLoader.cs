@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using QLora.Quant;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace QLora.Trainer;
@@ -39,6 +40,13 @@ public static class HfModelLoader
         /// checkpoint; only the rows a batch uses reach the device (see <see cref="FrozenEmbedding.OnHost"/>).
         /// </summary>
         public bool HostEmbedding { get; init; } = true;
+        /// <summary>What to do with a stored weight holding NaN or infinity (checked before anything is built).</summary>
+        public NonFinitePolicy NonFinite { get; init; } = NonFinitePolicy.Stop;
+        /// <summary>
+        /// The device the model is placed on (null: the CPU). Each tensor is read, quantized on the CPU and moved there
+        /// on its own, so host memory never holds the whole model on its way to a GPU.
+        /// </summary>
+        public Device? Device { get; init; }
     }
 
     /// <summary>Loads the model in <paramref name="folder"/>; errors name the file, field or tensor that is wrong.</summary>
@@ -65,11 +73,12 @@ public static class HfModelLoader
         {
             long stored = checkpoint.Tensors.Sum(t => t.ByteLength);
             log?.Invoke($"weights: {checkpoint.Tensors.Count} tensors, {stored / 1e6:F1} MB in {checkpoint.Shards.Count} file(s), memory-mapped");
+            NonFiniteValues.Check(folder, checkpoint.Tensors, n => checkpoint.GetSpan(n), options.NonFinite, log, "set Model:NonFiniteWeights to warn");
             if (options.Streaming) streamer = new LayerStreamer(checkpoint, config.NumHiddenLayers, options.StreamWindow);
             var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize || bnb is not null,
                 options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer,
                 keepDense: bnb is { SkipModules: not null } ? bnb.SkipsModule : null, // llm_int8_skip_modules stay 16-bit, as transformers keeps them
-                hostEmbedding: options.HostEmbedding);
+                hostEmbedding: options.HostEmbedding, device: options.Device);
             if (model.model.embed_tokens.IsOnHost && streamer is null)
             {
                 model.HostMemory = checkpoint; // the embedding reads the mapped file: the model keeps it open
@@ -80,7 +89,7 @@ public static class HfModelLoader
             var embedding = model.model.embed_tokens;
             // Quantizing on load leaves the managed arrays of every weight behind: give them back before training starts.
             ManagedHeap.ReturnFreeMemory();
-            log?.Invoke($"model: {quantized / 1e6:F1} MB of 4-bit projections{(streamer is null ? "" : $" streamed from disk (at most {streamer.Window} layers of {streamer.LargestLayerBytes / 1e6:F1} MB resident)")} + {dense / 1e6:F1} MB dense ({options.ComputeDType}){(embedding.IsOnHost ? $"; the {embedding.Table.numel() * embedding.Table.element_size() / 1e6:F1} MB input embedding is read in place from the memory-mapped checkpoint" : "")} in {sw.Elapsed.TotalSeconds:F1} s");
+            log?.Invoke($"model{(options.Device is { type: not DeviceType.CPU } d ? $" on {d}" : "")}: {quantized / 1e6:F1} MB of 4-bit projections{(streamer is null ? "" : $" streamed from disk (at most {streamer.Window} layers of {streamer.LargestLayerBytes / 1e6:F1} MB resident)")} + {dense / 1e6:F1} MB dense ({options.ComputeDType}){(embedding.IsOnHost ? $"; the {embedding.Table.numel() * embedding.Table.element_size() / 1e6:F1} MB input embedding is read in place from the memory-mapped checkpoint" : "")} in {sw.Elapsed.TotalSeconds:F1} s");
             return model;
         }
         catch

@@ -37,9 +37,21 @@ public sealed class FrozenEmbedding : nn.Module<Tensor, Tensor>
     /// <summary>True when the table stays in host memory and only looked-up rows reach the device.</summary>
     public bool IsOnHost => _host is not null;
 
-    /// <summary>The matrix as a device parameter (looked up by name: Module.to() replaces registered tensors).</summary>
-    public Parameter weight => get_parameter("weight")
-        ?? throw new InvalidOperationException("the embedding table stays in host memory (FrozenEmbedding.OnHost); use Table");
+    /// <summary>
+    /// The matrix as a device parameter (looked up by name: Module.to() replaces registered tensors, through this setter,
+    /// as in <see cref="FrozenWeightModule"/>).
+    /// </summary>
+    public Parameter weight
+    {
+        get => get_parameter("weight")
+            ?? throw new InvalidOperationException("the embedding table stays in host memory (FrozenEmbedding.OnHost); use Table");
+        private set
+        {
+            var old = get_parameter("weight");
+            ConditionallyRegisterParameter("weight", value);
+            if (old is not null && !ReferenceEquals(old, value)) old.Dispose();
+        }
+    }
 
     /// <summary>The table wherever it is held (host or device).</summary>
     public Tensor Table => _host ?? weight;

@@ -43,8 +43,8 @@ public static class TextGenerator
     {
         options.Validate();
         if (prompt.Count == 0) throw new ArgumentException("the prompt has no tokens");
-        var device = model.model.norm.weight.device; // the compute device (the embedding table may stay on the host)
-        var generator = new Generator(options.Seed, device);
+        var device = model.Device; // the compute device (the embedding table may stay on the host)
+        var generator = new Generator(options.Seed); // a CPU generator: sampling draws on the host on every device, so a seed means the same everywhere
         var output = new List<int>();
         bool wasTraining = model.training;
         model.eval();
@@ -96,6 +96,7 @@ public static class TextGenerator
             scores = scores.masked_fill(dropInOrder, double.NegativeInfinity);
         }
         var probs = scores.softmax(0);
+        if (probs.device_type != generator.device.type) probs = probs.to(generator.device);
         return (int)probs.multinomial(1, generator: generator).item<long>();
     }
 }

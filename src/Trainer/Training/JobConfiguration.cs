@@ -18,10 +18,10 @@ public static class JobConfiguration
     public const string EnvironmentPrefix = "QLORA_";
 
     /// <summary>
-    /// <c>QLORA_</c> variables that configure the process, not the job (the libtorch preload, the GPU check): never
+    /// <c>QLORA_</c> variables that configure the process, not the job (the libtorch preload, the GPU check, MPI): never
     /// read as job keys, so setting them does not make every job fail with an unknown key.
     /// </summary>
-    public static readonly IReadOnlyList<string> ProcessVariables = ["QLORA_LIBTORCH", "QLORA_LIBTORCH_ALLOW_MISMATCH", "QLORA_CUDART", "QLORA_GPU_CHECK"];
+    public static readonly IReadOnlyList<string> ProcessVariables = ["QLORA_LIBTORCH", "QLORA_LIBTORCH_ALLOW_MISMATCH", "QLORA_CUDART", "QLORA_GPU_CHECK", "QLORA_MPI_LIBRARY"];
 
     /// <summary>Top-level sections that belong to other verbs and are allowed in the same file (e.g. <c>Quantize</c>).</summary>
     public static readonly IReadOnlyList<string> OtherVerbSections = ["Quantize"];
@@ -36,7 +36,7 @@ public static class JobConfiguration
         if (!File.Exists(full)) throw new FileNotFoundException($"job file {full} does not exist; pass --config <job.json> or run from a folder with appsettings.json");
         var builder = new ConfigurationBuilder();
         builder.AddJsonFile(full, optional: false, reloadOnChange: false);
-        if (environment) builder.AddInMemoryCollection(EnvironmentKeys());
+        if (environment) builder.AddInMemoryCollection(EnvironmentOverrides());
         var args = overrides?.ToArray() ?? [];
         for (int i = 0; i < args.Length; i++)
         {
@@ -56,19 +56,46 @@ public static class JobConfiguration
         }
         catch (Exception e) when (e is FormatException or InvalidDataException)
         {
-            throw new FormatException($"{full}: not valid JSON ({(e.InnerException ?? e).Message})");
+            throw new FormatException($"{full}: not valid JSON{JsonPosition(full)}");
         }
     }
 
-    /// <summary>The job keys set through the environment: <c>QLORA_Section__Key</c> → <c>Section:Key</c>, the process variables left out.</summary>
-    static IEnumerable<KeyValuePair<string, string?>> EnvironmentKeys()
+    /// <summary>
+    /// The job keys set through the environment: <c>QLORA_&lt;Section&gt;__&lt;Key&gt;</c> (<c>QLORA_Training__LearningRate</c>).
+    /// A <c>QLORA_</c> variable without a <c>__</c> (<c>QLORA_HOME</c>, <c>QLORA_CUDART</c>: a tool's own settings) is
+    /// not a job key and is not read as one; one of the key form with a misspelt section is read, so that it is reported.
+    /// </summary>
+    public static IReadOnlyDictionary<string, string?> EnvironmentOverrides()
     {
+        var result = new Dictionary<string, string?>(StringComparer.OrdinalIgnoreCase);
         foreach (System.Collections.DictionaryEntry e in Environment.GetEnvironmentVariables())
         {
             var name = (string)e.Key;
             if (!name.StartsWith(EnvironmentPrefix, StringComparison.OrdinalIgnoreCase)) continue;
             if (ProcessVariables.Contains(name, StringComparer.OrdinalIgnoreCase)) continue;
-            yield return new(name[EnvironmentPrefix.Length..].Replace("__", ConfigurationPath.KeyDelimiter, StringComparison.Ordinal), (string?)e.Value);
+            var key = name[EnvironmentPrefix.Length..].Replace("__", ":", StringComparison.Ordinal);
+            int colon = key.IndexOf(':', StringComparison.Ordinal);
+            if (colon <= 0) continue;
+            result[key] = (string?)e.Value;
+        }
+        return result;
+    }
+
+    // Where the JSON parser stopped, as " at line L, column C: reason" (1-based), or "" when it cannot be told.
+    static string JsonPosition(string path)
+    {
+        try
+        {
+            using var doc = System.Text.Json.JsonDocument.Parse(File.ReadAllBytes(path),
+                new System.Text.Json.JsonDocumentOptions { CommentHandling = System.Text.Json.JsonCommentHandling.Skip, AllowTrailingCommas = true });
+            return "";
+        }
+        catch (System.Text.Json.JsonException j) when (j.LineNumber is long line)
+        {
+            var reason = j.Message;
+            int cut = reason.IndexOf(" LineNumber:", StringComparison.Ordinal);
+            if (cut > 0) reason = reason[..cut];
+            return $" at line {line + 1}, column {(j.BytePositionInLine ?? 0) + 1}: {reason.TrimEnd('.', ' ')}";
         }
     }
 
@@ -79,9 +106,16 @@ public static class JobConfiguration
     public static TrainJob LoadTrainJob(string jsonPath, IEnumerable<string>? overrides = null, bool environment = true)
     {
         var config = Build(jsonPath, overrides, environment);
-        var job = Bind<TrainJob>(config, Path.GetFullPath(jsonPath), OtherVerbSections);
+        var env = environment ? EnvironmentOverrides().Keys.Select(k => EnvironmentPrefix + k.Replace(":", "__", StringComparison.Ordinal)).ToList() : [];
+        string Sources() => env.Count == 0 ? "" : $" (also read from the environment: {string.Join(", ", env)})";
+        TrainJob job;
+        try { job = Bind<TrainJob>(config, Path.GetFullPath(jsonPath), OtherVerbSections); }
+        catch (FormatException e) when (env.Count > 0) { throw new FormatException(e.Message + Sources(), e); }
+        // An empty value unsets an optional setting (--Data:EvalFile "" removes the job file's eval file).
+        if (string.IsNullOrWhiteSpace(job.Data.EvalFile)) job.Data.EvalFile = null;
+        if (string.IsNullOrWhiteSpace(job.Model.ChatTemplate)) job.Model.ChatTemplate = null;
         var problems = job.Validate();
-        if (problems.Count > 0) throw new FormatException($"{Path.GetFullPath(jsonPath)}: {string.Join("; ", problems)}");
+        if (problems.Count > 0) throw new FormatException($"{Path.GetFullPath(jsonPath)}: {string.Join("; ", problems)}{Sources()}");
         var dir = Path.GetDirectoryName(Path.GetFullPath(jsonPath))!;
         job.Model.Path = Resolve(dir, job.Model.Path);
         job.Data.TrainFile = Resolve(dir, job.Data.TrainFile);

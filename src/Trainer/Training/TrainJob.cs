@@ -77,11 +77,17 @@ public sealed class ModelSection
     public bool Stream { get; set; }
     /// <summary>Decoder layers resident at once when streaming (the one computing and the one being prefetched).</summary>
     public int StreamWindow { get; set; } = 2;
+    /// <summary>A base weight holding NaN or infinity: stop (default: refused, naming the tensor) or warn (logged, training goes on).</summary>
+    public string NonFiniteWeights { get; set; } = "stop";
+    /// <summary>Where the job computes: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N.</summary>
+    public string Device { get; set; } = "auto";
 
     internal void Validate(List<string> e)
     {
+        TrainJob.OneOf(e, "Model:NonFiniteWeights", NonFiniteWeights, "stop", "warn");
         TrainJob.Check(e, !string.IsNullOrWhiteSpace(Path), "Model:Path", Path, "a Hugging Face model folder is required");
         TrainJob.Check(e, StreamWindow >= 1, "Model:StreamWindow", StreamWindow, "must be at least 1");
+        TrainJob.Check(e, DeviceRequest.TryParse(Device, out _), "Model:Device", Device, $"allowed values are {DeviceRequest.Allowed}");
         TrainJob.OneOf(e, "Model:ComputeDType", ComputeDType, "bfloat16", "float16", "float32");
         if (ChatTemplate is not null) TrainJob.OneOf(e, "Model:ChatTemplate", ChatTemplate, [.. QLora.Trainer.ChatTemplate.Names]);
     }

@@ -41,11 +41,6 @@ public sealed class TrainingRun
         public int Rank { get; init; }
     }
 
-    /// <summary>Files the run owns in its output folder (replaced when Output:Overwrite starts afresh).</summary>
-    public static readonly IReadOnlyList<string> OutputFiles =
-        ["job.json", "run_summary.json", "train_log.jsonl", "loss.png", PeftAdapter.ConfigFile, PeftAdapter.WeightsFile];
-
-    const string CheckpointsFolder = "checkpoints";
     const string OptimizerFile = "optimizer.safetensors";
 
     readonly TrainJob _job;
@@ -81,14 +76,19 @@ public sealed class TrainingRun
         var wall = Stopwatch.StartNew();
         using var ranks = _ranks = DataParallel.Start(_job.Training.DataParallel, TimeSpan.FromSeconds(_job.Training.CollectiveTimeoutSeconds));
         if (ranks.Check(_job.Training.GradientAccumulationSteps) is { } rankProblem) throw new InvalidOperationException(rankProblem);
-        using var ownSampler = _run.MemorySampler is null ? new PeakMemorySampler() : null;
+        var device = DeviceSelector.Resolve(_job.Model.Device, "Model:Device", Log);
+        // The caller's sampler (one that measures more than the run), else the device's: the baseline is the device
+        // before anything is loaded.
+        using var ownSampler = _run.MemorySampler is null ? device.CreateMemorySampler() : null;
         var sampler = _sampler = _run.MemorySampler ?? ownSampler!;
         sampler.Phase = "plan";
-        var checkpoints = new TrainingCheckpoints(Path.Combine(_out, CheckpointsFolder), _job.Output.KeepLast);
+        var output = new RunOutputFolder(_out);
+        var checkpoints = new TrainingCheckpoints(output.CheckpointsDir, _job.Output.KeepLast);
         var modelPath = _job.Model.Path!;
-        if (!Directory.Exists(modelPath)) throw new DirectoryNotFoundException($"Model:Path {modelPath} does not exist; point it at a Hugging Face model folder");
+        InputPaths.RequireFolder("Model:Path", modelPath, "a Hugging Face model folder");
         var config = LlamaConfig.Load(Path.Combine(modelPath, "config.json"));
-        var plan = MemoryPlanner.Plan(config, PlanOptionsOf(_job));
+        var plan = MemoryPlanner.Plan(config, PlanOptionsOf(_job) with { Device = device.Kind });
+        Log($"device: {device.Description}");
         Log($"memory plan: peak {ByteSize.Format(plan.PeakBytes)} ({plan.PeakPhase})" + (plan.BudgetBytes is long b ? $" of the {ByteSize.Format(b)} budget" : ""));
         if (!plan.Fits)
         {
@@ -99,8 +99,32 @@ public sealed class TrainingRun
                 $"(largest parts: {string.Join(", ", largest)}); {fixes}. Nothing was loaded; see qlora plan for the full table.");
         }
 
+        if (plan.BudgetBytes is null && device.Kind == QLora.Kernels.DeviceKind.Cpu && AvailableMemory.Bytes() is long available && plan.PeakBytes > available)
+            throw new InvalidOperationException($"the job is planned to peak at {ByteSize.Format(plan.PeakBytes)}, more than the {ByteSize.Format(available)} this machine has available now; " +
+                "lower Data:MaxSeqLength or Training:MicroBatchSize (qlora plan shows the parts), or set Memory:Budget to run it anyway. Nothing was loaded.");
+        if (_job.Data.MaxSeqLength > config.MaxPositionEmbeddings)
+            throw new InvalidOperationException($"Data:MaxSeqLength {_job.Data.MaxSeqLength} is longer than the model's max_position_embeddings {config.MaxPositionEmbeddings} " +
+                $"({Path.Combine(modelPath, "config.json")}); positions beyond it were never trained. Set Data:MaxSeqLength to at most {config.MaxPositionEmbeddings}. Nothing was loaded.");
         if (ranks.Enabled) Log(DataParallelPlan.Describe(config, plan.Options, plan, _job.Training.GradientAccumulationSteps, ranks.WorldSize, ranks.Collectives.Description));
-        string? resumeFrom = ranks.OnRoot(() => PrepareOutput(checkpoints), "preparing the output folder");
+
+        // The folder has one writer (rank 0, for every rank); leftovers of an interrupted run are cleaned up. Nothing
+        // of a previous run is moved before every input has been read and checked below.
+        OutputFolderLock? owner = null;
+        string? resumeFrom = ranks.OnRoot(() =>
+        {
+            owner = OutputFolderLock.Acquire(_out, "Output:Dir", Log);
+            try
+            {
+                output.Recover(Log);
+                return ChooseResume(checkpoints, output);
+            }
+            catch
+            {
+                owner.Dispose();
+                throw;
+            }
+        }, "preparing the output folder");
+        using var ownerLock = owner;
 
         var t = _job.Training;
         int threads = t.Threads > 0 ? t.Threads : ranks.DefaultThreads;
@@ -121,6 +145,8 @@ public sealed class TrainingRun
             DoubleQuant = _job.Quantization.DoubleQuant,
             Streaming = _job.Model.Stream,
             StreamWindow = _job.Model.StreamWindow,
+            NonFinite = NonFiniteValues.ParsePolicy(_job.Model.NonFiniteWeights),
+            Device = device.Torch,
         }, Log);
         tokenizer.EnsureMatchesEmbedding(model.Config.VocabSize);
         sampler.Phase = "lora";
@@ -149,6 +175,9 @@ public sealed class TrainingRun
         var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, PadId, Log, ranks);
 
         int? resumedFrom = null;
+        // Everything is loaded and checked: a previous run is set aside now, and put back when this one ends without a
+        // checkpoint of its own (disposed on every path out, errors included).
+        using var previousRun = ranks.IsRoot && resumeFrom is null && output.HoldsRun() ? output.SetPreviousRunAside(Log) : null;
         if (resumeFrom is not null)
         {
             PeftAdapter.LoadWeights(model, resumeFrom, names);
@@ -157,6 +186,19 @@ public sealed class TrainingRun
             if (RankRngState() is { } rng) using (var saved = tensor(Convert.FromBase64String(rng), ScalarType.Byte)) random.set_rng_state(saved);
             resumedFrom = _state.Step;
             Log($"resumed from {resumeFrom} at step {_state.Step} (epoch {_state.Epoch}, batch {_state.BatchIndex})");
+            if (ranks.IsRoot)
+            {
+                output.CutTrainLogAfter(_state.Step, Log);
+                if (!File.Exists(Path.Combine(_out, "job.json"))) AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
+            }
+            if (_state.Step >= totalSteps)
+            {
+                Log($"the run already finished at step {_state.Step} of {totalSteps}; nothing to do (raise Training:MaxSteps or Training:Epochs to train further)");
+                var last = _state.EvalHistory.LastOrDefault(e => e.Step == _state.Step);
+                var done = Summarize(wall, sampler, data, resumedFrom, resumeFrom, last?.Loss is double l && !double.IsNaN(l) ? l : null, last?.ExactMatch, interrupted: false);
+                ranks.Finish();
+                return new Result(done, _state) { Rank = ranks.Rank };
+            }
         }
         else
         {
@@ -223,6 +265,7 @@ public sealed class TrainingRun
                 {
                     lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
                     lastSaved = _state.Step;
+                    previousRun?.Discard();
                 }
             }
         }
@@ -231,7 +274,9 @@ public sealed class TrainingRun
         if (interrupted)
         {
             if (_state.Step > lastSaved || lastCheckpoint is null && _state.Step > 0) lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
-            Log($"interrupted at step {_state.Step}; checkpoint {lastCheckpoint ?? "(none: no step was done)"}; continue with --resume latest");
+            Log(lastCheckpoint is null
+                ? "interrupted before the first step; nothing was trained or saved" + (previousRun is null ? "" : " (the previous run's results are put back)") + "; run the same command again to start"
+                : $"interrupted at step {_state.Step}; checkpoint {lastCheckpoint}; continue with --resume latest");
             summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, null, null, interrupted: true);
         }
         else
@@ -245,6 +290,7 @@ public sealed class TrainingRun
             summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, double.IsNaN(final.Loss) ? null : final.Loss, final.ExactMatch, interrupted: false);
         }
         ranks.OnRoot(() => { AtomicFile.WriteAllBytes(Path.Combine(_out, "run_summary.json"), System.Text.Encoding.UTF8.GetBytes(summary.ToJson())); return null; }, "writing run_summary.json");
+        if (lastCheckpoint is not null) previousRun?.Discard();
         ranks.Finish();
         return new Result(summary, _state) { Rank = ranks.Rank };
     }
@@ -297,7 +343,7 @@ public sealed class TrainingRun
         foreach (var rows in mine ?? microBatches)
         {
             using var scope = NewDisposeScope();
-            using var batch = MicroBatch.Create(rows, padId, model.SegmentAttention);
+            using var batch = MicroBatch.Create(rows, padId, model.Device, model.SegmentAttention);
             if (batch.TargetTokens == 0) continue;
             var (sum, _) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask, batch.Segments);
             lossSum += sum.to(ScalarType.Float64).item<double>();
@@ -349,8 +395,11 @@ public sealed class TrainingRun
         return _state.RngState;
     }
 
-    /// <summary>Chooses the checkpoint to resume from, or makes the output folder ready for a fresh run.</summary>
-    string? PrepareOutput(TrainingCheckpoints checkpoints)
+    /// <summary>
+    /// The checkpoint to resume from (null for a fresh run). A fresh run into a folder that holds a previous run needs
+    /// Output:Overwrite; checked here, before anything is loaded, but nothing is moved yet.
+    /// </summary>
+    string? ChooseResume(TrainingCheckpoints checkpoints, RunOutputFolder output)
     {
         if (_run.Resume is { } resume)
         {
@@ -359,18 +408,13 @@ public sealed class TrainingRun
                 return checkpoints.Latest(Log) ?? throw new InvalidOperationException(
                     $"--resume latest: no complete checkpoint in {checkpoints.Folder}; start a fresh run without --resume");
             }
+            InputPaths.RequireFolder("--resume", resume, "a checkpoint folder (or 'latest')");
             var problem = TrainingCheckpoints.Verify(resume);
             if (problem is not null) throw new InvalidDataException($"--resume {resume}: {problem}; use --resume latest to take the newest complete checkpoint");
             return Path.GetFullPath(resume);
         }
-        bool previous = Directory.Exists(checkpoints.Folder) || OutputFiles.Any(f => File.Exists(Path.Combine(_out, f)));
-        if (previous)
-        {
-            if (!_job.Output.Overwrite)
-                throw new IOException($"Output:Dir {_out} holds a previous run; continue it with --resume latest, or start afresh with --Output:Overwrite true (its results and checkpoints are replaced)");
-            if (Directory.Exists(checkpoints.Folder)) Directory.Delete(checkpoints.Folder, recursive: true);
-            foreach (var f in OutputFiles) File.Delete(Path.Combine(_out, f));
-        }
+        if (output.HoldsRun() && !_job.Output.Overwrite)
+            throw new IOException($"Output:Dir {_out} holds a previous run; continue it with --resume latest, or start afresh with --Output:Overwrite true (its results are kept aside until the new run's first checkpoint)");
         return null;
     }
 
@@ -379,11 +423,14 @@ public sealed class TrainingRun
         if (_job.Model.ChatTemplate is { } name) return tokenizer.GetChatTemplate(name);
         try
         {
-            return tokenizer.GetChatTemplate();
+            var template = tokenizer.GetChatTemplate();
+            Log(template.Format == ChatTemplateFormat.Jinja ? "chat template: the tokenizer's own, evaluated"
+                : $"chat template: built-in {template.Name} (the tokenizer's template uses a construct the interpreter lacks)");
+            return template;
         }
-        catch (NotSupportedException)
+        catch (NotSupportedException e)
         {
-            Log("the tokenizer has no supported chat template; instruction and chat samples use the alpaca format (set Model:ChatTemplate to choose)");
+            Log($"the tokenizer has no usable chat template ({e.Message}); instruction and chat samples use the alpaca format (set Model:ChatTemplate to choose)");
             return tokenizer.GetChatTemplate("alpaca");
         }
     }
@@ -399,14 +446,18 @@ public sealed class TrainingRun
             "text" => SampleFormat.Text, "instruction" => SampleFormat.Instruction, "chat" => SampleFormat.Chat, _ => null,
         };
         bool skip = d.MalformedLines.Equals("skip", StringComparison.OrdinalIgnoreCase);
-        var train = JsonlDataset.Read(d.TrainFile!, format, skip);
+        InputPaths.RequireFile("Data:TrainFile", d.TrainFile!, "a JSONL file");
+        if (d.EvalFile is { } ef) InputPaths.RequireFile("Data:EvalFile", ef, "a JSONL file");
+        // A line may hold at most 64 bytes of text per token of a row (at least 1 MiB): what one line costs stays bounded.
+        int maxLineBytes = (int)Math.Clamp(64L * d.MaxSeqLength, JsonlDataset.DefaultMaxLineBytes, int.MaxValue);
+        var train = JsonlDataset.Read(d.TrainFile!, format, skip, maxLineBytes);
         var trainSamples = train.Samples.ToList();
         var evalSamples = new List<TrainingSample>();
         int skipped = train.SkippedLines;
         if (train.FirstSkipped is { } firstBad) Log($"skipped {train.SkippedLines} malformed line(s) in {d.TrainFile}; first: {firstBad}");
         if (d.EvalFile is { } evalFile)
         {
-            var eval = JsonlDataset.Read(evalFile, format, skip);
+            var eval = JsonlDataset.Read(evalFile, format, skip, maxLineBytes);
             evalSamples = [.. eval.Samples];
             skipped += eval.SkippedLines;
             if (eval.FirstSkipped is { } firstEvalBad) Log($"skipped {eval.SkippedLines} malformed line(s) in {evalFile}; first: {firstEvalBad}");
@@ -459,7 +510,7 @@ public sealed class TrainingRun
             EvalLoss = evalLoss is double l ? Math.Round(l, 6) : null,
             EvalPerplexity = evalLoss is double l2 ? Math.Round(Math.Exp(l2), 4) : null,
             TokensPerSecond = Math.Round(_state.TokensSeen / Math.Max(_state.TrainSeconds, 1e-9), 1),
-            PeakMemoryBytes = sampler.PeakBytes,
+            PeakMemoryBytes = sampler.ReportedPeakBytes,
             PeakMemoryPhase = sampler.PeakPhase,
             WallSeconds = Math.Round(wall.Elapsed.TotalSeconds, 2),
             OutputDir = _out,

@@ -1,0 +1,23 @@
+using System.Runtime.InteropServices;
+
+namespace QLora.Quant;
+
+/// <summary>
+/// Ends the process at once with an exit code, without running other libraries' exit handlers: a second Ctrl-C must
+/// stop a run in the middle of native work, and <see cref="Environment.Exit(int)"/> would run libtorch's static
+/// destructors under its running threads, which aborts (exit 134) instead of returning the documented code.
+/// </summary>
+public static partial class ImmediateExit
+{
+    /// <summary>Flushes the standard streams and ends the process with <paramref name="code"/>.</summary>
+    public static void Now(int code)
+    {
+        Console.Out.Flush();
+        Console.Error.Flush();
+        if (OperatingSystem.IsLinux() || OperatingSystem.IsMacOS() || OperatingSystem.IsFreeBSD()) _exit(code);
+        Environment.Exit(code);
+    }
+
+    [LibraryImport("libc", EntryPoint = "_exit")]
+    private static partial void _exit(int status);
+}

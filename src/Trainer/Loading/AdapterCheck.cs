@@ -1,0 +1,56 @@
+using QLora.Quant;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// A PEFT adapter checked in full before it is used: every tensor is a lora_A/lora_B of a module the base has and
+/// adapter_config.json selects, every selected module has both, their shapes agree with the config's rank and the base
+/// weight (a rank-16 tensor under <c>r: 8</c> would merge at the wrong scaling), and every value is finite. Each
+/// problem is an <see cref="InvalidDataException"/> naming the tensor.
+/// </summary>
+public static class AdapterCheck
+{
+    const string Prefix = "base_model.model.";
+
+    /// <summary>
+    /// Checks the adapter weights <paramref name="weightsPath"/> against <paramref name="options"/> (its config) and the
+    /// base model's projections <paramref name="baseProjections"/> (module name → weight shape [out, in]).
+    /// </summary>
+    public static void Verify(string weightsPath, LoraOptions options, IReadOnlyDictionary<string, long[]> baseProjections)
+    {
+        using var reader = SafetensorsReader.Open(weightsPath);
+        var names = reader.Tensors.Select(t => t.Name).ToHashSet(StringComparer.Ordinal);
+        foreach (var key in names.Order(StringComparer.Ordinal))
+        {
+            if (!key.StartsWith(Prefix, StringComparison.Ordinal) || !(key.EndsWith(".lora_A.weight", StringComparison.Ordinal) || key.EndsWith(".lora_B.weight", StringComparison.Ordinal)))
+                throw new InvalidDataException($"{weightsPath}: unexpected tensor {key} (expected base_model.model.<module>.lora_A/B.weight)");
+            var module = key[Prefix.Length..key.LastIndexOf(".lora_", StringComparison.Ordinal)];
+            if (!baseProjections.ContainsKey(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which the base model does not have");
+            if (!options.IsTarget(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which adapter_config.json does not select");
+        }
+        foreach (var (module, shape) in baseProjections.OrderBy(p => p.Key, StringComparer.Ordinal))
+        {
+            if (!options.IsTarget(module)) continue;
+            int r = options.RankFor(module); // r, or its rank_pattern entry
+            foreach (var (part, expected) in new[] { ("lora_A", new[] { r, shape[1] }), ("lora_B", new[] { shape[0], (long)r }) })
+            {
+                var key = $"{Prefix}{module}.{part}.weight";
+                if (!names.Contains(key))
+                    throw new InvalidDataException($"{weightsPath}: no {key}: adapter_config.json selects {module}, but the adapter has no weights for it (incomplete adapter)");
+                var info = reader.GetInfo(key);
+                if (!info.Shape.SequenceEqual(expected))
+                    throw new InvalidDataException($"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}]; adapter_config.json gives {module} r = {r} (r or rank_pattern), which with the base weight [{string.Join(", ", shape)}] needs [{string.Join(", ", expected)}]");
+                RequireFinite(reader, key);
+            }
+        }
+    }
+
+    /// <summary>Refuses a tensor of <paramref name="reader"/> that holds NaN or infinity, naming it and the count.</summary>
+    public static void RequireFinite(SafetensorsReader reader, string key)
+    {
+        var info = reader.GetInfo(key);
+        if (FloatTypes.FromTensorDType(info.DType) is not { } ft) throw new InvalidDataException($"{reader.Path}: {key} is {info.DType}, not a float tensor");
+        long n = NonFiniteValues.Count(reader.GetSpan(key), ft);
+        if (n > 0) throw new InvalidDataException($"{reader.Path}: {key} has {n:N0} non-finite values (NaN or infinity) among {info.ElementCount:N0}; the adapter is damaged (a diverged run?) and would make every output NaN");
+    }
+}
