@@ -26,7 +26,7 @@ public sealed class GgufWriter : IDisposable
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         _path = System.IO.Path.GetFullPath(path);
-        _tempPath = System.IO.Path.Combine(System.IO.Path.GetDirectoryName(_path)!, $".{System.IO.Path.GetFileName(_path)}.{Guid.NewGuid():N}{SafetensorsWriter.TempSuffix}");
+        _tempPath = WriteLeftovers.TempPathFor(_path); // same leftover naming as every other writer (the PID lets a later run clean it)
     }
 
     /// <summary>The file this writer replaces on <see cref="Commit"/>.</summary>
