@@ -30,7 +30,7 @@ internal static class EvalBenchmarkVerb
             if (!File.Exists(o.EvalFile)) throw new FileNotFoundException($"--eval {o.EvalFile}: no such file");
             var result = EvalBenchmark.Run(o, stdout.WriteLine);
             stdout.WriteLine($"machine: {DequantBenchmark.CpuName()}; {result.Samples} samples; medians of {o.Repeats} alternating runs");
-            stdout.WriteLine($"one at a time: {result.SequentialSeconds:F2} s (exact match {result.SequentialExactMatch:P1}); batches of {result.BatchSize}: {result.BatchedSeconds:F2} s (exact match {result.BatchedExactMatch:P1}); speedup {result.Speedup:F2}x");
+            stdout.WriteLine($"one at a time: {result.SequentialSeconds:F2} s (exact match {result.SequentialExactMatch:P1}); batches of {result.BatchSize}: {result.BatchedSeconds:F2} s (exact match {result.BatchedExactMatch:P1}); speedup {result.Speedup:F2}x; {result.IdenticalAnswers}/{result.Samples} answers identical token for token");
             stdout.WriteLine(result.ToJson());
             return 0;
         });

@@ -6,7 +6,7 @@ namespace QLora.Trainer;
 /// <summary>
 /// <c>qlora bench eval</c>: the training job's greedy exact match decoded one sample at a time against left-padded batches
 /// sharing a KV cache, alternated in one run (so a busy machine slows both alike), with both scores to show they agree.
-/// This is the job's own evaluation code (<c>Eval:BatchSize</c> 1 vs N), on the model as loaded for training.
+/// It also counts the samples whose answers are identical token for token. This is the job's own evaluation code (<c>Eval:BatchSize</c> 1 vs N), on the model as loaded for training.
 /// </summary>
 public static class EvalBenchmark
 {
@@ -35,7 +35,7 @@ public static class EvalBenchmark
 
     /// <summary>Medians and scores of both variants.</summary>
     public sealed record Result(int Samples, int BatchSize, double SequentialSeconds, double BatchedSeconds, double SequentialExactMatch,
-        double BatchedExactMatch, IReadOnlyList<double> SequentialRuns, IReadOnlyList<double> BatchedRuns)
+        double BatchedExactMatch, int IdenticalAnswers, IReadOnlyList<double> SequentialRuns, IReadOnlyList<double> BatchedRuns)
     {
         /// <summary>Sequential median over batched median.</summary>
         public double Speedup => SequentialSeconds / BatchedSeconds;
@@ -46,6 +46,7 @@ public static class EvalBenchmark
             bench = "eval", samples = Samples, batch_size = BatchSize,
             sequential_s = Math.Round(SequentialSeconds, 3), batched_s = Math.Round(BatchedSeconds, 3), speedup = Math.Round(Speedup, 2),
             exact_match_sequential = SequentialExactMatch, exact_match_batched = BatchedExactMatch,
+            identical_answers = IdenticalAnswers,
             sequential_runs_s = SequentialRuns.Select(s => Math.Round(s, 3)), batched_runs_s = BatchedRuns.Select(s => Math.Round(s, 3)),
         });
     }
@@ -81,7 +82,8 @@ public static class EvalBenchmark
             log($"run {r + 1}: one at a time {seqTimes[^1]:F2} s, batches of {o.BatchSize} {batTimes[^1]:F2} s");
         }
         int n = Evaluation.ExactMatchCount(samples, new EvalSection { ExactMatchSamples = o.Samples });
-        return new Result(n, o.BatchSize, Median(seqTimes), Median(batTimes), seqScore, batScore, seqTimes, batTimes);
+        int identical = sequential.LastAnswers.Zip(batched.LastAnswers).Count(p => p.First.SequenceEqual(p.Second));
+        return new Result(n, o.BatchSize, Median(seqTimes), Median(batTimes), seqScore, batScore, identical, seqTimes, batTimes);
     }
 
     static double Median(List<double> xs)

@@ -66,6 +66,9 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         return tokens == 0 ? double.NaN : sum / tokens;
     }
 
+    /// <summary>The token ids of this rank's answers in the last <see cref="ExactMatch"/>, in sample order (benchmarks compare them).</summary>
+    public IReadOnlyList<IReadOnlyList<int>> LastAnswers { get; private set; } = [];
+
     /// <summary>Fraction of eval samples whose greedy answer equals the reference (both trimmed).</summary>
     public double? ExactMatch(string when)
     {
@@ -80,6 +83,7 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         var answers = GenerateAll(mine.Select(s => encoder.EncodePrompt(s)).ToList());
         int hits = 0;
         string? example = null;
+        LastAnswers = [.. answers];
         for (int i = 0; i < mine.Count; i++)
         {
             var answer = tokenizer.Decode(answers[i]).Trim();
