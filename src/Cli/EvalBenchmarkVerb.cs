@@ -16,9 +16,10 @@ internal static class EvalBenchmarkVerb
         var maxNew = new Option<int>("--max-new-tokens") { Description = "generation limit per answer", DefaultValueFactory = _ => 16 };
         var batch = new Option<int>("--batch-size") { Description = "the batched variant's batch size (>= 2)", DefaultValueFactory = _ => 16 };
         var repeats = new Option<int>("--repeats") { Description = "timed runs of each variant, alternating (medians reported)", DefaultValueFactory = _ => 3 };
+        var dtype = new Option<string>("--compute-dtype") { Description = "bfloat16 (as the quick start trains) or float32", DefaultValueFactory = _ => "bfloat16" };
         var cmd = new Command("eval", "Greedy exact match one sample at a time vs left-padded batches with a KV cache (Eval:BatchSize), alternated in one run.")
         {
-            model, adapter, eval, template, samples, maxNew, batch, repeats,
+            model, adapter, eval, template, samples, maxNew, batch, repeats, dtype,
         };
         cmd.SetAction(r =>
         {
@@ -26,6 +27,12 @@ internal static class EvalBenchmarkVerb
             {
                 Model = r.GetValue(model)!, Adapter = r.GetValue(adapter), EvalFile = r.GetValue(eval)!, Template = r.GetValue(template),
                 Samples = r.GetValue(samples), MaxNewTokens = r.GetValue(maxNew), BatchSize = r.GetValue(batch), Repeats = r.GetValue(repeats),
+                ComputeDType = r.GetValue(dtype) switch
+                {
+                    "bfloat16" => TorchSharp.torch.ScalarType.BFloat16,
+                    "float32" => TorchSharp.torch.ScalarType.Float32,
+                    var d => throw new ArgumentException($"--compute-dtype {d}: use bfloat16 or float32"),
+                },
             };
             if (!File.Exists(o.EvalFile)) throw new FileNotFoundException($"--eval {o.EvalFile}: no such file");
             var result = EvalBenchmark.Run(o, stdout.WriteLine);
