@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using QLora.Quant;
+using QLora.Trainer;
 
 namespace QLora.Cli;
 
@@ -16,7 +17,8 @@ internal static class DequantBenchmark
         var weights = new Option<long>("--weights") { Description = "number of weights (default 256M)", DefaultValueFactory = _ => 256L << 20 };
         var blocksize = new Option<int>("--blocksize") { Description = "absmax blocksize", DefaultValueFactory = _ => 64 };
         var repeats = new Option<int>("--repeats") { Description = "timed runs (median reported)", DefaultValueFactory = _ => 9 };
-        var cmd = new Command("dequant", "CPU NF4+double-quant -> bf16 dequantization vs memory copy.") { weights, blocksize, repeats };
+        var device = DeviceOptions.Device("cpu (the vectorised C# path), cuda or cuda:N (the ILGPU kernel; needs only the NVIDIA driver), or auto (a CUDA device when the driver has one, else the CPU)");
+        var cmd = new Command("dequant", "NF4+double-quant -> bf16 dequantization vs a memory copy on the same device (CPU or CUDA).") { weights, blocksize, repeats, device };
         cmd.SetAction(r =>
         {
             long n = r.GetValue(weights);
@@ -24,7 +26,10 @@ internal static class DequantBenchmark
             if (n < 1024 || n % 2 != 0) throw new ArgumentException($"--weights {n}: must be an even number of at least 1024");
             if (reps < 1) throw new ArgumentException($"--repeats {reps}: must be at least 1");
             QuantTypes.ValidateBlocksize(bs);
-            Run(n, bs, reps, stdout);
+            var request = DeviceRequest.Parse(r.GetValue(device), "--device");
+            if (request.Kind == DeviceRequestKind.Auto && QLora.Kernels.CudaDriver.TryGetShared(out _, out _)) request = new DeviceRequest(DeviceRequestKind.Cuda, 0);
+            if (request.Kind == DeviceRequestKind.Cuda) CudaDequantBenchmark.Run(request.Ordinal, n, bs, reps, stdout);
+            else Run(n, bs, reps, stdout);
             return 0;
         });
         return cmd;
@@ -35,17 +40,12 @@ internal static class DequantBenchmark
         // Random codes and a double-quantized absmax: throughput does not depend on the values.
         long blocks = (n + blocksize - 1) / blocksize;
         long packedBytes = n / 2, outBytes = n * 2;
-        var rng = new Random(1234);
         byte* packed = (byte*)NativeMemory.AlignedAlloc((nuint)packedBytes, 64);
         byte* output = (byte*)NativeMemory.AlignedAlloc((nuint)outBytes, 64);
         byte* copySrc = (byte*)NativeMemory.AlignedAlloc((nuint)outBytes, 64);
         try
         {
-            rng.NextBytes(new Span<byte>(packed, (int)Math.Min(packedBytes, int.MaxValue)));
-            for (long i = int.MaxValue; i < packedBytes; i++) packed[i] = (byte)rng.Next();
-            var absmax = new float[blocks];
-            for (long b = 0; b < blocks; b++) absmax[b] = 0.01f + (float)rng.NextDouble();
-            var nested = DoubleQuantizer.Quantize(absmax);
+            var nested = RandomWeights(packed, n, blocksize);
             new Span<byte>(copySrc, (int)Math.Min(outBytes, int.MaxValue)).Fill(1);
 
             fixed (byte* codes = nested.Codes)
@@ -92,7 +92,7 @@ internal static class DequantBenchmark
                 o.WriteLine($"  ratio dequant/copy bandwidth: {ratio:F2} (target >= 0.80)");
                 o.WriteLine(Json.Line(new
                 {
-                    bench = "dequant", weights = n, blocksize, repeats, dequant_s = dqS, copy_s = cpS, memmove_s = Median(memmove), stream_copy_s = Median(stream),
+                    bench = "dequant", device = "cpu", weights = n, blocksize, repeats, dequant_s = dqS, copy_s = cpS, memmove_s = Median(memmove), stream_copy_s = Median(stream),
                     dequant_gbps = Math.Round(dqGbps, 3), copy_gbps = Math.Round(cpGbps, 3), ratio = Math.Round(ratio, 3),
                     weights_per_s = Math.Round(n / dqS), path = FourBitDequantizer.BestPath.ToString(), threads = Environment.ProcessorCount, cpu,
                 }));
@@ -104,6 +104,20 @@ internal static class DequantBenchmark
             NativeMemory.AlignedFree(output);
             NativeMemory.AlignedFree(copySrc);
         }
+    }
+
+    /// <summary>
+    /// Fills <paramref name="packed"/> (n/2 bytes) with random codes and returns a double-quantized random absmax for
+    /// them: throughput does not depend on the values, and both devices measure the same input.
+    /// </summary>
+    internal static unsafe NestedAbsmax RandomWeights(byte* packed, long n, int blocksize)
+    {
+        var rng = new Random(1234);
+        long packedBytes = n / 2, blocks = (n + blocksize - 1) / blocksize;
+        for (long i = 0; i < packedBytes; i += int.MaxValue) rng.NextBytes(new Span<byte>(packed + i, (int)Math.Min(int.MaxValue, packedBytes - i)));
+        var absmax = new float[blocks];
+        for (long b = 0; b < blocks; b++) absmax[b] = 0.01f + (float)rng.NextDouble();
+        return DoubleQuantizer.Quantize(absmax);
     }
 
     private static unsafe void ParallelCopy(byte* src, byte* dst, long bytes, bool streaming)

@@ -19,9 +19,10 @@ internal static class GenerateVerb
         var topK = new Option<int>("--top-k") { Description = "sample among the k most likely tokens (0 = off)", DefaultValueFactory = _ => 0 };
         var topP = new Option<double>("--top-p") { Description = "nucleus sampling threshold (1 = off)", DefaultValueFactory = _ => 1.0 };
         var seed = new Option<ulong>("--seed") { Description = "sampling seed", DefaultValueFactory = _ => 42UL };
+        var device = DeviceOptions.Device();
         var cmd = new Command("generate", "Generate text with a KV cache; greedy or temperature/top-k/top-p sampling; stops at EOS.")
         {
-            model, adapter, prompt, chat, template, maxNew, temperature, topK, topP, seed,
+            model, adapter, prompt, chat, template, maxNew, temperature, topK, topP, seed, device,
         };
         cmd.SetAction(r =>
         {
@@ -33,8 +34,9 @@ internal static class GenerateVerb
             };
             options.Validate();
             if (!Directory.Exists(folder)) throw new DirectoryNotFoundException($"--model {folder}: no such folder");
+            var on = DeviceSelector.Resolve(r.GetValue(device), "--device", stdout.WriteLine);
             using var tokenizer = HfTokenizer.Load(folder);
-            using var m = HfModelLoader.Load(folder);
+            using var m = HfModelLoader.Load(folder, new HfModelLoader.Options { Device = on.Torch });
             tokenizer.EnsureMatchesEmbedding((int)m.Config.VocabSize);
             if (r.GetValue(adapter) is { } a) PeftAdapter.Load(m, a);
             int[] ids;
@@ -51,7 +53,7 @@ internal static class GenerateVerb
             stdout.WriteLine(tokenizer.Decode(output, skipSpecialTokens: true));
             stdout.WriteLine(Json.Line(new
             {
-                verb = "generate", prompt_tokens = ids.Length, new_tokens = output.Count,
+                verb = "generate", device = on.Name, prompt_tokens = ids.Length, new_tokens = output.Count,
                 stopped_at_eos = output.Count > 0 && tokenizer.EosTokenIds.Contains(output[^1]),
                 tokens_per_s = Math.Round(output.Count / Math.Max(sw.Elapsed.TotalSeconds, 1e-9), 1),
             }));

@@ -23,14 +23,18 @@ internal static class MemoryBenchmarkVerb
         var heads = new Option<int?>("--heads") { Description = "override num_attention_heads (head_dim = hidden / heads)" };
         var kvHeads = new Option<int?>("--kv-heads") { Description = "override num_key_value_heads" };
         var vocab = new Option<int?>("--vocab") { Description = "override vocab_size" };
+        var device = DeviceOptions.Device();
+        var emulate = DeviceOptions.EmulateVram();
         var cmd = new Command("memory", "Peak resident (device) memory and time of one QLoRA step (random NF4 base of a real shape, LoRA on all linear layers, checkpointing, paged AdamW), optionally streaming the layers from disk.")
         {
-            preset, stream, seq, rank, steps, window, scratch, lossChunk, layers, hidden, intermediate, heads, kvHeads, vocab,
+            preset, stream, seq, rank, steps, window, scratch, lossChunk, layers, hidden, intermediate, heads, kvHeads, vocab, device, emulate,
         };
         cmd.SetAction(r =>
         {
             bool leanHeap = NativeHeap.UseLeanPolicy(); // before libtorch allocates: freed tensors go back to the system
-            using var sampler = new PeakMemorySampler(); // the baseline: before anything is loaded
+            var on = DeviceSelector.Resolve(r.GetValue(device), "--device", stdout.WriteLine);
+            using var reservation = DeviceOptions.Emulate(on, r.GetValue(emulate), stdout);
+            using var sampler = on.CreateMemorySampler(); // the baseline: before anything is loaded (the context and any emulation reservation exist)
             string name = r.GetValue(preset)!;
             var config = ModelPresets.Get(name);
             var overrides = new List<string>();
@@ -58,39 +62,48 @@ internal static class MemoryBenchmarkVerb
             {
                 Preset = name.ToLowerInvariant(), Config = config, Sequence = r.GetValue(seq), Rank = r.GetValue(rank), Steps = r.GetValue(steps),
                 Stream = r.GetValue(stream), StreamWindow = r.GetValue(window), ScratchFolder = r.GetValue(scratch)!, LossChunkTokens = r.GetValue(lossChunk),
+                Device = on,
             };
             string cpu = DequantBenchmark.CpuName();
             int cores = Environment.ProcessorCount;
             stdout.WriteLine($"bench memory: {o.Preset}{(overrides.Count > 0 ? $" with {string.Join(", ", overrides)}" : "")}: {config.NumHiddenLayers} layers, hidden {config.HiddenSize}, " +
                 $"MLP {config.IntermediateSize}, {config.NumAttentionHeads}/{config.NumKeyValueHeads} heads, vocab {config.VocabSize}; seq {o.Sequence}, LoRA r={o.Rank}, " +
                 $"{(o.Stream ? $"streamed (window {o.StreamWindow})" : "in memory")}; {cpu}, {cores} cores, {torch.get_num_threads()} torch threads; " +
-                $"{(leanHeap ? "glibc heap: 1 MB mmap threshold, 2 arenas" : "default C heap")}");
+                $"{(leanHeap ? "glibc heap: 1 MB mmap threshold, 2 arenas" : "default C heap")}; device {on.Description}");
             var result = MemoryBenchmark.Run(o, stdout.WriteLine, sampler);
             var res = result;
-            stdout.WriteLine($"baseline resident anonymous memory (before loading): {res.BaselineBytes / 1e9:F2} GB");
+            // On CUDA the figure is the driver's used memory above the baseline taken after the context was created
+            // (and any emulation reservation made), so the plan is compared without its CUDA-context share.
+            string what = on.IsCuda ? "device memory in use (driver)" : "resident anonymous memory";
+            long measured = on.IsCuda ? res.PeakBytes - res.BaselineBytes : res.PeakBytes;
+            stdout.WriteLine($"baseline {what} (before loading): {res.BaselineBytes / 1e9:F2} GB");
             stdout.WriteLine($"model: {res.FourBitBytes / 1e9:F2} GB 4-bit projections{(o.Stream ? $" on disk ({res.CheckpointBytes / 1e9:F2} GB checkpoint in {res.CheckpointFolder})" : " in memory")}, " +
                 $"{res.DenseBytes / 1e9:F2} GB dense bf16 (embeddings, lm_head, norms), LoRA {res.LoraParams / 1e6:F1} M fp32 parameters; " +
                 $"paged AdamW: {res.OptimizerHostBytes / 1e9:F2} GB in host memory, {res.OptimizerDeviceBytes / 1e6:F1} MB device scratch");
             if (o.Stream)
                 stdout.WriteLine($"streaming: {res.StreamLoads} layer copies ({res.StreamSyncLoads} not prefetched), at most {res.StreamMaxResident} of " +
                     $"{config.NumHiddenLayers} layers resident ({res.StreamLayerBytes / 1e6:F1} MB each); compute waited {res.StreamWaitSeconds:F1} s for copies");
-            stdout.WriteLine($"measured peak resident anonymous memory: {res.PeakBytes / 1e9:F2} GB ({(res.PeakBytes - res.BaselineBytes) / 1e9:F2} GB above the baseline)" +
+            stdout.WriteLine((on.IsCuda ? $"measured peak device memory above the baseline: {measured / 1e9:F2} GB (the driver's used memory peaked at {res.PeakBytes / 1e9:F2} GB)"
+                : $"measured peak resident anonymous memory: {res.PeakBytes / 1e9:F2} GB ({(res.PeakBytes - res.BaselineBytes) / 1e9:F2} GB above the baseline)") +
                 (o.Stream ? $"; writing/checking the checkpoint peaked at {res.PreparePeakBytes / 1e9:F2} GB ({res.PrepareSeconds:F0} s)" : ""));
             var plan = MemoryPlanner.Plan(config, new PlanOptions
             {
                 SequenceLength = o.Sequence, MicroBatch = 1, LoraRank = o.Rank, GradientCheckpointing = true, OptimizerBits = 32, PagedOptimizer = true,
                 LossChunkTokens = o.LossChunkTokens ?? LlamaForCausalLM.DefaultLossChunkTokens, LayerStreaming = o.Stream, StreamingWindow = o.StreamWindow,
+                Device = on.Kind,
             });
-            double planError = (double)res.PeakBytes / plan.PeakBytes - 1;
-            stdout.WriteLine($"planned peak (qlora plan, same settings): {plan.PeakBytes / 1e9:F2} GB ({plan.PeakPhase}); measured is {planError:+0.0%;-0.0%} of planned");
+            long planned = on.IsCuda ? plan.PeakBytes - PlanOptions.CudaContextBytes : plan.PeakBytes;
+            double planError = (double)measured / planned - 1;
+            stdout.WriteLine($"planned peak (qlora plan, same settings): {planned / 1e9:F2} GB{(on.IsCuda ? " without the CUDA context (created before the baseline)" : "")} ({plan.PeakPhase}); measured is {planError:+0.0%;-0.0%} of planned");
             stdout.WriteLine($"step time: {res.ReportedStepSeconds:F1} s ({string.Join(", ", res.StepSeconds.Select(s => $"{s:F1}"))}); load {res.LoadSeconds:F1} s; loss {string.Join(", ", res.Losses.Select(x => $"{x:F3}"))}");
             stdout.WriteLine(Json.Line(new
             {
                 bench = "memory", preset = o.Preset, overrides, layers = config.NumHiddenLayers, seq = o.Sequence, rank = o.Rank, steps = o.Steps,
                 loss_chunk = o.LossChunkTokens,
                 stream = o.Stream, window = o.Stream ? o.StreamWindow : (int?)null,
-                measured_peak_bytes = res.PeakBytes, baseline_bytes = res.BaselineBytes, peak_above_baseline_bytes = res.PeakBytes - res.BaselineBytes,
-                planned_peak_bytes = plan.PeakBytes, measured_over_planned = Math.Round(planError + 1, 4),
+                device = on.Name, emulated_vram_bytes = reservation is null ? (long?)null : ByteSize.Parse(r.GetValue(emulate)!),
+                measured_peak_bytes = measured, baseline_bytes = res.BaselineBytes, peak_above_baseline_bytes = res.PeakBytes - res.BaselineBytes,
+                planned_peak_bytes = planned, measured_over_planned = Math.Round(planError + 1, 4),
                 step_s = Math.Round(res.ReportedStepSeconds, 3), step_times_s = res.StepSeconds.Select(s => Math.Round(s, 3)).ToArray(), load_s = Math.Round(res.LoadSeconds, 3),
                 loss = res.Losses[^1], fourbit_bytes = res.FourBitBytes, dense_bytes = res.DenseBytes, lora_params = res.LoraParams,
                 stream_loads = o.Stream ? res.StreamLoads : (int?)null, stream_max_resident_layers = o.Stream ? res.StreamMaxResident : (int?)null,

@@ -17,15 +17,18 @@ internal static class MergeVerb
         var quantize = new Option<string?>("--quantize") { Description = "re-quantize the merged model: nf4" };
         quantize.AcceptOnlyFromAmong("nf4");
         var overwrite = new Option<bool>("--overwrite") { Description = "replace an existing output folder once the new one is complete" };
+        var device = DeviceOptions.Device("accepted for symmetry with the other verbs; merging always runs on the CPU, one layer at a time through host memory");
         var cmd = new Command("merge", "Merge a LoRA adapter into its base (W + scaling·B·A), layer by layer, into a standalone Hugging Face folder.")
         {
-            baseOpt, adapter, output, dtype, quantize, overwrite,
+            baseOpt, adapter, output, dtype, quantize, overwrite, device,
         };
         cmd.SetAction(r =>
         {
             string b = r.GetValue(baseOpt)!, a = r.GetValue(adapter)!, o = r.GetValue(output)!;
             if (!Directory.Exists(b)) throw new DirectoryNotFoundException($"--base {b}: no such folder");
             if (!Directory.Exists(a)) throw new DirectoryNotFoundException($"--adapter {a}: no such folder");
+            if (DeviceRequest.Parse(r.GetValue(device), "--device").Kind == DeviceRequestKind.Cuda)
+                stdout.WriteLine("merge runs on the CPU: it reads, merges and writes one layer at a time, bound by disk and host memory, so a GPU would not speed it up");
             var report = AdapterMerger.Merge(b, a, o, FloatTypes.Parse(r.GetValue(dtype)!), r.GetValue(quantize) is not null,
                 r.GetValue(overwrite), stdout.WriteLine);
             stdout.WriteLine($"wrote {o}: {report.Merged} projections merged, {report.Copied} tensors copied, {report.OutputBytes:N0} bytes");

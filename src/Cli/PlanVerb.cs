@@ -23,9 +23,10 @@ internal static class PlanVerb
         var bits = new Option<int>("--optimizer-bits") { Description = "AdamW state: 32 or 8", DefaultValueFactory = _ => d.OptimizerBits };
         var ranks = new Option<int>("--ranks") { Description = "data-parallel ranks (processes under mpirun/srun): adds the throughput model", DefaultValueFactory = _ => 1 };
         var microBatches = new Option<int?>("--micro-batches") { Description = "micro-batches per optimizer step across all ranks (default: one per rank)" };
+        var device = DeviceOptions.Device("the device to plan for: auto (a CUDA device if this machine can use one, else the CPU), cpu, cuda or cuda:N; cuda adds the CUDA context and library workspaces (estimated)");
         var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
         {
-            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing, ranks, microBatches,
+            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing, ranks, microBatches, device,
         };
         cmd.SetAction(r =>
         {
@@ -35,6 +36,7 @@ internal static class PlanVerb
             {
                 SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), OptimizerBits = r.GetValue(bits),
                 LossChunkTokens = r.GetValue(chunk), GradientCheckpointing = !r.GetValue(noCheckpointing), LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
+                Device = DeviceSelector.PlanTarget(DeviceRequest.Parse(r.GetValue(device), "--device")),
             };
             int n = r.GetValue(ranks), steps = r.GetValue(microBatches) ?? n;
             if (n < 1) throw new ArgumentException($"--ranks {n}: must be positive");
@@ -45,12 +47,14 @@ internal static class PlanVerb
             stdout.WriteLine($"{name}: {c.NumHiddenLayers} layers, hidden {c.HiddenSize}, intermediate {c.IntermediateSize}, heads {c.NumAttentionHeads}/{c.NumKeyValueHeads}, vocab {c.VocabSize}");
             stdout.WriteLine($"job: {options.MicroBatch} x {options.SequenceLength} tokens, LoRA r={options.LoraRank} on {string.Join(", ", options.LoraTargets)}, " +
                 $"{(options.GradientCheckpointing ? "checkpointing" : "no checkpointing")}, {(options.PagedOptimizer ? "paged " : "")}{options.OptimizerBits}-bit AdamW, " +
-                $"loss chunk {options.LossChunkTokens}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}");
+                $"loss chunk {options.LossChunkTokens}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}; " +
+                $"on {(options.Device == QLora.Kernels.DeviceKind.Cuda ? "a CUDA device" : "the CPU")}");
             stdout.WriteLine(plan.ToTable());
             if (parallel is not null) stdout.WriteLine(DataParallelPlan.Describe(config, options, plan, steps, n, "MPI"));
             stdout.WriteLine(Json.Line(new
             {
                 plan = name,
+                device = options.Device == QLora.Kernels.DeviceKind.Cuda ? "cuda" : "cpu",
                 budget_bytes = plan.BudgetBytes,
                 peak_bytes = plan.PeakBytes,
                 fits = plan.Fits,

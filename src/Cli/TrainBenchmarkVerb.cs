@@ -23,9 +23,10 @@ internal static class TrainBenchmarkVerb
         var rank = new Option<int>("--rank") { Description = "LoRA rank", DefaultValueFactory = _ => d.Rank };
         var checkpointing = new Option<bool>("--checkpointing") { Description = "recompute layers in backward: true (default) or false", DefaultValueFactory = _ => true };
         var steps = new Option<int>("--steps") { Description = "timed steps per variant (median)", DefaultValueFactory = _ => d.Steps };
+        var device = DeviceOptions.Device();
         var cmd = new Command("train", "A QLoRA step (NF4 base, bf16 compute, checkpointing, paged AdamW) vs the same step on dense bf16 weights, and the bf16 matmul rate.")
         {
-            layers, hidden, intermediate, heads, kvHeads, vocab, seq, batch, rank, steps, checkpointing,
+            layers, hidden, intermediate, heads, kvHeads, vocab, seq, batch, rank, steps, checkpointing, device,
         };
         cmd.SetAction(r =>
         {
@@ -38,14 +39,15 @@ internal static class TrainBenchmarkVerb
             foreach (var (name, v) in new[] { ("--layers", o.Layers), ("--hidden", o.Hidden), ("--intermediate", o.Intermediate), ("--heads", o.Heads),
                          ("--kv-heads", o.KvHeads), ("--vocab", o.Vocab), ("--seq", o.Sequence), ("--batch", o.Batch), ("--rank", o.Rank), ("--steps", o.Steps) })
                 if (v <= 0) throw new ArgumentException($"{name} {v}: must be positive");
+            o = o with { Device = DeviceSelector.Resolve(r.GetValue(device), "--device", stdout.WriteLine) };
             using var ranks = DataParallel.Start("auto", TimeSpan.FromMinutes(30));
             if (ranks.Enabled) return DataParallelScaling(o, ranks, stdout);
             var result = TrainBenchmark.Run(o, stdout.WriteLine);
-            stdout.WriteLine($"machine: {DequantBenchmark.CpuName()}, {result.Threads} torch threads");
+            stdout.WriteLine($"machine: {DequantBenchmark.CpuName()}, {result.Threads} torch threads; device {o.Device.Description}");
             stdout.WriteLine($"model: {result.Params / 1e6:F1} M parameters ({result.LinearParams / 1e6:F1} M in linear layers), LoRA r={o.Rank}: {result.LoraParams / 1e6:F2} M trainable; {o.Batch}x{o.Sequence} tokens per step");
             stdout.WriteLine($"QLoRA step: {result.QloraStepSeconds:F2} s ({result.TokensPerSecond:F0} tokens/s); dense bf16 step: {result.DenseStepSeconds:F2} s");
             stdout.WriteLine($"MFU: {result.Mfu:P1} of {result.MatmulGflops:F0} GFLOP/s bf16 matmul (target >= 40 %); dequantization overhead: {result.DequantOverhead:F3} (target <= 1.10)");
-            stdout.WriteLine(result.ToJson());
+            stdout.WriteLine(result.ToJson(o.Device.Name));
             return 0;
         });
         return cmd;

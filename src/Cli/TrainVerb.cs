@@ -19,9 +19,10 @@ internal static class TrainVerb
     {
         var config = new Option<string?>("--config") { Description = "the job file (default: ./appsettings.json)" };
         var resume = new Option<string?>("--resume") { Description = "continue from 'latest' (the newest complete checkpoint of Output:Dir) or a checkpoint folder" };
-        var cmd = new Command("train", "QLoRA fine-tuning from a job file; overrides as --Section:Key value (e.g. --Training:LearningRate 1e-4).")
+        var emulate = DeviceOptions.EmulateVram();
+        var cmd = new Command("train", "QLoRA fine-tuning from a job file; overrides as --Section:Key value (e.g. --Training:LearningRate 1e-4; the device: --Model:Device cuda).")
         {
-            config, resume,
+            config, resume, emulate,
         };
         cmd.TreatUnmatchedTokensAsErrors = false;
         cmd.SetAction(r =>
@@ -29,6 +30,8 @@ internal static class TrainVerb
             NativeHeap.UseLeanPolicy(); // freed activations go back to the system, as the planner assumes
             var jobPath = r.GetValue(config) ?? Path.Combine(Directory.GetCurrentDirectory(), "appsettings.json");
             var job = JobConfiguration.LoadTrainJob(jobPath, r.UnmatchedTokens);
+            using var reservation = r.GetValue(emulate) is { } vram
+                ? DeviceOptions.Emulate(DeviceSelector.Resolve(job.Model.Device, "Model:Device"), vram, stdout) : null;
             using var cts = new CancellationTokenSource();
             ConsoleCancelEventHandler onCancel = (_, e) =>
             {
@@ -38,7 +41,8 @@ internal static class TrainVerb
             };
             Console.CancelKeyPress += onCancel;
             using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
-            var progress = new ProgressDisplay(stdout, interactive: ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected);
+            // Under mpirun the ranks' output is a pseudo-terminal that the launcher copies into its own: plain lines, not a bar.
+            var progress = new ProgressDisplay(stdout, interactive: ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected && !MpiLaunch.IsLaunched);
             try
             {
                 var result = TrainingRun.Run(job, new TrainingRun.RunOptions

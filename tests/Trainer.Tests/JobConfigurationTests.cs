@@ -42,6 +42,7 @@ public class JobConfigurationTests
             Assert.Equal(["q_proj", "v_proj"], fromEnv.Lora.TargetModules!); // a list replaces the default, not extends it
             Environment.SetEnvironmentVariable("QLORA_LIBTORCH", "/opt/torch/lib"); // the process's libtorch, not a job key
             Environment.SetEnvironmentVariable("QLORA_LIBTORCH_ALLOW_MISMATCH", "1");
+            Environment.SetEnvironmentVariable("QLORA_MPI_LIBRARY", "/opt/mpi/lib/libmpi.so");
             Assert.Equal(9, JobConfiguration.LoadTrainJob(path).Training.MaxSteps);
             var fromArgs = JobConfiguration.LoadTrainJob(path, ["--Training:LearningRate", "1e-4", "--Lora:Rank=8"]);
             Assert.Equal(1e-4, fromArgs.Training.LearningRate);
@@ -58,6 +59,7 @@ public class JobConfigurationTests
             Environment.SetEnvironmentVariable("QLORA_Trainin__MaxSteps", null);
             Environment.SetEnvironmentVariable("QLORA_LIBTORCH", null);
             Environment.SetEnvironmentVariable("QLORA_LIBTORCH_ALLOW_MISMATCH", null);
+            Environment.SetEnvironmentVariable("QLORA_MPI_LIBRARY", null);
         }
     }
 

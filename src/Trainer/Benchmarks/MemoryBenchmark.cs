@@ -34,6 +34,8 @@ public static class MemoryBenchmark
         public int? LossChunkTokens { get; init; }
         /// <summary>Folder of the streamed checkpoint (written if it does not hold these weights yet).</summary>
         public string ScratchFolder { get; init; } = Path.Combine("scratch", "bench-memory");
+        /// <summary>The device the model and the step live on (the sampler should read this device's memory).</summary>
+        public ComputeDevice Device { get; init; } = ComputeDevice.Cpu;
     }
 
     /// <summary>The figures of one run.</summary>
@@ -55,9 +57,11 @@ public static class MemoryBenchmark
         if (o.Steps <= 0) throw new ArgumentException($"--steps {o.Steps}: must be positive");
         if (o.StreamWindow <= 0) throw new ArgumentException($"--window {o.StreamWindow}: must be positive");
         if (o.LossChunkTokens <= 0) throw new ArgumentException($"--loss-chunk {o.LossChunkTokens}: must be positive");
+        if (o.Stream && o.Device.IsCuda)
+            throw new NotSupportedException("--stream on CUDA: layer streaming to a GPU (pinned staging, a copy stream, events) is not written yet; measure streaming with --device cpu, or a CUDA step without --stream");
         o.Config.Validate();
         bool ownSampler = sampler is null;
-        sampler ??= new PeakMemorySampler();
+        sampler ??= o.Device.CreateMemorySampler();
         try
         {
             var random = new RandomFourBitModel(o.Config);
@@ -82,7 +86,7 @@ public static class MemoryBenchmark
             var load = Stopwatch.StartNew();
             using var model = o.Stream
                 ? HfModelLoader.Load(folder!, new HfModelLoader.Options { Streaming = true, StreamWindow = o.StreamWindow }, log)
-                : LlamaForCausalLM.FromWeights(config, random, projections: random);
+                : LlamaForCausalLM.FromWeights(config, random, projections: random, device: o.Device.Torch);
             // Building the model leaves managed garbage (absmax arrays, quant states, JSON): return it before measuring the step.
             System.Runtime.GCSettings.LargeObjectHeapCompactionMode = System.Runtime.GCLargeObjectHeapCompactionMode.CompactOnce;
             GC.Collect(2, GCCollectionMode.Aggressive, blocking: true, compacting: true);
@@ -104,13 +108,14 @@ public static class MemoryBenchmark
             for (int step = 0; step < o.Steps; step++)
             {
                 using var scope = NewDisposeScope();
-                var ids = randint(0, config.VocabSize, [1, o.Sequence], generator: gen);
+                var ids = randint(0, config.VocabSize, [1, o.Sequence], generator: gen).to(o.Device.Torch);
                 var sw = Stopwatch.StartNew();
                 var (sum, n) = model.Loss(ids, ids);
                 var loss = sum / n;
                 Checkpoint.Backward(loss);
                 optimizer.Step();
                 optimizer.ZeroGrad();
+                o.Device.Synchronize();
                 times.Add(sw.Elapsed.TotalSeconds);
                 float value = loss.item<float>();
                 losses.Add(value);

@@ -38,6 +38,8 @@ public static class TrainBenchmark
         public bool Checkpointing { get; init; } = true;
         /// <summary>Side of the square bf16 matmul that measures the machine's peak rate.</summary>
         public int MatmulSize { get; init; } = 2048;
+        /// <summary>The device both variants and the matmul run on.</summary>
+        public ComputeDevice Device { get; init; } = ComputeDevice.Cpu;
     }
 
     /// <summary>The figures of one run.</summary>
@@ -59,10 +61,10 @@ public static class TrainBenchmark
         static double Sig(double x) => x == 0 || !double.IsFinite(x) ? x
             : Math.Round(x, Math.Clamp(3 - (int)Math.Floor(Math.Log10(Math.Abs(x))), 0, 15));
 
-        /// <summary>One JSON line of the figures.</summary>
-        public string ToJson() => System.Text.Json.JsonSerializer.Serialize(new
+        /// <summary>One JSON line of the figures, naming the device they were measured on.</summary>
+        public string ToJson(string device = "cpu") => System.Text.Json.JsonSerializer.Serialize(new
         {
-            bench = "train", @params = Params, linear_params = LinearParams, lora_params = LoraParams, tokens_per_step = Tokens,
+            bench = "train", device, @params = Params, linear_params = LinearParams, lora_params = LoraParams, tokens_per_step = Tokens,
             step_s = Sig(QloraStepSeconds), dense_step_s = Sig(DenseStepSeconds),
             steps_per_s = Sig(StepsPerSecond), tokens_per_s = Sig(TokensPerSecond),
             matmul_gflops = Sig(MatmulGflops), model_gflops_per_step = Sig(ModelFlopsPerStep / 1e9),
@@ -75,8 +77,8 @@ public static class TrainBenchmark
     {
         if (o.Hidden % o.Heads != 0 || o.Heads % o.KvHeads != 0) throw new ArgumentException("hidden must be a multiple of heads, heads of kv heads");
         var config = ConfigOf(o);
-        double gflops = MatmulRate(o.MatmulSize);
-        log?.Invoke($"bf16 matmul {o.MatmulSize}^3: {gflops:F1} GFLOP/s on {torch.get_num_threads()} threads");
+        double gflops = MatmulRate(o.MatmulSize, o.Device);
+        log?.Invoke($"bf16 matmul {o.MatmulSize}^3: {gflops:F1} GFLOP/s on {(o.Device.IsCuda ? o.Device.Description : $"{torch.get_num_threads()} threads")}");
 
         // Both variants live side by side and their steps alternate, so machine noise hits them alike.
         using var q = Variant.Create(config, o, quantize: true);
@@ -87,7 +89,7 @@ public static class TrainBenchmark
         for (int i = 0; i <= o.Steps; i++)
         {
             using var scope = NewDisposeScope();
-            var ids = randint(0, config.VocabSize, [o.Batch, o.Sequence], generator: gen);
+            var ids = randint(0, config.VocabSize, [o.Batch, o.Sequence], generator: gen).to(o.Device.Torch);
             double tq = q.Step(ids), td = d.Step(ids);
             if (i > 0) { qTimes.Add(tq); dTimes.Add(td); } // step 0 warms up
             log?.Invoke($"step {i}{(i == 0 ? " (warm-up)" : "")}: qlora {tq:F2} s, dense bf16 {td:F2} s");
@@ -151,7 +153,7 @@ public static class TrainBenchmark
         for (int i = 0; i <= o.Steps; i++)
         {
             using var scope = NewDisposeScope();
-            var ids = randint(0, config.VocabSize, [o.Batch, o.Sequence], generator: gen); // the same global batch on every rank
+            var ids = randint(0, config.VocabSize, [o.Batch, o.Sequence], generator: gen).to(o.Device.Torch); // the same global batch on every rank
             ranks.Collectives.Barrier($"the start of benchmark step {i}");
             var (step, wait, reduce) = parallel.StepDataParallel(ids.narrow(0, start, count), (long)o.Batch * (o.Sequence - 1), ranks, i);
             double one = single?.Step(ids) ?? 0;
@@ -179,8 +181,11 @@ public static class TrainBenchmark
         private readonly LlamaForCausalLM _model;
         private readonly BnbAdamW _optimizer;
 
-        private Variant(LlamaForCausalLM model, BnbAdamW optimizer, ModelStats stats)
+        private readonly ComputeDevice _device;
+
+        private Variant(LlamaForCausalLM model, BnbAdamW optimizer, ModelStats stats, ComputeDevice device)
         {
+            _device = device;
             _model = model;
             _optimizer = optimizer;
             Stats = stats;
@@ -190,7 +195,7 @@ public static class TrainBenchmark
 
         public static Variant Create(LlamaConfig config, Options o, bool quantize)
         {
-            var model = LlamaForCausalLM.CreateRandom(config, 1234, quantize);
+            var model = LlamaForCausalLM.CreateRandom(config, 1234, quantize, device: o.Device.Torch);
             model.ApplyLora(new LoraOptions { Rank = o.Rank, Alpha = 2 * o.Rank }, new Generator(1));
             model.GradientCheckpointing = o.Checkpointing;
             model.train();
@@ -204,7 +209,7 @@ public static class TrainBenchmark
             linear += (long)config.VocabSize * config.HiddenSize; // lm_head
             long lora = model.TrainableParameters().Sum(p => p.Parameter.numel());
             long embed = (long)config.VocabSize * config.HiddenSize;
-            return new Variant(model, optimizer, new ModelStats(linear + embed, linear, lora));
+            return new Variant(model, optimizer, new ModelStats(linear + embed, linear, lora), o.Device);
         }
 
         /// <summary>Seconds for one forward + backward + optimizer step.</summary>
@@ -216,6 +221,7 @@ public static class TrainBenchmark
             Checkpoint.Backward(sum / n);
             _optimizer.Step();
             _optimizer.ZeroGrad();
+            _device.Synchronize(); // a GPU step is done when its queued work is
             return sw.Elapsed.TotalSeconds;
         }
 
@@ -256,18 +262,21 @@ public static class TrainBenchmark
         _ => throw new InvalidOperationException($"unexpected projection {m.GetType().Name}"),
     };
 
-    /// <summary>The bf16 matmul rate (GFLOP/s, median of several n³ products).</summary>
-    public static double MatmulRate(int n)
+    /// <summary>The bf16 matmul rate (GFLOP/s, median of several n³ products) on <paramref name="device"/> (default: the CPU).</summary>
+    public static double MatmulRate(int n, ComputeDevice? device = null)
     {
+        device ??= ComputeDevice.Cpu;
         using var scope = NewDisposeScope();
-        var a = randn(n, n).to(ScalarType.BFloat16);
-        var b = randn(n, n).to(ScalarType.BFloat16);
+        var a = randn(n, n).to(ScalarType.BFloat16).to(device.Torch);
+        var b = randn(n, n).to(ScalarType.BFloat16).to(device.Torch);
         matmul(a, b).Dispose();
+        device.Synchronize();
         var times = new List<double>();
         for (int i = 0; i < 5; i++)
         {
             var sw = Stopwatch.StartNew();
             matmul(a, b).Dispose();
+            device.Synchronize();
             times.Add(sw.Elapsed.TotalSeconds);
         }
         return 2.0 * n * n * (double)n / Median(times) / 1e9;

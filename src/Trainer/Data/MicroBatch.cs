@@ -27,8 +27,8 @@ public sealed class MicroBatch : IDisposable
         InputIds = ids; Labels = labels; PositionIds = pos; AttentionMask = mask; TargetTokens = targets; RealTokens = real;
     }
 
-    /// <summary>Builds the tensors; a mask is made when some row packs several samples.</summary>
-    public static MicroBatch Create(IReadOnlyList<TokenRow> rows, int padId)
+    /// <summary>Builds the tensors on <paramref name="device"/> (null: the CPU); a mask is made when some row packs several samples.</summary>
+    public static MicroBatch Create(IReadOnlyList<TokenRow> rows, int padId, Device? device = null)
     {
         int b = rows.Count, t = rows.Max(r => r.InputIds.Length);
         var ids = new long[b * t];
@@ -63,9 +63,10 @@ public sealed class MicroBatch : IDisposable
                 for (int i = 0; i < t; i++)
                     for (int j = 0; j <= i; j++)
                         m[(r * t + i) * t + j] = seg[r * t + i] == seg[r * t + j];
-            mask = tensor(m, [b, 1, t, t]);
+            mask = tensor(m, [b, 1, t, t], device: device);
         }
-        return new MicroBatch(tensor(ids, [b, t]), tensor(labels, [b, t]), tensor(pos, [b, t]), mask, targets, real);
+        return new MicroBatch(tensor(ids, [b, t], device: device), tensor(labels, [b, t], device: device), tensor(pos, [b, t], device: device),
+            mask, targets, real);
     }
 
     /// <summary>Releases the tensors.</summary>

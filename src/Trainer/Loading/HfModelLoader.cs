@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using QLora.Quant;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace QLora.Trainer;
@@ -34,6 +35,11 @@ public static class HfModelLoader
         public bool Streaming { get; init; }
         /// <summary>Most decoder layers resident at once when streaming (2: the current one and the prefetched one).</summary>
         public int StreamWindow { get; init; } = 2;
+        /// <summary>
+        /// The device the model is placed on (null: the CPU). Each tensor is read, quantized on the CPU and moved there
+        /// on its own, so host memory never holds the whole model on its way to a GPU.
+        /// </summary>
+        public Device? Device { get; init; }
     }
 
     /// <summary>Loads the model in <paramref name="folder"/>; errors name the file, field or tensor that is wrong.</summary>
@@ -62,10 +68,11 @@ public static class HfModelLoader
             if (options.Streaming) streamer = new LayerStreamer(checkpoint, config.NumHiddenLayers, options.StreamWindow);
             var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize || bnb is not null,
                 options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer,
-                keepDense: bnb is { SkipModules: not null } ? bnb.SkipsModule : null); // llm_int8_skip_modules stay 16-bit, as transformers keeps them
+                keepDense: bnb is { SkipModules: not null } ? bnb.SkipsModule : null, // llm_int8_skip_modules stay 16-bit, as transformers keeps them
+                device: options.Device);
             long quantized = model.named_modules().Select(m => m.module).OfType<Linear4bit>().Distinct().Sum(l => l.QuantizedBytes);
             long dense = model.named_parameters().Sum(p => p.parameter.numel() * p.parameter.element_size());
-            log?.Invoke($"model: {quantized / 1e6:F1} MB of 4-bit projections{(streamer is null ? "" : $" streamed from disk (at most {streamer.Window} layers of {streamer.LargestLayerBytes / 1e6:F1} MB resident)")} + {dense / 1e6:F1} MB dense ({options.ComputeDType}) in {sw.Elapsed.TotalSeconds:F1} s");
+            log?.Invoke($"model{(options.Device is { type: not DeviceType.CPU } d ? $" on {d}" : "")}: {quantized / 1e6:F1} MB of 4-bit projections{(streamer is null ? "" : $" streamed from disk (at most {streamer.Window} layers of {streamer.LargestLayerBytes / 1e6:F1} MB resident)")} + {dense / 1e6:F1} MB dense ({options.ComputeDType}) in {sw.Elapsed.TotalSeconds:F1} s");
             return model;
         }
         catch

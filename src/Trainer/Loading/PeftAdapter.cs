@@ -31,8 +31,8 @@ public static class PeftAdapter
             foreach (var (name, layer) in model.LoraLayers)
             {
                 if (!layer.Adapters.Contains(adapter)) continue;
-                parts.Add(($"{Prefix}{name}.lora_A.weight", layer.LoraA(adapter).detach().contiguous()));
-                parts.Add(($"{Prefix}{name}.lora_B.weight", layer.LoraB(adapter).detach().contiguous()));
+                parts.Add(($"{Prefix}{name}.lora_A.weight", layer.LoraA(adapter).detach().cpu().contiguous())); // a GPU model's adapters are copied to the host
+                parts.Add(($"{Prefix}{name}.lora_B.weight", layer.LoraB(adapter).detach().cpu().contiguous()));
             }
             if (parts.Count == 0) throw new ArgumentException($"no layer has an adapter named '{adapter}'");
             foreach (var (key, t) in parts) writer.Declare(key, TorchDTypes.ToTensorDType(t.dtype), t.shape);

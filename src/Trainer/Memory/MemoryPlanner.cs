@@ -105,7 +105,7 @@ public static class MemoryPlanner
             (StepMemorySimulation.LoraWeights, loraBytes),
             (StepMemorySimulation.LoraGradients, loraBytes),
             (StepMemorySimulation.OptimizerState, optDevice),
-            (StepMemorySimulation.FrameworkOverhead, o.FrameworkOverheadBytes),
+            (StepMemorySimulation.FrameworkOverhead, o.RuntimeOverheadBytes),
         };
         var sim = StepMemorySimulation.Run(cfg, o, persistent, optUpdate);
 
@@ -125,7 +125,9 @@ public static class MemoryPlanner
             [StepMemorySimulation.AttentionBuffers] = o.AttentionMask ? "math SDPA score matrices, repeated K/V heads" : "SDPA log-sum-exp, repeated K/V heads",
             [StepMemorySimulation.LossBuffers] = $"loss: selected hidden rows, one chunk of {Math.Min(o.LossChunkTokens, (long)o.MicroBatch * (o.SequenceLength - 1))} tokens' logits (compute dtype and fp32) and their gradients",
             [StepMemorySimulation.DequantBuffers] = "one weight dequantized to the compute dtype for its matmul",
-            [StepMemorySimulation.FrameworkOverhead] = "runtime before any tensor (libtorch, .NET)",
+            [StepMemorySimulation.FrameworkOverhead] = o.Device == DeviceKind.Cuda
+                ? $"CUDA context ({ByteSize.Format(PlanOptions.CudaContextBytes)}) and library workspaces and kernels ({ByteSize.Format(PlanOptions.CudaWorkspaceBytes)}): estimated, not yet measured"
+                : "runtime before any tensor (libtorch, .NET)",
         };
         var components = StepMemorySimulation.Order
             .Select(name => new MemoryComponent(name, sim.AtPeak.GetValueOrDefault(name), descriptions[name]))

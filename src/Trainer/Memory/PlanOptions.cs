@@ -1,3 +1,4 @@
+using QLora.Kernels;
 using static TorchSharp.torch;
 
 namespace QLora.Trainer;
@@ -47,6 +48,27 @@ public sealed record PlanOptions
     public long FrameworkOverheadBytes { get; init; } = DefaultFrameworkOverheadBytes;
     /// <summary>The budget the peak is compared with, or null for none.</summary>
     public long? BudgetBytes { get; init; }
+    /// <summary>
+    /// The device the job runs on. On CUDA the runtime term is the CUDA context plus the libraries' workspaces and
+    /// kernel images (<see cref="CudaContextBytes"/> + <see cref="CudaWorkspaceBytes"/>) instead of
+    /// <see cref="FrameworkOverheadBytes"/>, which is host memory there.
+    /// </summary>
+    public DeviceKind Device { get; init; } = DeviceKind.Cpu;
+
+    /// <summary>
+    /// Device memory a CUDA context takes when it is created (the driver's reservation for it, libtorch's first
+    /// allocation). An estimate for Hopper-class cards with lazy module loading, not yet measured by this project.
+    /// </summary>
+    public const long CudaContextBytes = 512L << 20;
+
+    /// <summary>
+    /// Device memory libraries take after the context exists: cuBLAS/cuBLASLt workspaces and the kernel images loaded
+    /// on first use. An estimate, not yet measured by this project.
+    /// </summary>
+    public const long CudaWorkspaceBytes = 256L << 20;
+
+    /// <summary>The runtime's share of the peak on the planned device.</summary>
+    public long RuntimeOverheadBytes => Device == DeviceKind.Cuda ? CudaContextBytes + CudaWorkspaceBytes : FrameworkOverheadBytes;
 
     /// <summary>
     /// The framework overhead used when none is given (see <see cref="FrameworkOverheadBytes"/>): the CPU backend's,

@@ -5,13 +5,17 @@ namespace QLora.Trainer;
 
 /// <summary>
 /// Reentrant gradient checkpointing: forward runs a block without keeping its activations (only its input); backward
-/// restores the CPU RNG state (so dropout draws the same mask), recomputes the block with grad enabled and
+/// restores the CPU RNG state (so dropout draws the same mask; a block that reseeds its device's generator itself
+/// opts out), recomputes the block with grad enabled and
 /// back-propagates through it. An exception in the recompute cannot cross the native callback: it is stored and
 /// rethrown by <see cref="Backward"/> once the backward pass returns.
 /// </summary>
 public static class Checkpoint
 {
     [ThreadStatic] private static Exception? _failure;
+    // On CUDA, libtorch runs backward on its own device threads: a failure there is filed under the thread that ran
+    // the forward (and so calls Backward), since the thread-static above is not visible across threads.
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<int, Exception> OtherThreadFailures = new();
 
     /// <summary>
     /// <paramref name="block"/>(<paramref name="input"/>, <paramref name="constants"/>), checkpointed when grad is enabled
@@ -19,20 +23,41 @@ public static class Checkpoint
     /// Every tensor the block reads besides its input and module weights must come through <paramref name="constants"/>
     /// (they are saved with the node; tensors captured by the closure may be disposed before backward runs).
     /// </summary>
-    public static Tensor Run(Func<Tensor, IReadOnlyList<Tensor>, Tensor> block, Tensor input, params Tensor[] constants)
+    public static Tensor Run(Func<Tensor, IReadOnlyList<Tensor>, Tensor> block, Tensor input, params Tensor[] constants) =>
+        Run(block, input, preserveRngState: true, constants);
+
+    /// <summary>
+    /// As <see cref="Run(Func{Tensor, IReadOnlyList{Tensor}, Tensor}, Tensor, Tensor[])"/>; with
+    /// <paramref name="preserveRngState"/> false (PyTorch's <c>preserve_rng_state=False</c>) the CPU generator's state is
+    /// not saved and restored around the recompute: for a block that reseeds its generator itself (the CUDA path, whose
+    /// generator state TorchSharp cannot save).
+    /// </summary>
+    public static Tensor Run(Func<Tensor, IReadOnlyList<Tensor>, Tensor> block, Tensor input, bool preserveRngState, params Tensor[] constants)
     {
         if (!is_grad_enabled() || !input.requires_grad) return block(input, constants);
-        return CheckpointFunction.apply(input, block, constants);
+        return CheckpointFunction.apply(input, block, constants, preserveRngState);
     }
 
     /// <summary>Runs <c>loss.backward()</c> and rethrows any exception raised inside a checkpointed recompute.</summary>
     public static void Backward(Tensor loss)
     {
         _failure = null;
+        OtherThreadFailures.TryRemove(Environment.CurrentManagedThreadId, out _);
         loss.backward();
         var failure = _failure;
         _failure = null;
+        if (OtherThreadFailures.TryRemove(Environment.CurrentManagedThreadId, out var other)) failure ??= other;
         if (failure is not null) throw new InvalidOperationException($"the backward recompute of a checkpointed block failed: {failure.Message}", failure);
+    }
+
+    /// <summary>
+    /// Files an exception raised inside a native backward callback (it must not cross it) for <see cref="Backward"/> to
+    /// rethrow; <paramref name="ownerThread"/> is the managed thread that ran the node's forward, when known.
+    /// </summary>
+    internal static void RecordFailure(Exception e, int? ownerThread)
+    {
+        if (ownerThread is int owner && owner != Environment.CurrentManagedThreadId) OtherThreadFailures.TryAdd(owner, e);
+        else _failure ??= e;
     }
 
     private sealed class CheckpointFunction : torch.autograd.SingleTensorFunction<CheckpointFunction>
@@ -46,23 +71,26 @@ public static class Checkpoint
             var constants = (Tensor[])vars[2];
             ctx.set_materialize_grads(false); // see Linear4bit: no cached output is touched in backward
             ctx.save_data("block", block);
-            using (var state = torch.random.get_rng_state()) ctx.save_data("rng", state.bytes.ToArray()); // bytes: no tensor outlives its scope
+            ctx.save_data("thread", Environment.CurrentManagedThreadId);
+            if ((bool)vars[3])
+                using (var state = torch.random.get_rng_state()) ctx.save_data("rng", state.bytes.ToArray()); // bytes: no tensor outlives its scope
             ctx.save_for_backward([input, .. constants]);
             return block(input, constants);
         }
 
         public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
         {
-            if (grad.IsInvalid) return [null!, null!, null!];
+            if (grad.IsInvalid) return [null!, null!, null!, null!];
             try
             {
                 var saved_ = ctx.get_saved_variables();
                 var input = saved_[0];
                 var constants = saved_.Skip(1).ToArray();
                 var block = (Func<Tensor, IReadOnlyList<Tensor>, Tensor>)ctx.get_data("block");
-                using var saved = tensor((byte[])ctx.get_data("rng"), ScalarType.Byte);
-                using var current = torch.random.get_rng_state();
-                torch.random.set_rng_state(saved);
+                var rng = ctx.get_data("rng") as byte[];
+                using var saved = rng is null ? null : tensor(rng, ScalarType.Byte);
+                using var current = rng is null ? null : torch.random.get_rng_state();
+                if (saved is not null) torch.random.set_rng_state(saved);
                 Tensor? inputGrad;
                 using (var scope = NewDisposeScope())
                 using (enable_grad())
@@ -72,13 +100,13 @@ public static class Checkpoint
                     torch.autograd.backward([y], [grad]);
                     inputGrad = x.grad?.detach().MoveToOuterDisposeScope();
                 }
-                torch.random.set_rng_state(current);
-                return [inputGrad!, null!, null!];
+                if (current is not null) torch.random.set_rng_state(current);
+                return [inputGrad!, null!, null!, null!];
             }
             catch (Exception e)
             {
-                _failure ??= e;
-                return [null!, null!, null!];
+                RecordFailure(e, ctx.get_data("thread") as int?);
+                return [null!, null!, null!, null!];
             }
         }
     }

@@ -4,18 +4,14 @@ using static TorchSharp.torch;
 namespace QLora.Trainer;
 
 /// <summary>A frozen token embedding (HF: <c>embed_tokens.weight</c> [vocab, hidden]): a row lookup, no gradient.</summary>
-public sealed class FrozenEmbedding : nn.Module<Tensor, Tensor>
+public sealed class FrozenEmbedding : FrozenWeightModule
 {
     /// <summary>Wraps a [vocab, hidden] matrix.</summary>
-    public FrozenEmbedding(Tensor weight) : base("Embedding")
+    public FrozenEmbedding(Tensor weight) : base("Embedding", weight)
     {
-        register_parameter("weight", new Parameter(weight.detach(), requires_grad: false));
     }
 
-    /// <summary>The matrix (looked up by name: Module.to() replaces registered tensors).</summary>
-    public Parameter weight => get_parameter("weight")!;
-
-    /// <summary>Rows of <see cref="weight"/> for token ids of any shape; result shape = ids shape + [hidden].</summary>
+    /// <summary>Rows of <see cref="FrozenWeightModule.weight"/> for token ids of any shape; result shape = ids shape + [hidden].</summary>
     public override Tensor forward(Tensor ids)
     {
         long vocab = weight.shape[0];

@@ -226,6 +226,7 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
             // dispose scope may already have freed; take "no gradient" as it is instead.
             ctx.set_materialize_grads(false);
             ctx.save_data("layer", layer);
+            ctx.save_data("thread", Environment.CurrentManagedThreadId);
             using var w = layer.Dequantize();
             return nn.functional.linear(x, w);
         }
@@ -233,10 +234,20 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
         public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
         {
             if (grad.IsInvalid) return [null!, null!];
-            var layer = (Linear4bit)ctx.get_data("layer");
-            using var w = layer.Dequantize();
-            var g = grad.dtype == w.dtype ? grad : grad.to(w.dtype);
-            return [g.matmul(w), null!];
+            try
+            {
+                var layer = (Linear4bit)ctx.get_data("layer");
+                using var w = layer.Dequantize();
+                var g = grad.dtype == w.dtype ? grad : grad.to(w.dtype);
+                return [g.matmul(w), null!];
+            }
+            catch (Exception e)
+            {
+                // An exception must not cross the native callback (it would abort the process, e.g. a failed kernel
+                // launch on CUDA): Checkpoint.Backward rethrows it once backward returns.
+                Checkpoint.RecordFailure(e, ctx.get_data("thread") as int?);
+                return [null!, null!];
+            }
         }
     }
 }

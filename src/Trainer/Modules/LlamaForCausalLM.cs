@@ -55,6 +55,16 @@ public sealed class LlamaForCausalLM : nn.Module
     /// held in memory.
     /// </summary>
     public LayerStreamer? Streamer { get; private set; }
+    /// <summary>The device the model's tensors live on (that of the token embedding).</summary>
+    public Device Device => model.embed_tokens.weight.device;
+    /// <summary>
+    /// Reseed the device's generator before every decoder layer in training, with a seed derived from one draw of the
+    /// CPU generator per forward and the layer's index, so the layer's dropout masks are the same in its forward and
+    /// in its checkpointed recompute without saving the generator's state (which TorchSharp cannot do for CUDA); the
+    /// CPU generator, saved in training checkpoints, keeps the draws reproducible on resume. Null (default): on for
+    /// CUDA, off on the CPU, where the checkpoint saves and restores the CPU generator's state instead.
+    /// </summary>
+    public bool? ReseedDropout { get; set; }
 
     /// <summary>Releases the streamer (resident layers and the memory-mapped checkpoint) with the modules.</summary>
     protected override void Dispose(bool disposing)
@@ -72,8 +82,8 @@ public sealed class LlamaForCausalLM : nn.Module
     /// double quant when <paramref name="quantize"/> (the QLoRA base), other tensors are kept in the compute dtype.
     /// </summary>
     public static LlamaForCausalLM FromWeights(LlamaConfig config, Func<string, Tensor?> weights, bool quantize = true,
-        ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64) =>
-        FromWeights(config, new TensorDictionaryWeights(weights), quantize, computeDType, blocksize);
+        ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64, Device? device = null) =>
+        FromWeights(config, new TensorDictionaryWeights(weights), quantize, computeDType, blocksize, device: device);
 
     /// <summary>
     /// Builds the model tensor by tensor from <paramref name="weights"/>: each decoder projection becomes a
@@ -89,8 +99,14 @@ public sealed class LlamaForCausalLM : nn.Module
     /// </remarks>
     public static LlamaForCausalLM FromWeights(LlamaConfig config, IModelWeights weights, bool quantize = true,
         ScalarType computeDType = ScalarType.BFloat16, int blocksize = 64, QuantType quantType = QuantType.Nf4, bool doubleQuant = true,
-        IFourBitProjectionFactory? projections = null, Func<string, bool>? keepDense = null)
+        IFourBitProjectionFactory? projections = null, Func<string, bool>? keepDense = null, Device? device = null)
     {
+        // Each module is moved to the device as soon as it is built (its host copy freed), so host memory never holds
+        // more than one tensor of a model that lives on a GPU.
+        bool onDevice = device is not null && device.type != DeviceType.CPU;
+        if (onDevice && projections is LayerStreamer)
+            throw new NotSupportedException("layer streaming runs on the CPU backend only for now (its copy stream to a GPU is not written yet); load the model on the CPU, or without streaming");
+        T Place<T>(T module) where T : nn.Module => onDevice ? (T)module.to(device!) : module;
         void Check(string name, long[] shape)
         {
             if (!weights.Contains(name)) throw new ArgumentException($"missing weight {name}");
@@ -112,11 +128,11 @@ public sealed class LlamaForCausalLM : nn.Module
             if (projections is not null && !dense)
             {
                 using var pb = Bias(name + ".bias", bias, outF);
-                return projections.Create(name + ".weight", [outF, inF], pb, computeDType);
+                return Place(projections.Create(name + ".weight", [outF, inF], pb, computeDType));
             }
             Check(name + ".weight", [outF, inF]);
             using var b = Bias(name + ".bias", bias, outF);
-            if (quantize && !dense) return new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType);
+            if (quantize && !dense) return Place(new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType));
             using var w = weights.Dense(name + ".weight");
             var lin = nn.Linear(inF, outF, hasBias: b is not null, dtype: computeDType);
             using (no_grad())
@@ -126,7 +142,7 @@ public sealed class LlamaForCausalLM : nn.Module
             }
             lin.weight!.requires_grad = false;
             if (lin.bias is not null) lin.bias.requires_grad = false;
-            return lin;
+            return Place(lin);
         }
 
         int hsz = config.HiddenSize, isz = config.IntermediateSize, hd = config.HeadDim;
@@ -153,17 +169,17 @@ public sealed class LlamaForCausalLM : nn.Module
             var n = new RmsNorm(size ?? hsz, config.RmsNormEps, computeDType, unitOffset: config.Gemma is not null);
             using var w = Get(name, size ?? hsz);
             using (no_grad()) n.weight.copy_(w);
-            return n;
+            return Place(n);
         }
         FrozenEmbedding embed;
-        using (var e = Get("model.embed_tokens.weight", config.VocabSize, hsz)) embed = new FrozenEmbedding(e.to(computeDType));
+        using (var e = Get("model.embed_tokens.weight", config.VocabSize, hsz)) embed = Place(new FrozenEmbedding(e.to(computeDType)));
         var model = new LlamaModel(embed, layers, Norm("model.norm.weight"));
         nn.Module<Tensor, Tensor>? head = null;
         if (!config.TieWordEmbeddings && weights.IsFourBit("lm_head.weight"))
         {
             // A checkpoint quantized with lm_head (llm_int8_skip_modules without it): a frozen 4-bit head, as transformers loads it.
             Check("lm_head.weight", [config.VocabSize, hsz]);
-            head = new Linear4bit(weights.FourBit("lm_head.weight", quantType, blocksize, doubleQuant), null, computeDType);
+            head = Place(new Linear4bit(weights.FourBit("lm_head.weight", quantType, blocksize, doubleQuant), null, computeDType));
         }
         else if (!config.TieWordEmbeddings)
         {
@@ -171,7 +187,7 @@ public sealed class LlamaForCausalLM : nn.Module
             var lin = nn.Linear(hsz, config.VocabSize, hasBias: false, dtype: computeDType);
             using (no_grad()) lin.weight!.copy_(w);
             lin.weight!.requires_grad = false;
-            head = lin;
+            head = Place(lin);
         }
         return new LlamaForCausalLM(config, model, head, computeDType) { Streamer = projections as LayerStreamer };
     }
@@ -181,7 +197,7 @@ public sealed class LlamaForCausalLM : nn.Module
     /// for tests and benchmarks.
     /// </summary>
     public static LlamaForCausalLM CreateRandom(LlamaConfig config, long seed, bool quantize = true, ScalarType computeDType = ScalarType.BFloat16,
-        double initStd = 0.02)
+        double initStd = 0.02, Device? device = null)
     {
         var gen = new Generator((ulong)seed);
         return FromWeights(config, name =>
@@ -203,7 +219,7 @@ public sealed class LlamaForCausalLM : nn.Module
             else if (name.Contains("gate_proj") || name.Contains("up_proj")) shape = [config.IntermediateSize, hsz];
             else if (name.Contains("down_proj")) shape = [hsz, config.IntermediateSize];
             return shape is null ? null : randn(shape, generator: gen) * initStd;
-        }, quantize, computeDType);
+        }, quantize, computeDType, device: device);
     }
 
     /// <summary>
@@ -301,10 +317,14 @@ public sealed class LlamaForCausalLM : nn.Module
         bool checkpoint = GradientCheckpointing && is_grad_enabled() && training;
         if (checkpoint) h = h.detach().requires_grad_(true); // the checkpoint node is only recorded when its input requires grad
         var streamer = Streamer;
+        var device = inputIds.device;
+        bool reseed = training && is_grad_enabled() && (ReseedDropout ?? device.type == DeviceType.CUDA);
+        long draw = reseed ? DeviceRandom.DrawFromCpu() : 0;
         for (int index = 0; index < model.layers.Count; index++)
         {
             var l = model.layers[index];
             int i = index;
+            long seed = reseed ? DeviceRandom.Derive(draw, i) : 0;
             var (cos, sin) = rope[_ropeOfLayer[index]];
             var mask = MaskFor(index);
             if (checkpoint)
@@ -315,12 +335,14 @@ public sealed class LlamaForCausalLM : nn.Module
                 h = Checkpoint.Run((x, c) =>
                 {
                     streamer?.Acquire(i, calls++ == 0 ? i + 1 : i - 1);
+                    if (reseed) DeviceRandom.ManualSeed(device, seed); // the same masks in forward and recompute
                     return l.Forward(x, c[0], c[1], c.Count > 2 ? c[2] : null);
-                }, h, mask is null ? [cos, sin] : [cos, sin, mask]);
+                }, h, preserveRngState: !reseed, mask is null ? [cos, sin] : [cos, sin, mask]);
             }
             else
             {
                 streamer?.Acquire(i, i + 1);
+                if (reseed) DeviceRandom.ManualSeed(device, seed);
                 h = l.Forward(h, cos, sin, mask);
             }
         }

@@ -8,7 +8,7 @@ namespace QLora.Trainer;
 /// Llama's RMSNorm (HF naming: <c>weight</c>): normalised in float32, cast back, then scaled. Frozen. Gemma's variant
 /// (<see cref="UnitOffset"/>) scales by (1 + weight) and stays in float32 until the end, as transformers' GemmaRMSNorm does.
 /// </summary>
-public sealed class RmsNorm : nn.Module<Tensor, Tensor>
+public sealed class RmsNorm : FrozenWeightModule
 {
     private readonly double _eps;
 
@@ -16,15 +16,11 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
     public RmsNorm(long size, double eps, ScalarType dtype) : this(size, eps, dtype, unitOffset: false) { }
 
     /// <summary>As the Llama norm, or Gemma's (1 + weight) norm when <paramref name="unitOffset"/>.</summary>
-    public RmsNorm(long size, double eps, ScalarType dtype, bool unitOffset) : base("RmsNorm")
+    public RmsNorm(long size, double eps, ScalarType dtype, bool unitOffset) : base("RmsNorm", ones(size, dtype: dtype))
     {
         _eps = eps;
         UnitOffset = unitOffset;
-        register_parameter("weight", new Parameter(ones(size, dtype: dtype), requires_grad: false));
     }
-
-    /// <summary>The scale (looked up by name: Module.to() replaces registered tensors).</summary>
-    public Parameter weight => get_parameter("weight")!;
 
     /// <summary>Gemma's form: float32 x / √(mean(x²) + eps) · (1 + weight), then cast to the input dtype.</summary>
     public bool UnitOffset { get; }

@@ -44,7 +44,7 @@ public static class TextGenerator
         options.Validate();
         if (prompt.Count == 0) throw new ArgumentException("the prompt has no tokens");
         var device = model.model.embed_tokens.weight.device;
-        var generator = new Generator(options.Seed, device);
+        var generator = new Generator(options.Seed); // a CPU generator: sampling draws on the host on every device, so a seed means the same everywhere
         var output = new List<int>();
         bool wasTraining = model.training;
         model.eval();
@@ -155,6 +155,7 @@ public static class TextGenerator
             scores = scores.masked_fill(dropInOrder, double.NegativeInfinity);
         }
         var probs = scores.softmax(0);
+        if (probs.device_type != generator.device.type) probs = probs.to(generator.device);
         return (int)probs.multinomial(1, generator: generator).item<long>();
     }
 }

@@ -14,7 +14,10 @@ namespace QLora.Trainer;
 /// <see cref="AdamWOptions.MinEightBitSize"/> elements); bias correction folded into the step size and epsilon;
 /// decoupled weight decay after the update; an element whose gradient is not finite gets zeroed moments and no update.
 /// Paged: the state lives in host memory and each tensor's state is brought into device memory for its update and
-/// written back, so device memory holds at most one tensor's state (bitsandbytes pages per tensor too). Runs on CPU tensors (float32 or bfloat16).
+/// written back, so device memory holds at most one tensor's state (bitsandbytes pages per tensor too).
+/// Parameters (float32 or bfloat16) live on the CPU or on one CUDA device. On CUDA the state is one device buffer
+/// (paged: one tensor's worth, filled and emptied with driver copies on the default stream), the 8-bit update is the
+/// ILGPU kernel (<see cref="CudaAdamW8bit"/>) and the 32-bit update is the same arithmetic in tensor operations.
 /// </summary>
 public sealed unsafe class BnbAdamW : IDisposable
 {
@@ -26,8 +29,11 @@ public sealed unsafe class BnbAdamW : IDisposable
     private sealed record Group(ParameterGroup Source, IReadOnlyList<Slot> Slots, long Offset, long Bytes, double LearningRate);
 
     private readonly List<Group> _groups = [];
-    private readonly OptimizerStateMemory _state;
-    private readonly OptimizerStateMemory? _scratch;
+    private readonly OptimizerStateMemory? _state;   // host: the CPU state, or the paged state of any device; null for unpaged CUDA
+    private readonly OptimizerStateMemory? _scratch; // CPU, paged: one tensor's state
+    private readonly Tensor? _deviceState;           // CUDA: the whole state, or (paged) one tensor's; float32 elements, byte offsets
+    private readonly long _deviceBytes;
+    private readonly CudaKernelLauncher? _launcher;
 
     /// <summary>Sets up zeroed state for every parameter of <paramref name="groups"/>.</summary>
     public BnbAdamW(IEnumerable<ParameterGroup> groups, AdamWOptions options)
@@ -36,6 +42,7 @@ public sealed unsafe class BnbAdamW : IDisposable
         Options = options;
         var names = new HashSet<string>(StringComparer.Ordinal);
         long offset = 0, largest = 0;
+        Device? device = null;
         foreach (var g in groups)
         {
             var slots = new List<Slot>();
@@ -43,8 +50,11 @@ public sealed unsafe class BnbAdamW : IDisposable
             foreach (var (name, p) in g.Parameters)
             {
                 if (!names.Add(name)) throw new ArgumentException($"parameter name '{name}' appears twice");
-                if (p.device_type != DeviceType.CPU)
-                    throw new NotSupportedException($"{name}: BnbAdamW updates CPU tensors; this parameter is on {p.device}");
+                device ??= p.device;
+                if (p.device_type != device.type || p.device_type == DeviceType.CUDA && p.device.index != device.index)
+                    throw new ArgumentException($"{name}: this parameter is on {p.device}, earlier ones on {device}; one optimizer updates the parameters of one device");
+                if (p.device_type is not (DeviceType.CPU or DeviceType.CUDA))
+                    throw new NotSupportedException($"{name}: BnbAdamW updates CPU or CUDA tensors; this parameter is on {p.device}");
                 if (p.dtype is not (ScalarType.Float32 or ScalarType.BFloat16))
                     throw new NotSupportedException($"{name}: parameters must be float32 or bfloat16, not {p.dtype}");
                 if (!p.is_contiguous()) throw new ArgumentException($"{name}: parameter is not contiguous");
@@ -59,8 +69,18 @@ public sealed unsafe class BnbAdamW : IDisposable
             foreach (var slot in slots) largest = Math.Max(largest, slot.Bytes);
             _groups.Add(new Group(g, slots, groupStart, groupBytes, g.LearningRate ?? options.LearningRate));
         }
-        _state = new OptimizerStateMemory(offset, options.Paged);
-        if (options.Paged) _scratch = new OptimizerStateMemory(largest, paged: false);
+        if (device is { type: DeviceType.CUDA })
+        {
+            _launcher = CudaKernelLauncher.ForDevice(Math.Max(0, device.index));
+            if (options.Paged) _state = new OptimizerStateMemory(offset, paged: true);
+            _deviceBytes = options.Paged ? largest : offset;
+            _deviceState = zeros(Math.Max(1, (_deviceBytes + 3) / 4), dtype: ScalarType.Float32, device: device); // zero codes/moments
+        }
+        else
+        {
+            _state = new OptimizerStateMemory(offset, options.Paged);
+            if (options.Paged) _scratch = new OptimizerStateMemory(largest, paged: false);
+        }
     }
 
     /// <summary>The hyperparameters.</summary>
@@ -70,10 +90,10 @@ public sealed unsafe class BnbAdamW : IDisposable
     public int StepCount { get; private set; }
 
     /// <summary>State bytes resident in device memory: everything unpaged, or the largest tensor's when paged.</summary>
-    public long DeviceStateBytes => _scratch?.Length ?? _state.Length;
+    public long DeviceStateBytes => _deviceState is not null ? _deviceBytes : _scratch?.Length ?? _state!.Length;
 
     /// <summary>State bytes held in host memory (paged only).</summary>
-    public long HostStateBytes => _state.IsPaged ? _state.Length : 0;
+    public long HostStateBytes => _state is { IsPaged: true } ? _state.Length : 0;
 
     /// <summary>Every parameter, with its group's learning rate.</summary>
     public IEnumerable<(string Name, TorchSharp.Modules.Parameter Parameter, double LearningRate)> Parameters =>
@@ -96,7 +116,12 @@ public sealed unsafe class BnbAdamW : IDisposable
                 (float)Options.Epsilon, (float)Options.WeightDecay, StepCount);
             foreach (var s in g.Slots)
             {
-                byte* state = _state.At(g.Offset + s.Offset);
+                if (_deviceState is not null)
+                {
+                    UpdateOnDevice(g, s, step);
+                    continue;
+                }
+                byte* state = _state!.At(g.Offset + s.Offset);
                 if (_scratch is null)
                 {
                     Update(s, state, step);
@@ -163,6 +188,70 @@ public sealed unsafe class BnbAdamW : IDisposable
         for (int i = 0; i < n; i++) p16[i] = BFloat16.FromFloat(p32[i]);
     }
 
+    /// <summary>
+    /// One parameter's update on its CUDA device: its state is brought into the device buffer first when paged (and
+    /// written back after), then the 8-bit kernel or the 32-bit tensor arithmetic runs on the default stream. The driver
+    /// copies are synchronous and on the legacy default stream, so they are ordered with the kernels and torch's work.
+    /// </summary>
+    private void UpdateOnDevice(Group g, Slot s, in AdamW8bitStep step)
+    {
+        using var grad = s.Parameter.grad;
+        if (grad is null) return;
+        if (grad.dtype != s.Parameter.dtype || grad.numel() != s.Count)
+            throw new InvalidOperationException($"{s.Name}: gradient {grad.dtype} x {grad.numel()} does not match the parameter {s.Parameter.dtype} x {s.Count}");
+        using var gc = grad.is_contiguous() ? grad.alias() : grad.contiguous();
+        var launcher = _launcher!;
+        long hostOffset = g.Offset + s.Offset;
+        long offset = _state is null ? hostOffset : 0; // paged: the scratch starts at 0
+        nint state = TensorMemory.DataPointer(_deviceState!) + (nint)offset;
+        if (_state is not null)
+        {
+            launcher.MakeCurrent();
+            launcher.Driver.CopyToDevice((ulong)state, _state.At(hostOffset), s.Bytes);
+        }
+        long n = s.Count;
+        if (s.EightBit)
+        {
+            long abs = Align(2 * n);
+            new CudaAdamW8bit(launcher).Update(TensorMemory.DataPointer(s.Parameter), TensorMemory.DataPointer(gc), state, state + (nint)n,
+                state + (nint)abs, state + (nint)(abs + 4L * s.Blocks), n, step,
+                s.Parameter.dtype == ScalarType.BFloat16 ? FloatType.BFloat16 : FloatType.Float32);
+        }
+        else
+        {
+            using var m = _deviceState!.narrow(0, offset / 4, n);
+            using var v = _deviceState.narrow(0, offset / 4 + n, n);
+            UpdateWithTensors(s.Parameter, gc, m, v, step);
+        }
+        if (_state is not null)
+        {
+            launcher.MakeCurrent();
+            launcher.Driver.CopyToHost(_state.At(hostOffset), (ulong)state, s.Bytes); // waits for the update
+        }
+    }
+
+    /// <summary>
+    /// The float32 AdamW update of <see cref="Update32"/> in tensor operations on any device, operation for operation
+    /// (float32 arithmetic; bfloat16 parameters rounded back to nearest even): the CUDA path for 32-bit state.
+    /// <paramref name="m"/> and <paramref name="v"/> are float32 tensors of the parameter's element count, updated in place.
+    /// </summary>
+    internal static void UpdateWithTensors(Tensor param, Tensor grad, Tensor m, Tensor v, in AdamW8bitStep step)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var g = grad.reshape(-1).to(ScalarType.Float32);
+        var finite = g.isfinite();
+        var g0 = g.masked_fill(finite.logical_not(), 0f);
+        var mi = m.mul(step.Beta1).add(g0.mul(step.OneMinusBeta1));
+        var vi = v.mul(step.Beta2).add(g0.mul(g0).mul(step.OneMinusBeta2));
+        m.copy_(mi.masked_fill(finite.logical_not(), 0f));
+        v.copy_(vi.masked_fill(finite.logical_not(), 0f));
+        var flat = param.view(-1);
+        var p32 = flat.to(ScalarType.Float32);
+        var x = p32.add(mi.div(vi.sqrt().add(step.EpsilonTerm)).mul(step.StepSize)).mul(step.DecayFactor);
+        flat.copy_(where(finite, x, p32).to(param.dtype));
+    }
+
     /// <summary>The float32 update, with the same operations in the same order as the 8-bit one.</summary>
     private static void Update32(Span<float> p, ReadOnlySpan<float> grad, Span<float> m, Span<float> v, in AdamW8bitStep step)
     {
@@ -206,7 +295,9 @@ public sealed unsafe class BnbAdamW : IDisposable
                     writer.Declare(s.Name + suffix, dtype, [count]);
                     parts.Add((s.Name + suffix, g.Offset + s.Offset + offset, checked((int)(count * dtype.Size()))));
                 }
-        foreach (var (key, offset, bytes) in parts) writer.Write(key, _state.Slice(offset, bytes));
+        var copy = _state is null ? DeviceStateCopy() : null;
+        foreach (var (key, offset, bytes) in parts)
+            writer.Write(key, copy is null ? _state!.Slice(offset, bytes) : copy.AsSpan(checked((int)offset), bytes));
         writer.Commit();
     }
 
@@ -236,8 +327,24 @@ public sealed unsafe class BnbAdamW : IDisposable
                         throw new InvalidDataException($"{path}: {key} is {info.DType} x {info.ElementCount}, expected {dtype} x {count}");
                     plan.Add((key, g.Offset + s.Offset + offset, checked((int)info.ByteLength)));
                 }
-        foreach (var (key, offset, bytes) in plan) reader.GetSpan(key).CopyTo(_state.Slice(offset, bytes));
+        if (_state is not null)
+            foreach (var (key, offset, bytes) in plan) reader.GetSpan(key).CopyTo(_state.Slice(offset, bytes));
+        else
+        {
+            // Unpaged CUDA: assemble the whole state on the host, then upload it in one copy.
+            var host = DeviceStateCopy();
+            foreach (var (key, offset, bytes) in plan) reader.GetSpan(key).CopyTo(host.AsSpan(checked((int)offset), bytes));
+            using var upload = tensor(MemoryMarshal.Cast<byte, float>(host.AsSpan(0, host.Length & ~3)).ToArray());
+            using (no_grad()) _deviceState!.narrow(0, 0, upload.shape[0]).copy_(upload);
+        }
         StepCount = step;
+    }
+
+    /// <summary>A host copy of the unpaged CUDA state (the state of LoRA adapters: megabytes to a few hundred).</summary>
+    private byte[] DeviceStateCopy()
+    {
+        using var cpu = _deviceState!.cpu();
+        return cpu.bytes.ToArray();
     }
 
     private static IEnumerable<(string Suffix, TensorDType DType, long Count, long Offset)> Parts(Slot s)
@@ -260,7 +367,8 @@ public sealed unsafe class BnbAdamW : IDisposable
     /// <inheritdoc />
     public void Dispose()
     {
-        _state.Dispose();
+        _state?.Dispose();
         _scratch?.Dispose();
+        _deviceState?.Dispose();
     }
 }

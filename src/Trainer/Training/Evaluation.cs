@@ -49,7 +49,7 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
             foreach (var row in Mine(use))
             {
                 using var scope = NewDisposeScope();
-                using var batch = MicroBatch.Create([row], padId);
+                using var batch = MicroBatch.Create([row], padId, model.Device);
                 if (batch.TargetTokens == 0) continue;
                 var (s, n) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask);
                 sum += s.to(ScalarType.Float64).item<double>();

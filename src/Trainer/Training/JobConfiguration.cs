@@ -18,10 +18,10 @@ public static class JobConfiguration
     public const string EnvironmentPrefix = "QLORA_";
 
     /// <summary>
-    /// <c>QLORA_</c> variables that configure the process, not the job (the libtorch preload, the GPU check): never
+    /// <c>QLORA_</c> variables that configure the process, not the job (the libtorch preload, the GPU check, MPI): never
     /// read as job keys, so setting them does not make every job fail with an unknown key.
     /// </summary>
-    public static readonly IReadOnlyList<string> ProcessVariables = ["QLORA_LIBTORCH", "QLORA_LIBTORCH_ALLOW_MISMATCH", "QLORA_CUDART", "QLORA_GPU_CHECK"];
+    public static readonly IReadOnlyList<string> ProcessVariables = ["QLORA_LIBTORCH", "QLORA_LIBTORCH_ALLOW_MISMATCH", "QLORA_CUDART", "QLORA_GPU_CHECK", "QLORA_MPI_LIBRARY"];
 
     /// <summary>Top-level sections that belong to other verbs and are allowed in the same file (e.g. <c>Quantize</c>).</summary>
     public static readonly IReadOnlyList<string> OtherVerbSections = ["Quantize"];

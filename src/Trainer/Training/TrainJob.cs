@@ -70,10 +70,13 @@ public sealed class ModelSection
     public string ComputeDType { get; set; } = "bfloat16";
     /// <summary>Chat template by name (llama3, llama3.1, chatml, mistral, alpaca); default: the tokenizer's, else alpaca.</summary>
     public string? ChatTemplate { get; set; }
+    /// <summary>Where the job computes: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N.</summary>
+    public string Device { get; set; } = "auto";
 
     internal void Validate(List<string> e)
     {
         TrainJob.Check(e, !string.IsNullOrWhiteSpace(Path), "Model:Path", Path, "a Hugging Face model folder is required");
+        TrainJob.Check(e, DeviceRequest.TryParse(Device, out _), "Model:Device", Device, $"allowed values are {DeviceRequest.Allowed}");
         TrainJob.OneOf(e, "Model:ComputeDType", ComputeDType, "bfloat16", "float16", "float32");
         if (ChatTemplate is not null) TrainJob.OneOf(e, "Model:ChatTemplate", ChatTemplate, [.. QLora.Trainer.ChatTemplate.Names]);
     }

@@ -75,12 +75,14 @@ public sealed class TrainingRun
         var wall = Stopwatch.StartNew();
         using var ranks = _ranks = DataParallel.Start(_job.Training.DataParallel, TimeSpan.FromSeconds(_job.Training.CollectiveTimeoutSeconds));
         if (ranks.Check(_job.Training.GradientAccumulationSteps) is { } rankProblem) throw new InvalidOperationException(rankProblem);
-        using var sampler = new PeakMemorySampler();
+        var device = DeviceSelector.Resolve(_job.Model.Device, "Model:Device", Log);
+        using var sampler = device.CreateMemorySampler(); // the baseline: the device before anything is loaded
         var checkpoints = new TrainingCheckpoints(Path.Combine(_out, CheckpointsFolder), _job.Output.KeepLast);
         var modelPath = _job.Model.Path!;
         if (!Directory.Exists(modelPath)) throw new DirectoryNotFoundException($"Model:Path {modelPath} does not exist; point it at a Hugging Face model folder");
         var config = LlamaConfig.Load(Path.Combine(modelPath, "config.json"));
-        var plan = MemoryPlanner.Plan(config, PlanOptionsOf(_job));
+        var plan = MemoryPlanner.Plan(config, PlanOptionsOf(_job) with { Device = device.Kind });
+        Log($"device: {device.Description}");
         Log($"memory plan: peak {ByteSize.Format(plan.PeakBytes)} ({plan.PeakPhase})" + (plan.BudgetBytes is long b ? $" of the {ByteSize.Format(b)} budget" : ""));
         if (!plan.Fits)
         {
@@ -109,6 +111,7 @@ public sealed class TrainingRun
             Blocksize = _job.Quantization.Blocksize,
             QuantType = QuantTypes.Parse(_job.Quantization.QuantType),
             DoubleQuant = _job.Quantization.DoubleQuant,
+            Device = device.Torch,
         }, Log);
         tokenizer.EnsureMatchesEmbedding(model.Config.VocabSize);
         model.GradientCheckpointing = t.GradientCheckpointing;
@@ -275,7 +278,7 @@ public sealed class TrainingRun
         foreach (var rows in mine ?? microBatches)
         {
             using var scope = NewDisposeScope();
-            using var batch = MicroBatch.Create(rows, padId);
+            using var batch = MicroBatch.Create(rows, padId, model.Device);
             if (batch.TargetTokens == 0) continue;
             var (sum, _) = model.Loss(batch.InputIds, batch.Labels, batch.PositionIds, batch.AttentionMask);
             lossSum += sum.to(ScalarType.Float64).item<double>();
@@ -436,7 +439,7 @@ public sealed class TrainingRun
             EvalLoss = evalLoss is double l ? Math.Round(l, 6) : null,
             EvalPerplexity = evalLoss is double l2 ? Math.Round(Math.Exp(l2), 4) : null,
             TokensPerSecond = Math.Round(_state.TokensSeen / Math.Max(_state.TrainSeconds, 1e-9), 1),
-            PeakMemoryBytes = sampler.PeakBytes,
+            PeakMemoryBytes = sampler.ReportedPeakBytes,
             WallSeconds = Math.Round(wall.Elapsed.TotalSeconds, 2),
             OutputDir = _out,
             ExactMatchBefore = _state.ExactMatchBefore,
