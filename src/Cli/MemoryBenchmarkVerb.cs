@@ -53,7 +53,9 @@ internal static class MemoryBenchmarkVerb
                 NumHiddenLayers = l ?? config.NumHiddenLayers, HiddenSize = h ?? config.HiddenSize, IntermediateSize = i ?? config.IntermediateSize,
                 NumAttentionHeads = a ?? config.NumAttentionHeads, NumKeyValueHeads = kv ?? config.NumKeyValueHeads, VocabSize = v ?? config.VocabSize,
             };
-            config = config with { HeadDim = config.HiddenSize / config.NumAttentionHeads };
+            if (h is not null || a is not null) config = config with { HeadDim = config.HiddenSize / config.NumAttentionHeads }; // presets keep their head_dim (Gemma: 256)
+            if (l is not null && config.LayerTypes is { } types) // the preset's sliding/full pattern, repeated over the new depth
+                config = config with { LayerTypes = Enumerable.Range(0, config.NumHiddenLayers).Select(n => types[n % types.Count]).ToList() };
             if (config.HiddenSize % config.NumAttentionHeads != 0 || config.NumAttentionHeads % config.NumKeyValueHeads != 0)
                 throw new ArgumentException($"hidden {config.HiddenSize}, heads {config.NumAttentionHeads}, kv heads {config.NumKeyValueHeads}: hidden must be a multiple of heads, heads of kv heads");
             try { config.Validate(); }

@@ -103,6 +103,20 @@ public sealed partial class ChatTemplate
         return copy;
     }
 
+    private IReadOnlyDictionary<string, JsonNode?> _templateVariables = new Dictionary<string, JsonNode?>();
+
+    /// <summary>
+    /// A copy that passes extra variables to an evaluated template, as apply_chat_template's keyword arguments do
+    /// (e.g. Qwen3's <c>enable_thinking: false</c>, Llama 3's <c>date_string</c>). Ignored by the built-in renderers.
+    /// </summary>
+    public ChatTemplate WithTemplateVariables(IReadOnlyDictionary<string, JsonNode?> variables)
+    {
+        ArgumentNullException.ThrowIfNull(variables);
+        var copy = (ChatTemplate)MemberwiseClone();
+        copy._templateVariables = variables.ToDictionary(kv => kv.Key, kv => kv.Value?.DeepClone());
+        return copy;
+    }
+
     /// <summary>The Jinja source this template evaluates (<see cref="ChatTemplateFormat.Jinja"/> only), else null.</summary>
     public string? JinjaSource => _jinja?.Source;
 
@@ -158,7 +172,7 @@ public sealed partial class ChatTemplate
             RenderJinja([ChatMessage.User("Hi"), ChatMessage.Assistant("Hello")], addGenerationPrompt: false);
             RenderJinja([ChatMessage.User("Hi")], addGenerationPrompt: true);
         }
-        catch (JinjaRaisedException)
+        catch (ArgumentException e) when (e.InnerException is JinjaRaisedException)
         {
             // The template refused this conversation shape (e.g. it needs a system turn): that is the template's rule, not a missing construct.
         }
@@ -277,6 +291,8 @@ public sealed partial class ChatTemplate
         };
         foreach (var (name, value) in _specialTokens)
             variables[name] = value;
+        foreach (var (name, value) in _templateVariables)
+            variables[name] = value?.DeepClone();
         try
         {
             return _jinja!.RenderWithGenerationSpans(variables, Now ?? DateTime.Now);

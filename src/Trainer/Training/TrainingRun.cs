@@ -359,11 +359,14 @@ public sealed class TrainingRun
         if (_job.Model.ChatTemplate is { } name) return tokenizer.GetChatTemplate(name);
         try
         {
-            return tokenizer.GetChatTemplate();
+            var template = tokenizer.GetChatTemplate();
+            Log(template.Format == ChatTemplateFormat.Jinja ? "chat template: the tokenizer's own, evaluated"
+                : $"chat template: built-in {template.Name} (the tokenizer's template uses a construct the interpreter lacks)");
+            return template;
         }
-        catch (NotSupportedException)
+        catch (NotSupportedException e)
         {
-            Log("the tokenizer has no supported chat template; instruction and chat samples use the alpaca format (set Model:ChatTemplate to choose)");
+            Log($"the tokenizer has no usable chat template ({e.Message}); instruction and chat samples use the alpaca format (set Model:ChatTemplate to choose)");
             return tokenizer.GetChatTemplate("alpaca");
         }
     }

@@ -79,6 +79,9 @@ public sealed class JinjaChatTemplateTests
         Assert.Equal(["A1<|im_end|>", "<think>\n\n</think>\n\nA2<|im_end|>"], Answers(chat));
         Assert.Equal("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
             t.Render([ChatMessage.System("S"), ChatMessage.User("Hi")], addGenerationPrompt: true));
+        // apply_chat_template(..., enable_thinking=False): the generation prompt closes an empty think block.
+        Assert.Equal("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+            t.WithTemplateVariables(new Dictionary<string, JsonNode?> { ["enable_thinking"] = false }).Render([ChatMessage.User("Hi")], addGenerationPrompt: true));
         // A reasoning answer keeps its thoughts after the last user turn.
         Assert.Equal("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nhmm\n</think>\n\nA<|im_end|>\n",
             t.Render([ChatMessage.User("Hi"), ChatMessage.Assistant("<think>\nhmm\n</think>\n\nA")], false));
@@ -142,6 +145,9 @@ public sealed class JinjaChatTemplateTests
     public void TheTokenizersTemplateIsEvaluatedFirstAndTheBuiltInIsTheFallback()
     {
         Assert.Equal(ChatTemplateFormat.Jinja, ChatTemplate.FromTokenizer(PublishedChatTemplates.Gemma3, null, "<bos>", "<eos>").Format);
+        // A template that refuses the trial conversation by its own rule is still evaluated.
+        const string needsSystem = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('needs a system turn') }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}";
+        Assert.Equal(ChatTemplateFormat.Jinja, ChatTemplate.FromTokenizer(needsSystem, null, null, null).Format);
 
         // A construct the interpreter lacks, in a template a built-in renderer recognises: the built-in renders it.
         var withUnsupported = PublishedChatTemplates.MistralLate2023 + "{{ messages | wordwrap }}";

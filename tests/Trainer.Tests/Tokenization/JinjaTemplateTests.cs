@@ -46,6 +46,7 @@ public sealed class JinjaTemplateTests
     [InlineData("{{ strftime_now('%d %b %Y %H:%M:%S %B %A') }}", "31 Dec 2024 23:05:09 December Tuesday")]
     [InlineData("{{ 'yes' if 1 > 2 else 'no' }} {{ 1 < 2 < 3 }} {{ not 0 and 2 or 3 }}", "no True 2")]
     [InlineData("{{ [{'r': 'u'}, {'r': 'a'}, {'r': 'u'}] | selectattr('r', 'equalto', 'u') | list | length }} {{ [{'n': 1}, {'n': 2}] | map(attribute='n') | list }}", "2 [1, 2]")]
+    [InlineData("[{{ missing | trim }}] {{ 'a' in missing }} {{ missing | length }} {% for x in missing %}x{% endfor %}", "[] False 0 ")]
     [InlineData("{{ x is defined }} {{ none is none }} {{ 'a' is string }} {{ {} is mapping }} {{ 3 is odd }} {{ 4 is divisibleby 2 }}", "False True True True True True")]
     public void ExpressionsFollowPythonAndJinjaSemantics(string source, string expected) => Assert.Equal(expected, Render(source));
 

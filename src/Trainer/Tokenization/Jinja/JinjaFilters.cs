@@ -12,7 +12,7 @@ internal static class JinjaFilters
         switch (name)
         {
             case "trim":
-                return Py.Strip(RequireString(v, name, line), Arg(0, "chars") as string, true, true);
+                return Py.Strip(SoftStr(v), Arg(0, "chars") as string, true, true);
             case "tojson":
             {
                 var indent = Arg(0, "indent");
@@ -44,12 +44,12 @@ internal static class JinjaFilters
                 if (Arg(1, "attribute") is { } attr) items = items.Select(x => Attribute(x, attr, line)).ToList();
                 return string.Join(sep, items.Select(Py.Str));
             }
-            case "upper": return RequireString(v, name, line).ToUpperInvariant();
-            case "lower": return RequireString(v, name, line).ToLowerInvariant();
-            case "title": return JinjaMembers.Title(RequireString(v, name, line));
+            case "upper": return SoftStr(v).ToUpperInvariant();
+            case "lower": return SoftStr(v).ToLowerInvariant();
+            case "title": return JinjaMembers.Title(SoftStr(v));
             case "capitalize":
             {
-                var s = RequireString(v, name, line);
+                var s = SoftStr(v);
                 return s.Length == 0 ? s : char.ToUpperInvariant(s[0]) + s[1..].ToLowerInvariant();
             }
             case "replace":
@@ -232,6 +232,9 @@ internal static class JinjaFilters
         }
         return item;
     }
+
+    // Jinja's soft_str: string filters print their input first (an undefined value is "").
+    private static string SoftStr(object? v) => Py.Str(v);
 
     private static string RequireString(object? v, string filter, int line) =>
         v as string ?? (v is JinjaUndefined u ? throw new JinjaTemplateException($"Line {line}: '{u.Name}' is undefined (filter |{filter}).")

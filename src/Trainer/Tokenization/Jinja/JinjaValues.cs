@@ -209,7 +209,7 @@ internal static class Py
     {
         string s => item is string sub ? s.Contains(sub, StringComparison.Ordinal) : throw new JinjaTemplateException($"'in <string>' requires a string, not {TypeName(item)}."),
         OrderedDictionary<string, object?> d => item is string key && d.ContainsKey(key),
-        JinjaUndefined => throw TypeError("a container", container),
+        JinjaUndefined => false, // Undefined iterates as empty
         _ => Iterate(container).Any(x => Equals(x, item)),
     };
 
