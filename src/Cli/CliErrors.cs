@@ -7,7 +7,7 @@ namespace QLora.Cli;
 internal static class CliErrors
 {
     /// <summary>True for errors that describe bad input rather than a bug.</summary>
-    public static bool IsUserFacing(Exception e) => e is SafetensorsFormatException or FormatException or IOException
+    public static bool IsUserFacing(Exception e) => e is SafetensorsFormatException or Quant.Gguf.GgufFormatException or FormatException or IOException
         or UnauthorizedAccessException or ArgumentException or InvalidOperationException or NotSupportedException
         or PlatformNotSupportedException or OutOfMemoryException or InvalidDataException or TokenizerMismatchException;
 

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.CommandLine.Parsing;
 
 namespace QLora.Cli;
 
@@ -26,6 +27,7 @@ public static class Program
             DequantizeVerb.Create(stdout),
             InspectVerb.Create(stdout),
             MergeVerb.Create(stdout),
+            ExportVerb.Create(stdout),
             GenerateVerb.Create(stdout),
             PlanVerb.Create(stdout),
             BenchVerb.Create(stdout),
@@ -40,8 +42,8 @@ public static class Program
         var parse = root.Parse(args);
         if (parse.Errors.Count > 0)
         {
-            var verb = parse.CommandResult.Command == root ? "qlora" : $"qlora {parse.CommandResult.Command.Name}";
-            stderr.WriteLine($"{verb}: {parse.Errors[0].Message} (see '{verb} --help')");
+            var verb = parse.CommandResult.Command == root ? "qlora" : $"qlora {VerbPath(parse.CommandResult)}";
+            stderr.WriteLine($"{verb}: {OneLine(parse.Errors[0].Message)} (see '{verb} --help')");
             return 2;
         }
         try
@@ -50,8 +52,19 @@ public static class Program
         }
         catch (Exception e) when (CliErrors.IsUserFacing(e))
         {
-            stderr.WriteLine($"qlora {parse.CommandResult.Command.Name}: {CliErrors.Describe(e)}");
+            stderr.WriteLine($"qlora {VerbPath(parse.CommandResult)}: {CliErrors.Describe(e)}");
             return 1;
         }
+    }
+
+    // System.CommandLine lists allowed values on separate, tab-indented lines.
+    private static string OneLine(string message) => string.Join(' ', message.Split(['\r', '\n', '\t'], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
+
+    // "export gguf" for a sub-verb, "train" for a verb.
+    private static string VerbPath(CommandResult result)
+    {
+        var names = new List<string>();
+        for (SymbolResult? s = result; s is CommandResult c && c.Command is not RootCommand; s = c.Parent) names.Insert(0, c.Command.Name);
+        return string.Join(' ', names);
     }
 }

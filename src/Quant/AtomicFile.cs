@@ -19,8 +19,16 @@ public static class AtomicFile
         }
         catch
         {
-            try { File.Delete(temp); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+            TryDelete(temp);
             throw;
         }
+    }
+
+    /// <summary>Deletes a temporary file this project wrote, ignoring a failure (cleanup must not hide the real error).</summary>
+    internal static void TryDelete(string path)
+    {
+        try { File.Delete(path); }
+        catch (IOException) { }
+        catch (UnauthorizedAccessException) { }
     }
 }

@@ -151,12 +151,7 @@ public sealed class SafetensorsWriter : IDisposable
         _disposed = true;
         _stream?.Dispose();
         _stream = null;
-        if (!_committed)
-        {
-            try { File.Delete(_tempPath); }
-            catch (IOException) { }
-            catch (UnauthorizedAccessException) { }
-        }
+        if (!_committed) AtomicFile.TryDelete(_tempPath);
     }
 
     /// <summary>Checks that metadata keys and values are non-null, encodable strings.</summary>
