@@ -11,6 +11,7 @@ internal static class BenchVerb
         bench.Subcommands.Add(DequantBenchmark.Create(stdout));
         bench.Subcommands.Add(TrainBenchmarkVerb.Create(stdout));
         bench.Subcommands.Add(MemoryBenchmarkVerb.Create(stdout));
+        bench.Subcommands.Add(EvalBenchmarkVerb.Create(stdout));
         return bench;
     }
 }

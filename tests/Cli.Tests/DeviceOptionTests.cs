@@ -73,7 +73,7 @@ public class DeviceOptionTests
         Assert.Contains("NVIDIA driver", dequant.Stderr);
         var train = CliRunner.Run("bench", "train", "--device", "cuda:1", "--layers", "1", "--steps", "1");
         Assert.Equal(1, train.ExitCode);
-        Assert.StartsWith("qlora train: --device cuda:1: CUDA cannot be used here", train.Stderr);
+        Assert.StartsWith("qlora bench train: --device cuda:1: CUDA cannot be used here", train.Stderr);
         var memory = CliRunner.Run("bench", "memory", "--preset", "llama-3.1-8b", "--device", "cuda", "--emulate-vram", "24GB");
         Assert.Equal(1, memory.ExitCode);
         Assert.Contains("CUDA cannot be used here", memory.Stderr);

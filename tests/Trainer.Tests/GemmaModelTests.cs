@@ -214,4 +214,32 @@ public class GemmaModelTests
         var (first, last) = QLoraRoundTrip.Run(dir, Ids, learningRate: 0.05, prompt: [2, 17, 42], newTokens: 3);
         Assert.True(last < first, $"loss {first} -> {last}");
     }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void BatchedGreedyHonoursSoftcapsAndSlidingWindowsPerRow(bool gemma3)
+    {
+        // Window 3 with prompts up to 6 tokens: the batch's masks must keep each row's window, counted in its own positions.
+        var c = LlamaConfig.FromJson(ConfigJson(gemma3, window: 3));
+        using var m = LlamaForCausalLM.CreateRandom(c, 5, quantize: false, computeDType: ScalarType.Float32, initStd: 0.3);
+        m.eval();
+        int[][] prompts = [[3, 14, 15, 9, 2, 6], [7, 1], [1, 2, 3, 4]];
+        var batched = TextGenerator.GenerateBatch(m, prompts, new GenerationOptions { MaxNewTokens = 6 });
+        using var _ = no_grad();
+        for (int r = 0; r < prompts.Length; r++)
+        {
+            // Reference: the whole sequence through the (windowed) full forward at every step, no cache, no padding.
+            var ids = prompts[r].Select(i => (long)i).ToList();
+            var expected = new List<int>();
+            for (int step = 0; step < 6; step++)
+            {
+                using var scope = NewDisposeScope();
+                int token = (int)m.Logits(tensor(ids.ToArray()).unsqueeze(0))[0, -1].argmax().item<long>();
+                expected.Add(token);
+                ids.Add(token);
+            }
+            Assert.Equal(expected, batched[r]);
+        }
+    }
 }

@@ -142,6 +142,7 @@ public class JobConfigurationTests
     [InlineData("Eval:MaxRows", "-1", "Eval:MaxRows = -1: 0 (all) or a positive integer")]
     [InlineData("Eval:ExactMatchSamples", "-1", "Eval:ExactMatchSamples = -1: 0 (all) or a positive integer")]
     [InlineData("Eval:MaxNewTokens", "0", "Eval:MaxNewTokens = 0: an integer from 1 to 65536")]
+    [InlineData("Eval:BatchSize", "0", "Eval:BatchSize = 0: an integer from 1 to 4096")]
     [InlineData("Output:SaveEveryNSteps", "-1", "Output:SaveEveryNSteps = -1: 0 (only at the end) or a positive integer")]
     [InlineData("Output:KeepLast", "0", "Output:KeepLast = 0: a positive integer")]
     [InlineData("Memory:Budget", "lots", "Memory:Budget = 'lots': a size such as 24GB")]

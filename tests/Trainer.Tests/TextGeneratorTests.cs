@@ -66,4 +66,29 @@ public class TextGeneratorTests
             Assert.InRange(TextGenerator.Pick(-logits, new GenerationOptions { Temperature = 1, VocabLimit = 3 }, gen), 0, 2);
         }
     }
+
+    [Fact]
+    public void BatchedGreedyOverLeftPaddedRowsEqualsOneAtATime()
+    {
+        using var m = LlamaForCausalLM.CreateRandom(TinyLlama.Config(), 42, computeDType: ScalarType.Float32, initStd: 0.3);
+        m.ApplyLora(new LoraOptions { Rank = 2 });
+        m.eval();
+        int[][] prompts = [[3, 14, 15, 9, 2, 6, 5], [7], [1, 2, 3], [8, 8, 4, 4, 11], [3, 14, 15, 9, 2, 6, 5]];
+        var solo = prompts.Select(p => TextGenerator.Generate(m, p, new GenerationOptions { MaxNewTokens = 10 }).ToList()).ToList();
+        // Rows stop at their own EOS: a token of row 2's answer that some other row never produces.
+        int eos = solo[2].First(t => solo.Any(o => !o.Contains(t)));
+        var options = new GenerationOptions { MaxNewTokens = 10, StopTokenIds = [eos] };
+        var expected = prompts.Select(p => TextGenerator.Generate(m, p, options)).ToList();
+        Assert.Equal(solo[2].IndexOf(eos) + 1, expected[2].Count);
+        Assert.Contains(expected, e => e.Count == 10); // some row runs to the limit while another has stopped
+        var batched = TextGenerator.GenerateBatch(m, prompts, options);
+        Assert.Equal(prompts.Length, batched.Count);
+        for (int r = 0; r < prompts.Length; r++) Assert.Equal(expected[r], batched[r]);
+        // The same against the cache-free reference (no stop tokens), and with a single row.
+        var plain = TextGenerator.GenerateBatch(m, prompts, new GenerationOptions { MaxNewTokens = 10 });
+        for (int r = 0; r < prompts.Length; r++) Assert.Equal(GreedyWithoutCache(m, prompts[r], 10), plain[r]);
+        Assert.Equal(solo[1], TextGenerator.GenerateBatch(m, [prompts[1]], new GenerationOptions { MaxNewTokens = 10 })[0]);
+        Assert.Throws<ArgumentException>(() => TextGenerator.GenerateBatch(m, prompts, new GenerationOptions { Temperature = 1 }));
+        Assert.Throws<ArgumentException>(() => TextGenerator.GenerateBatch(m, [[1], []], new GenerationOptions()));
+    }
 }

@@ -436,6 +436,45 @@ public sealed class LlamaForCausalLM : nn.Module
         return model.norm.forward(h).MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// Batched inference step over left-padded rows: hidden states [B, T, H] of <paramref name="inputIds"/> [B, T], which
+    /// continue the cached tokens. Row b starts with <paramref name="leftPadding"/>[b] padding tokens (a [B] int64 tensor):
+    /// its positions count from its first real token, and no query attends to its padding (a padding query attends to
+    /// itself only, so its output stays finite and is never read).
+    /// </summary>
+    public Tensor Forward(Tensor inputIds, KvCache cache, Tensor leftPadding)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        long b = inputIds.shape[0], t = inputIds.shape[1], past = cache.Length, s = past + t;
+        var device = inputIds.device;
+        var pad = leftPadding.to(ScalarType.Int64, device).view(b, 1);
+        var query = arange(past, s, dtype: ScalarType.Int64, device: device);             // key index of each new token
+        var pos = (query.unsqueeze(0) - pad).clamp_min(0);                                   // [B, T]
+        var key = arange(s, dtype: ScalarType.Int64, device: device);
+        var q = query.view(1, t, 1);
+        var k = key.view(1, 1, s);
+        var causal = k.le(q).logical_and(key.view(1, s).ge(pad).unsqueeze(1));              // [B, T, S]
+        var self = k.eq(q);
+        var rope = _ropes.Select(r => r.CosSin(pos, ComputeDType)).ToArray();
+        var masks = new Dictionary<int, Tensor>();
+        Tensor MaskFor(int layer)
+        {
+            int window = Config.SlidingWindowForLayer(layer) ?? 0;
+            if (masks.TryGetValue(window, out var cached)) return cached;
+            var allowed = window > 0 ? causal.logical_and((q - k).lt(window)) : causal;
+            return masks[window] = allowed.logical_or(self).unsqueeze(1);                      // [B, 1, T, S]
+        }
+        var h = ScaleEmbedding(model.embed_tokens.forward(inputIds));
+        for (int i = 0; i < model.layers.Count; i++)
+        {
+            Streamer?.Acquire(i, (i + 1) % model.layers.Count);
+            var (cos, sin) = rope[_ropeOfLayer[i]];
+            h = model.layers[i].Forward(h, cos, sin, MaskFor(i), cache, i);
+        }
+        return model.norm.forward(h).MoveToOuterDisposeScope();
+    }
+
     /// <summary>Logits [.., vocab] in the compute dtype for hidden states (soft-capped when the model caps them: Gemma 2).</summary>
     public Tensor LmHead(Tensor hidden)
     {

@@ -74,6 +74,65 @@ public static class TextGenerator
         return output;
     }
 
+    /// <summary>
+    /// Greedy continuations of several prompts at once (evaluation): the prompts are left-padded into one batch that shares
+    /// one <see cref="KvCache"/>, each row keeps its own positions and stops at its own EOS, and the batch ends when every
+    /// row has stopped or <see cref="GenerationOptions.MaxNewTokens"/> is reached. Each row's tokens equal
+    /// <see cref="Generate"/>'s for that prompt alone (up to ties in float rounding). Sampling is not batched: a
+    /// temperature above 0 is an <see cref="ArgumentException"/>.
+    /// </summary>
+    public static IReadOnlyList<IReadOnlyList<int>> GenerateBatch(LlamaForCausalLM model, IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions options)
+    {
+        options.Validate();
+        if (options.Temperature != 0) throw new ArgumentException($"temperature {options.Temperature}: batched generation is greedy only (use 0, or generate one prompt at a time)");
+        if (prompts.Any(p => p.Count == 0)) throw new ArgumentException("a prompt has no tokens");
+        var outputs = prompts.Select(_ => new List<int>()).ToArray();
+        if (prompts.Count == 0 || options.MaxNewTokens == 0) return outputs;
+        var device = model.Device; // the compute device (the embedding table may stay on the host)
+        int rows = prompts.Count, width = prompts.Max(p => p.Count);
+        var ids = new long[rows * width];
+        var padding = new long[rows];
+        for (int r = 0; r < rows; r++)
+        {
+            padding[r] = width - prompts[r].Count;
+            for (int j = 0; j < prompts[r].Count; j++) ids[r * width + padding[r] + j] = prompts[r][j];
+        }
+        var done = new bool[rows];
+        int left = rows;
+        bool wasTraining = model.training;
+        model.eval();
+        try
+        {
+            using var cache = new KvCache(model.model.layers.Count);
+            using var noGrad = no_grad();
+            using var pad = tensor(padding, device: device);
+            var next = tensor(ids, [rows, width], device: device);
+            for (int step = 0; step < options.MaxNewTokens && left > 0; step++)
+            {
+                using var scope = NewDisposeScope();
+                var hidden = model.Forward(next, cache, pad);
+                var logits = model.LmHead(hidden.narrow(1, hidden.shape[1] - 1, 1)).reshape(rows, -1).to(ScalarType.Float32);
+                if (options.VocabLimit > 0 && options.VocabLimit < logits.shape[1]) logits = logits.narrow(1, 0, options.VocabLimit);
+                var chosen = logits.argmax(1).to(ScalarType.Int64).cpu();
+                var tokens = chosen.data<long>().ToArray();
+                for (int r = 0; r < rows; r++)
+                {
+                    if (done[r]) continue;
+                    outputs[r].Add((int)tokens[r]);
+                    if (options.StopTokenIds.Contains((int)tokens[r])) { done[r] = true; left--; }
+                }
+                next.Dispose();
+                next = chosen.to(device).view(rows, 1).MoveToOuterDisposeScope(); // a stopped row keeps decoding; its tokens are dropped
+            }
+            next.Dispose();
+        }
+        finally
+        {
+            model.train(wasTraining);
+        }
+        return outputs;
+    }
+
     /// <summary>The next token from a [vocab] float32 logits vector.</summary>
     public static int Pick(Tensor logits, GenerationOptions o, Generator generator)
     {

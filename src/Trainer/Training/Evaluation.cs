@@ -27,12 +27,10 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         double loss = Loss();
         double? em = exactMatch ? ExactMatch($"after {step} steps") : null;
         if (!double.IsNaN(loss)) log($"eval at step {step}: loss {loss:F4}, perplexity {Math.Exp(loss):F3}");
-        foreach (var prompt in ranks.IsRoot ? options.Prompts ?? [] : [])
-        {
-            var ids = tokenizer.Encode(prompt, addSpecialTokens: true);
-            var output = Generate(ids);
-            log($"eval at step {step}: {prompt} -> {tokenizer.Decode(output).ReplaceLineEndings("\\n")}");
-        }
+        var prompts = ranks.IsRoot ? options.Prompts ?? [] : [];
+        var completions = GenerateAll(prompts.Select(p => tokenizer.Encode(p, addSpecialTokens: true)).ToList());
+        for (int i = 0; i < prompts.Count; i++)
+            log($"eval at step {step}: {prompts[i]} -> {tokenizer.Decode(completions[i]).ReplaceLineEndings("\\n")}");
         return new EvalRecord(step, loss, Math.Exp(loss), em);
     }
 
@@ -68,6 +66,9 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
         return tokens == 0 ? double.NaN : sum / tokens;
     }
 
+    /// <summary>The token ids of this rank's answers in the last <see cref="ExactMatch"/>, in sample order (benchmarks compare them).</summary>
+    public IReadOnlyList<IReadOnlyList<int>> LastAnswers { get; private set; } = [];
+
     /// <summary>Fraction of eval samples whose greedy answer equals the reference (both trimmed).</summary>
     public double? ExactMatch(string when)
     {
@@ -78,14 +79,16 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
             log("exact match: no eval sample ends with an assistant answer; nothing to measure");
             return null;
         }
+        var mine = Mine(chosen);
+        var answers = GenerateAll(mine.Select(s => encoder.EncodePrompt(s)).ToList());
         int hits = 0;
         string? example = null;
-        foreach (var s in Mine(chosen))
+        LastAnswers = [.. answers];
+        for (int i = 0; i < mine.Count; i++)
         {
-            var output = Generate(encoder.EncodePrompt(s));
-            var answer = tokenizer.Decode(output).Trim();
-            if (answer == s.ReferenceAnswer!.Trim()) hits++;
-            example ??= $"'{answer.ReplaceLineEndings("\\n")}' (expected '{s.ReferenceAnswer.Trim().ReplaceLineEndings("\\n")}')";
+            var answer = tokenizer.Decode(answers[i]).Trim();
+            if (answer == mine[i].ReferenceAnswer!.Trim()) hits++;
+            example ??= $"'{answer.ReplaceLineEndings("\\n")}' (expected '{mine[i].ReferenceAnswer!.Trim().ReplaceLineEndings("\\n")}')";
         }
         Span<double> total = [hits];
         ranks.Sum(total, $"exact match {when}");
@@ -96,17 +99,31 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
     }
 
     /// <summary>
-    /// Generation of a small model runs many tiny ops per token, where splitting each across threads costs more than it
-    /// saves (and collapses when the machine is busy): such models decode on one intra-op thread.
+    /// Greedy answers to <paramref name="prompts"/>, in their order, decoded <see cref="EvalSection.BatchSize"/> at a time
+    /// (prompts of similar length batched together, so little padding is decoded). Generation of a small model runs many
+    /// tiny ops per token, where splitting each across threads costs more than it saves (and collapses when the machine is
+    /// busy): such models decode on one intra-op thread.
     /// </summary>
-    IReadOnlyList<int> Generate(IReadOnlyList<int> prompt)
+    IReadOnlyList<IReadOnlyList<int>> GenerateAll(IReadOnlyList<IReadOnlyList<int>> prompts)
     {
+        var answers = new IReadOnlyList<int>[prompts.Count];
         int threads = get_num_threads();
         bool small = model.Config.HiddenSize <= 1024;
         if (small) set_num_threads(1);
         try
         {
-            return TextGenerator.Generate(model, prompt, Greedy());
+            if (options.BatchSize <= 1)
+            {
+                for (int i = 0; i < prompts.Count; i++) answers[i] = TextGenerator.Generate(model, prompts[i], Greedy());
+                return answers;
+            }
+            var order = Enumerable.Range(0, prompts.Count).OrderBy(i => prompts[i].Count).ToArray();
+            foreach (var chunk in order.Chunk(options.BatchSize))
+            {
+                var outputs = TextGenerator.GenerateBatch(model, [.. chunk.Select(i => prompts[i])], Greedy());
+                for (int j = 0; j < chunk.Length; j++) answers[chunk[j]] = outputs[j];
+            }
+            return answers;
         }
         finally
         {

@@ -303,6 +303,11 @@ public sealed class EvalSection
     public int MaxNewTokens { get; set; } = 32;
     /// <summary>Fixed prompts whose greedy completions are written to the log at each evaluation.</summary>
     public List<string>? Prompts { get; set; }
+    /// <summary>
+    /// Samples decoded together in exact match and prompt completion (left-padded batches sharing one KV cache; 1 decodes
+    /// one at a time). Larger batches run fewer, larger steps; the answers are the same.
+    /// </summary>
+    public int BatchSize { get; set; } = 16;
 
     internal void Validate(List<string> e)
     {
@@ -310,6 +315,7 @@ public sealed class EvalSection
         TrainJob.Check(e, MaxRows >= 0, "Eval:MaxRows", MaxRows, "0 (all) or a positive integer");
         TrainJob.Check(e, ExactMatchSamples >= 0, "Eval:ExactMatchSamples", ExactMatchSamples, "0 (all) or a positive integer");
         TrainJob.Check(e, MaxNewTokens is >= 1 and <= 65536, "Eval:MaxNewTokens", MaxNewTokens, "an integer from 1 to 65536");
+        TrainJob.Check(e, BatchSize is >= 1 and <= 4096, "Eval:BatchSize", BatchSize, "an integer from 1 to 4096");
     }
 }
 
