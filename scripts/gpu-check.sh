@@ -14,7 +14,7 @@
 #   --train-layers N  decoder layers of the Llama-3.1-8B-shaped bench train and peer (default 16 of 32)
 #   --stream-layers N decoder layers of the streamed llama-3.1-70b memory step (default 4 of 80)
 #   --time-limit S    overall budget in seconds (default 470, --cpu-only 290); a step that would start after it is skipped
-#   --cpu-eval-loss X the CPU run's final quick-start eval loss to compare with (default 0.051, README's figure)
+#   --cpu-eval-loss X the CPU run's final quick-start eval loss to compare with (default 0.066, README's figure)
 # Logs: host.txt, nvidia-smi.txt, one <step>.log each, results.jsonl (one JSON line per step), summary.json.
 # Exit code: 0 when no step failed (skips do not fail).
 set -uo pipefail
@@ -28,7 +28,7 @@ fi
 app=$bundle/app
 
 cpu_only=0 logs=${OUT:-$PWD/gpu-check-logs} libtorch=${QLORA_LIBTORCH:-} ordinal=0 train_layers=16 stream_layers=4 limit=""
-cpu_eval_loss=0.051
+cpu_eval_loss=0.066
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-only) cpu_only=1 ;;
@@ -234,7 +234,7 @@ else
 fi
 
 # --- 5. the quick-start job on cuda: exact match >= 0.9, eval loss within 3 % of the CPU run's --------------------------
-# cpu_eval_loss: the CPU run's final eval loss as README records it (0.051, 2026-11-26; CPU runs repeat it bit for bit)
+# cpu_eval_loss: the CPU run's final eval loss as README records it (0.065951, 2026-12-01; CPU runs repeat it bit for bit)
 if [ $torch_ok = 0 ]; then skip_torch quickstart
 else
   qs_args=(--Output:Dir "$logs/quickstart")
