@@ -66,6 +66,23 @@ public class BenchMemoryVerbTests
     }
 
     [Fact]
+    public void AFolderItDidNotWriteIsNeverEmptied()
+    {
+        using var tmp = new TempDir();
+        // someone's real model folder: safetensors and a config, no generator marker
+        Directory.CreateDirectory(tmp["model"]);
+        var weights = Path.Combine(tmp["model"], "model.safetensors");
+        File.WriteAllBytes(weights, [1, 2, 3, 4, 5, 6, 7, 8]);
+        File.WriteAllText(Path.Combine(tmp["model"], "config.json"), "{}");
+        var run = CliRunner.Run(["bench", "memory", "--preset", "llama-2-7b", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
+            "--kv-heads", "2", "--vocab", "300", "--seq", "32", "--from-folder", tmp["model"], "--write-folder", "dense", "--scratch", tmp["s"]]);
+        Assert.Equal(1, run.ExitCode);
+        Assert.Contains("did not write", run.Stderr);
+        Assert.Equal(new byte[] { 1, 2, 3, 4, 5, 6, 7, 8 }, File.ReadAllBytes(weights));
+        Assert.Equal("{}", File.ReadAllText(Path.Combine(tmp["model"], "config.json")));
+    }
+
+    [Fact]
     public void BadInputIsAOneLineError()
     {
         var unknown = CliRunner.Run("bench", "memory", "--preset", "gpt-5");

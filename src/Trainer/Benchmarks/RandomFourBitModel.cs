@@ -247,11 +247,14 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
         }
         if (Directory.Exists(folder))
         {
-            if (Directory.EnumerateFileSystemEntries(folder).Any() && !File.Exists(marker) && !Directory.EnumerateFiles(folder, "*.safetensors*").Any())
+            // Only a folder this generator made (its marker, complete or pending) or an empty one is ever emptied: a
+            // folder of someone's real model (safetensors, no marker) is refused, never deleted.
+            if (Directory.EnumerateFileSystemEntries(folder).Any() && !File.Exists(marker))
                 throw new IOException($"{folder}: the folder holds files this generator did not write; choose an empty or new scratch folder");
             Directory.Delete(folder, recursive: true);
         }
         Directory.CreateDirectory(folder);
+        File.WriteAllText(marker, PendingMarkerText); // first: a write killed half-way leaves a folder known to be ours
         long free = new DriveInfo(Path.GetFullPath(folder)).AvailableFreeSpace;
         if (free < bytes + (1L << 30))
             throw new IOException($"{folder}: writing the {bytes / 1e9:F1} GB checkpoint needs that much free disk plus 1 GB; {free / 1e9:F1} GB are free");
@@ -267,6 +270,9 @@ public sealed class RandomFourBitModel : IModelWeights, IFourBitProjectionFactor
     }
 
     private const string MarkerFile = "qlora-random-model.json";
+
+    // The marker while the folder is being written: never equal to a finished folder's, so such a folder is rewritten.
+    private const string PendingMarkerText = "{\"generator\":\"incomplete\"}";
 
     /// <summary>config.json of the architecture, with bitsandbytes' quantization_config (NF4, double quant, bf16 compute).</summary>
     public JsonObject ConfigJson()
