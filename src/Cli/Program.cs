@@ -30,6 +30,7 @@ public static class Program
             DequantizeVerb.Create(stdout),
             InspectVerb.Create(stdout),
             MergeVerb.Create(stdout),
+            MergeAdaptersVerb.Create(stdout),
             ExportVerb.Create(stdout),
             GenerateVerb.Create(stdout),
             PlanVerb.Create(stdout),

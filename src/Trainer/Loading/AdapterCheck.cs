@@ -45,6 +45,19 @@ public static class AdapterCheck
         }
     }
 
+    /// <summary>
+    /// The modules of a base checkpoint an adapter may target: every 2-D <c>model.layers.*.weight</c> (a 4-bit weight by
+    /// its unpacked shape), module name → [out, in], as <see cref="Verify"/> takes them.
+    /// </summary>
+    public static Dictionary<string, long[]> Projections(SafetensorsCheckpoint checkpoint)
+    {
+        var weights = new SafetensorsModelWeights(checkpoint);
+        return checkpoint.Tensors.Select(t => t.Name)
+            .Where(n => !BnbCheckpointLayout.IsAuxiliaryKey(n) && n.StartsWith("model.layers.", StringComparison.Ordinal) && n.EndsWith(".weight", StringComparison.Ordinal))
+            .Select(n => (Module: n[..^".weight".Length], Shape: weights.Shape(n))).Where(p => p.Shape.Length == 2)
+            .ToDictionary(p => p.Module, p => p.Shape, StringComparer.Ordinal);
+    }
+
     /// <summary>Refuses a tensor of <paramref name="reader"/> that holds NaN or infinity, naming it and the count.</summary>
     public static void RequireFinite(SafetensorsReader reader, string key)
     {

@@ -63,10 +63,7 @@ public sealed class MergedWeights : IDisposable
             if (adapter is not null)
             {
                 var weights = new SafetensorsModelWeights(checkpoint);
-                var projections = checkpoint.Tensors.Select(t => t.Name)
-                    .Where(n => !BnbCheckpointLayout.IsAuxiliaryKey(n) && n.StartsWith("model.layers.", StringComparison.Ordinal) && n.EndsWith(".weight", StringComparison.Ordinal))
-                    .Select(n => (Module: n[..^".weight".Length], Shape: weights.Shape(n))).Where(p => p.Shape.Length == 2)
-                    .ToDictionary(p => p.Module, p => p.Shape, StringComparer.Ordinal);
+                var projections = AdapterCheck.Projections(checkpoint);
                 AdapterCheck.Verify(adapter.Path, options!, projections); // every tensor, shape and value, before anything is written
                 foreach (var t in adapter.Tensors)
                 {
