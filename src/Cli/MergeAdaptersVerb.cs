@@ -11,7 +11,7 @@ internal static class MergeAdaptersVerb
     public static Command Create(TextWriter stdout)
     {
         var adapters = new Option<string[]>("--adapter") { Description = "a PEFT adapter folder; repeat for each adapter, in the order of --weights", Required = true, Arity = ArgumentArity.OneOrMore };
-        var weights = new Option<string>("--weights") { Description = "one weight per adapter, comma-separated (e.g. 0.7,0.3; negative subtracts: --weights=1,-0.5)", Required = true };
+        var weights = new Option<string>("--weights") { Description = "one weight per adapter, comma-separated (e.g. 0.7,0.3; a negative weight subtracts)", Required = true };
         var combination = new Option<string>("--combination") { Description = $"how to combine: {string.Join(", ", AdapterCombinations.Names)} (PEFT's names; default svd, as PEFT)", DefaultValueFactory = _ => "svd" };
         combination.AcceptOnlyFromAmong([.. AdapterCombinations.Names]);
         var density = new Option<double?>("--density") { Description = "fraction of values each adapter keeps, in (0, 1]: ties, dare_linear, dare_ties, magnitude_prune and their _svd kinds" };
@@ -36,6 +36,7 @@ internal static class MergeAdaptersVerb
                     .Validate(c.GetValue(adapters)?.Length ?? 0);
             }
             catch (ArgumentException e) { c.AddError(e.Message); }
+            catch (InvalidOperationException) { } // an option's own parse error (e.g. an unknown --combination) is already reported
         });
         cmd.SetAction(r =>
         {
