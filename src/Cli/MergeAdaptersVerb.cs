@@ -12,7 +12,7 @@ internal static class MergeAdaptersVerb
     {
         var adapters = new Option<string[]>("--adapter") { Description = "a PEFT adapter folder; repeat for each adapter, in the order of --weights", Required = true, Arity = ArgumentArity.OneOrMore };
         var weights = new Option<string>("--weights") { Description = "one weight per adapter, comma-separated (e.g. 0.7,0.3; a negative weight subtracts)", Required = true };
-        var combination = new Option<string>("--combination") { Description = $"how to combine: {string.Join(", ", AdapterCombinations.Names)} (PEFT's names; default svd, as PEFT)", DefaultValueFactory = _ => "svd" };
+        var combination = new Option<string>("--combination") { Description = "how to combine, by PEFT's combination_type names (PEFT's default, svd)", DefaultValueFactory = _ => "svd" };
         combination.AcceptOnlyFromAmong([.. AdapterCombinations.Names]);
         var density = new Option<double?>("--density") { Description = "fraction of values each adapter keeps, in (0, 1]: ties, dare_linear, dare_ties, magnitude_prune and their _svd kinds" };
         var majority = new Option<string?>("--majority-sign-method") { Description = "ties / dare_ties sign election: total (default) or frequency" };

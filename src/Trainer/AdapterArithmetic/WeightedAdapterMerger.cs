@@ -257,6 +257,7 @@ public static class WeightedAdapterMerger
             config["layers_to_transform"] = null;
             config["layers_pattern"] = null;
         }
+        config["peft_type"] = "LORA";
         config["r"] = rank;
         config["lora_alpha"] = rank;
         config["target_modules"] = targets;
