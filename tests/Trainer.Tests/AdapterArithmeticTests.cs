@@ -431,6 +431,42 @@ public class AdapterArithmeticTests
         foreach (var (module, _, _) in Small) Close(Scale(Delta(a, module), -0.5), MatMul(modules[module].B, modules[module].A));
     }
 
+    static void EditConfig(string folder, Action<JsonObject> edit)
+    {
+        var path = Path.Combine(folder, "adapter_config.json");
+        var config = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
+        edit(config);
+        File.WriteAllText(path, config.ToJsonString());
+    }
+
+    [Fact]
+    public void TargetModulesSelectExactlyTheMergedModules()
+    {
+        using var dir = new TempFolder();
+        var q = Write(dir.File("q"), 2, 4, seed: 21, only: [Q]);
+        var d = Write(dir.File("d"), 2, 4, seed: 22, only: [D]);
+        // Regexes are joined as PEFT joins them.
+        EditConfig(q.Folder, c => c["target_modules"] = @".*\.q_proj");
+        EditConfig(d.Folder, c => c["target_modules"] = @".*\.down_proj");
+        var (config, modules) = Run(dir, "regex", [q, d], new AdapterMergeOptions { Combination = AdapterCombination.Cat, Weights = [1, 1] });
+        Assert.Equal(@"(.*\.q_proj)|(.*\.down_proj)", config["target_modules"]!.GetValue<string>());
+        Assert.Equal([D, Q], modules.Keys.Order(StringComparer.Ordinal));
+
+        // Short names without restrictions: their union.
+        EditConfig(q.Folder, c => c["target_modules"] = new JsonArray("q_proj"));
+        EditConfig(d.Folder, c => c["target_modules"] = new JsonArray("down_proj"));
+        (config, _) = Run(dir, "union", [q, d], new AdapterMergeOptions { Combination = AdapterCombination.Cat, Weights = [1, 1] });
+        Assert.Equal(["down_proj", "q_proj"], config["target_modules"]!.AsArray().Select(n => n!.GetValue<string>()));
+
+        // A layer restriction on one input would, copied onto the union as PEFT does, drop or add modules: the names themselves are written.
+        EditConfig(q.Folder, c => c["layers_to_transform"] = new JsonArray(0));
+        (config, _) = Run(dir, "layers", [q, d], new AdapterMergeOptions { Combination = AdapterCombination.Cat, Weights = [1, 1] });
+        Assert.Equal([D, Q], config["target_modules"]!.AsArray().Select(n => n!.GetValue<string>()));
+        Assert.Null(config["layers_to_transform"]);
+        var options = PeftAdapter.ReadOptions(dir.File("layers"));
+        Assert.True(options.IsTarget(Q) && options.IsTarget(D) && !options.IsTarget("model.layers.1.self_attn.q_proj"));
+    }
+
     // ---- with a base: the project's loader reads the result and qlora merge merges it ----
 
     static readonly (string Name, int Out, int In)[] Tiny = [("model.layers.0.self_attn.q_proj", 32, 32), ("model.layers.1.mlp.down_proj", 32, 64)];
