@@ -538,6 +538,7 @@ public sealed class TrainingRun
         MicroBatch = job.Training.MicroBatchSize,
         LoraRank = Math.Max(job.Lora.Rank, job.Lora.RankPattern?.Values.DefaultIfEmpty().Max() ?? 0), // an upper bound with rank_pattern
         LoraTargets = PlannedTargets(LoraOptionsOf(job.Lora)),
+        UseDora = job.Lora.UseDora,
         AdapterDType = ParseDType(job.Lora.DType),
         QuantBlocksize = job.Quantization.Blocksize,
         DoubleQuant = job.Quantization.DoubleQuant,
