@@ -389,4 +389,44 @@ public class DoraTests
         Assert.True(last < 0.5 * first, $"loss {first} -> {last}");
         Assert.False(magnitudes[0].Parameter.eq(before).all().item<bool>(), "the magnitude is trained");
     }
+
+    [Fact]
+    public void ADoraJobWritesADoraAdapterAndAResumedRunReproducesTheUninterruptedLosses()
+    {
+        using var a = new TempFolder();
+        using var b = new TempFolder();
+        static void Dora(JsonObject job) => job["Lora"]!["UseDora"] = true;
+        static TrainingRun.Result Run(string jobPath, string? resume = null, int? cancelAt = null, List<string>? log = null)
+        {
+            using var cts = new CancellationTokenSource();
+            return TrainingRun.Run(JobConfiguration.LoadTrainJob(jobPath, environment: false), new TrainingRun.RunOptions
+            {
+                Resume = resume,
+                Log = log is null ? null : log.Add,
+                Cancellation = cts.Token,
+                Progress = p => { if (p.Step == cancelAt) cts.Cancel(); },
+            });
+        }
+        var log = new List<string>();
+        var full = Run(TrainJobFixture.WriteJob(a.Path, Dora), log: log);
+        Assert.Contains(log, l => l.StartsWith("DoRA r=4 alpha=8 on ", StringComparison.Ordinal) && l.Contains(" modules: "));
+        Assert.True(PeftAdapter.ReadOptions(a.File("out")).UseDora);
+        using (var reader = SafetensorsReader.Open(a.File("out/adapter_model.safetensors")))
+            Assert.Equal(2 * 7, reader.Tensors.Count(t => t.Name.EndsWith(".lora_magnitude_vector", StringComparison.Ordinal))); // 2 layers x 7 projections
+
+        var jobB = TrainJobFixture.WriteJob(b.Path, Dora);
+        var stopped = Run(jobB, cancelAt: 3);
+        Assert.Equal(3, stopped.Summary.Steps);
+        var resumed = Run(jobB, resume: "latest");
+        Assert.Equal(3, resumed.Summary.ResumedFromStep);
+        double[] Losses(TrainingRun.Result r) => r.State.History.Where(h => h.Step > 3).Select(h => h.Loss).ToArray();
+        Assert.Equal(3, Losses(full).Length);
+        Assert.Equal(Losses(full), Losses(resumed)); // bit-identical: the magnitudes and their optimizer state were checkpointed
+        Assert.Equal(full.Summary.EvalLoss, resumed.Summary.EvalLoss);
+
+        // A plain LoRA job cannot resume a DoRA checkpoint: refused, naming the magnitude vector.
+        File.WriteAllText(jobB, File.ReadAllText(jobB).Replace("\"UseDora\":true", "\"UseDora\":false"));
+        var e = Assert.ThrowsAny<Exception>(() => Run(jobB, resume: "latest"));
+        Assert.Contains("lora_magnitude_vector", e.Message);
+    }
 }
