@@ -226,6 +226,25 @@ public class DoraTests
     }
 
     [Fact]
+    public void GenerationWithAnUnmergedDoraAdapterEqualsRecomputingTheWholeSequence()
+    {
+        using var m = LlamaForCausalLM.CreateRandom(TinyLlama.Config(), 40, computeDType: ScalarType.Float32, initStd: 0.3);
+        m.ApplyLora(new LoraOptions { Rank = 2, UseDora = true }, new Generator(41));
+        using (no_grad())
+            foreach (var (name, p) in m.TrainableParameters())
+                if (name.Contains(".lora_magnitude_vector.")) p.mul_(rand(p.shape, generator: new Generator(42)) + 0.5);
+                else p.normal_(0, 0.3, generator: new Generator(43));
+        m.eval();
+        int[] prompt = [3, 14, 15, 9, 2];
+        var cached = TextGenerator.Generate(m, prompt, new GenerationOptions { MaxNewTokens = 10 });
+        Assert.Equal(TextGeneratorTests.GreedyWithoutCache(m, prompt, 10), cached);
+        var batch = TextGenerator.GenerateBatch(m, [prompt, [7, 1]], new GenerationOptions { MaxNewTokens = 10 });
+        Assert.Equal(cached, batch[0]);
+        m.DisableAdapters(true);
+        Assert.NotEqual(cached, TextGenerator.Generate(m, prompt, new GenerationOptions { MaxNewTokens = 10 }));
+    }
+
+    [Fact]
     public void SaveThenLoadUsesPeftKeysAndShapesAndGivesIdenticalOutputs()
     {
         using var dir = new TempFolder();
