@@ -211,16 +211,22 @@ public class DoraTests
         Assert.True(RelErr(lora.forward(x), unmerged) < 1e-6);
     }
 
-    private static (LlamaForCausalLM Model, LoraOptions Options) Adapted(string? folder = null)
+    /// <summary>DoRA on four projections of <paramref name="m"/> with random A and B and magnitudes scaled by 0.5–1.5, so every term matters.</summary>
+    private static LoraOptions AddDora(LlamaForCausalLM m, int rank = 4, double std = 0.2, IReadOnlyList<string>? targets = null)
     {
-        var m = folder is null ? LlamaForCausalLM.CreateRandom(TinyLlama.Config(), 30)
-            : HfModelLoader.Load(folder, new HfModelLoader.Options { Quantize = false, ComputeDType = ScalarType.Float32 });
-        var o = new LoraOptions { Rank = 4, Alpha = 8, UseDora = true, TargetModules = ["q_proj", "o_proj", "up_proj", "down_proj"] };
+        var o = new LoraOptions { Rank = rank, Alpha = 2 * rank, UseDora = true, TargetModules = targets ?? ["q_proj", "o_proj", "up_proj", "down_proj"] };
         m.ApplyLora(o, new Generator(31));
         using (no_grad())
             foreach (var (name, p) in m.TrainableParameters())
                 if (name.Contains(".lora_magnitude_vector.")) p.mul_(rand(p.shape, generator: new Generator(33)) + 0.5);
-                else p.normal_(0, 0.2, generator: new Generator(32));
+                else p.normal_(0, std, generator: new Generator(32));
+        return o;
+    }
+
+    private static (LlamaForCausalLM Model, LoraOptions Options) Adapted()
+    {
+        var m = LlamaForCausalLM.CreateRandom(TinyLlama.Config(), 30);
+        var o = AddDora(m);
         m.eval();
         return (m, o);
     }
@@ -229,11 +235,7 @@ public class DoraTests
     public void GenerationWithAnUnmergedDoraAdapterEqualsRecomputingTheWholeSequence()
     {
         using var m = LlamaForCausalLM.CreateRandom(TinyLlama.Config(), 40, computeDType: ScalarType.Float32, initStd: 0.3);
-        m.ApplyLora(new LoraOptions { Rank = 2, UseDora = true }, new Generator(41));
-        using (no_grad())
-            foreach (var (name, p) in m.TrainableParameters())
-                if (name.Contains(".lora_magnitude_vector.")) p.mul_(rand(p.shape, generator: new Generator(42)) + 0.5);
-                else p.normal_(0, 0.3, generator: new Generator(43));
+        AddDora(m, rank: 2, std: 0.3, targets: LoraOptions.AllLinear);
         m.eval();
         int[] prompt = [3, 14, 15, 9, 2];
         var cached = TextGenerator.Generate(m, prompt, new GenerationOptions { MaxNewTokens = 10 });
@@ -342,13 +344,7 @@ public class DoraTests
         // The adapter is trained against the base it merges into (a 4-bit base: its dequantized weights).
         using (var m = HfModelLoader.Load(baseFolder, new HfModelLoader.Options { ComputeDType = ScalarType.Float32 }))
         {
-            var o = new LoraOptions { Rank = 4, Alpha = 8, UseDora = true, TargetModules = ["q_proj", "o_proj", "up_proj", "down_proj"] };
-            m.ApplyLora(o, new Generator(31));
-            using (no_grad())
-                foreach (var (name, p) in m.TrainableParameters())
-                    if (name.Contains(".lora_magnitude_vector.")) p.mul_(rand(p.shape, generator: new Generator(33)) + 0.5);
-                    else p.normal_(0, 0.2, generator: new Generator(32));
-            PeftAdapter.Save(m, o, dir.File("adapter"));
+            PeftAdapter.Save(m, AddDora(m), dir.File("adapter"));
         }
         var report = AdapterMerger.Merge(baseFolder, dir.File("adapter"), dir.File("merged"), dtype: FloatType.Float32);
         Assert.Equal(2 * 4, report.Merged);
