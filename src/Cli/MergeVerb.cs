@@ -18,7 +18,7 @@ internal static class MergeVerb
         quantize.AcceptOnlyFromAmong("nf4");
         var overwrite = new Option<bool>("--overwrite") { Description = "replace an existing output folder once the new one is complete" };
         var device = DeviceOptions.Device("accepted for symmetry with the other verbs; merging always runs on the CPU, one layer at a time through host memory");
-        var cmd = new Command("merge", "Merge a LoRA adapter into its base (W + scaling·B·A), layer by layer, into a standalone Hugging Face folder.")
+        var cmd = new Command("merge", "Merge a LoRA adapter into its base (W + scaling·B·A; DoRA: each row rescaled to m / ‖W + scaling·B·A‖), layer by layer, into a standalone Hugging Face folder.")
         {
             baseOpt, adapter, output, dtype, quantize, overwrite, device,
         };

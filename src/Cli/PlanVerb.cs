@@ -18,6 +18,7 @@ internal static class PlanVerb
         var seq = new Option<int>("--seq") { Description = "tokens per sequence", DefaultValueFactory = _ => d.SequenceLength };
         var batch = new Option<int>("--batch") { Description = "sequences per micro-batch", DefaultValueFactory = _ => d.MicroBatch };
         var rank = new Option<int>("--rank") { Description = "LoRA rank (all linear layers)", DefaultValueFactory = _ => d.LoraRank };
+        var dora = new Option<bool>("--dora") { Description = "DoRA (use_dora): magnitude vectors, and a weight norm per adapted layer and forward" };
         var chunk = new Option<int>("--loss-chunk") { Description = "tokens per chunk of the fp32 loss", DefaultValueFactory = _ => d.LossChunkTokens };
         var noCheckpointing = new Option<bool>("--no-checkpointing") { Description = "keep every layer's activations instead of recomputing them" };
         var bits = new Option<int>("--optimizer-bits") { Description = "AdamW state: 32 or 8", DefaultValueFactory = _ => d.OptimizerBits };
@@ -30,7 +31,7 @@ internal static class PlanVerb
         var device = DeviceOptions.Device("the device to plan for: auto (a CUDA device if this machine can use one, else the CPU), cpu, cuda or cuda:N; cuda adds the CUDA context and library workspaces (estimated)");
         var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
         {
-            model, budget, stream, seq, batch, rank, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, maxSeq, ranks, microBatches, device,
+            model, budget, stream, seq, batch, rank, dora, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, maxSeq, ranks, microBatches, device,
         };
         cmd.SetAction(r =>
         {
@@ -38,7 +39,7 @@ internal static class PlanVerb
             var config = ModelPresets.Resolve(name);
             var options = d with
             {
-                SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), OptimizerBits = r.GetValue(bits),
+                SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), UseDora = r.GetValue(dora), OptimizerBits = r.GetValue(bits),
                 LossChunkTokens = r.GetValue(chunk), GradientCheckpointing = !r.GetValue(noCheckpointing), LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
                 OffloadCheckpoints = !r.GetValue(noOffload), HostEmbedding = !r.GetValue(noHostEmbedding), MlpTileTokens = r.GetValue(mlpTile),
                 Device = DeviceSelector.PlanTarget(DeviceRequest.Parse(r.GetValue(device), "--device")),
@@ -51,12 +52,16 @@ internal static class PlanVerb
             var parallel = n > 1 ? DataParallelPlan.Of(config, options, plan, steps, n) : null;
             var c = plan.Config;
             stdout.WriteLine($"{name}: {c.NumHiddenLayers} layers, hidden {c.HiddenSize}, intermediate {c.IntermediateSize}, heads {c.NumAttentionHeads}/{c.NumKeyValueHeads}, vocab {c.VocabSize}");
-            stdout.WriteLine($"job: {options.MicroBatch} x {options.SequenceLength} tokens, LoRA r={options.LoraRank} on {string.Join(", ", options.LoraTargets)}, " +
+            stdout.WriteLine($"job: {options.MicroBatch} x {options.SequenceLength} tokens, {(options.UseDora ? "DoRA" : "LoRA")} r={options.LoraRank} on {string.Join(", ", options.LoraTargets)}, " +
                 $"{(options.GradientCheckpointing ? "checkpointing" : "no checkpointing")}, {(options.PagedOptimizer ? "paged " : "")}{options.OptimizerBits}-bit AdamW, " +
                 $"loss chunk {options.LossChunkTokens}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}" +
                 $"{(options.GradientCheckpointing && options.OffloadCheckpoints ? ", offloaded checkpoints" : "")}{(options.MlpTileTokens > 0 ? $", MLP in tiles of {options.MlpTileTokens} tokens" : "")}; " +
                 $"on {(options.Device == QLora.Kernels.DeviceKind.Cuda ? "a CUDA device" : "the CPU")}");
             stdout.WriteLine(plan.ToTable());
+            var doraCost = MemoryPlanner.DoraWeightNormCost(config, options);
+            if (options.UseDora)
+                stdout.WriteLine($"DoRA time: {doraCost.Norms:N0} weight norms per micro-batch (one per adapted projection and forward{(options.GradientCheckpointing ? ", the checkpoint recompute included" : "")}), " +
+                    $"each dequantizing its weight again and forming W + scaling·B·A in float32: {doraCost.Elements / 1e9:F2} G elements, {doraCost.Flops / 1e9:F1} GFLOP for B·A");
             int? longest = r.GetValue(maxSeq) ? MemoryPlanner.MaxSequenceLength(config, options, 1024) : null;
             if (longest is int m)
                 stdout.WriteLine(m == 0 ? $"no sequence of 1024 tokens or more fits {ByteSize.Format(options.BudgetBytes!.Value)} with these settings"
@@ -71,6 +76,7 @@ internal static class PlanVerb
                 fits = plan.Fits,
                 peak_phase = plan.PeakPhase,
                 trainable_params = plan.TrainableParameters,
+                dora_weight_norms_per_micro_batch = options.UseDora ? doraCost.Norms : (int?)null,
                 components = plan.Components.ToDictionary(x => x.Name, x => x.Bytes),
                 host = plan.HostComponents.ToDictionary(x => x.Name, x => x.Bytes),
                 suggestions = plan.Suggestions.Select(s => new { change = s.Change, peak_bytes = s.PeakBytes }).ToList(),

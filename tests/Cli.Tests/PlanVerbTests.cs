@@ -22,6 +22,20 @@ public class PlanVerbTests
     }
 
     [Fact]
+    public void WithDoraThePlanCountsTheMagnitudesAndSaysHowManyWeightNormsAStepComputes()
+    {
+        var r = CliRunner.Run("plan", "--model", "llama-2-7b", "--dora");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var json = JsonNode.Parse(r.LastLine)!;
+        // LoRA's 39,976,960 (see below) plus one magnitude per output row: per layer 4·4096 + 2·11008 + 4096 = 42,496; 32 layers.
+        Assert.Equal(39_976_960L + 32 * 42_496, json["trainable_params"]!.GetValue<long>());
+        // 7 projections x 32 layers, each norm computed in the forward and again in the checkpoint recompute.
+        Assert.Equal(7 * 32 * 2, json["dora_weight_norms_per_micro_batch"]!.GetValue<int>());
+        Assert.Contains("DoRA r=16", r.Stdout);
+        Assert.Contains("DoRA time: 448 weight norms per micro-batch", r.Stdout);
+    }
+
+    [Fact]
     public void WithRanksThePlanAddsTheDataParallelThroughputModel()
     {
         var r = CliRunner.Run("plan", "--model", "llama-2-7b", "--ranks", "4", "--micro-batches", "8");

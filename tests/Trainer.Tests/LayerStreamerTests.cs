@@ -18,9 +18,9 @@ public class LayerStreamerTests
     }
 
     /// <summary>LoRA on every projection with identical, non-zero A and B in each model, so every LoRA weight gets a gradient.</summary>
-    private static void AddLora(LlamaForCausalLM model)
+    private static void AddLora(LlamaForCausalLM model, bool dora = false)
     {
-        model.ApplyLora(new LoraOptions { Rank = 4, Alpha = 8 }, new Generator(3));
+        model.ApplyLora(new LoraOptions { Rank = 4, Alpha = 8, UseDora = dora }, new Generator(3));
         var gen = new Generator(4);
         using (no_grad())
             foreach (var (_, lora) in model.LoraLayers) lora.LoraB("default").normal_(0, 0.05, generator: gen);
@@ -106,6 +106,29 @@ public class LayerStreamerTests
             Assert.Equal(2 * Layers - window, streamer.Loads);
         }
         Assert.True(streamer.ResidentBytes <= window * streamer.LargestLayerBytes);
+    }
+
+    [Fact]
+    public void StreamedDoraLossAndGradientsEqualTheLoadedModelsAndTheWindowHolds()
+    {
+        // DoRA's weight norm dequantizes each streamed weight again (at initialisation, and in every forward after the
+        // layer's matmul): the same values and bits as the held weights, within the resident window.
+        using var dir = new TempFolder();
+        var folder = BnbFolder(dir);
+        using var loaded = HfModelLoader.Load(folder);
+        using var streamed = HfModelLoader.Load(folder, new HfModelLoader.Options { Streaming = true, StreamWindow = 2 });
+        foreach (var m in new[] { loaded, streamed })
+        {
+            AddLora(m, dora: true);
+            m.GradientCheckpointing = true;
+        }
+        var ids = tensor(new long[] { 5, 1, 2, 3, 40, 50, 60, 7, 9, 11 }).unsqueeze(0);
+        var (lossA, gradsA) = Step(loaded, ids);
+        var (lossB, gradsB) = Step(streamed, ids);
+        Assert.Equal(BitConverter.SingleToInt32Bits(lossA), BitConverter.SingleToInt32Bits(lossB));
+        Assert.Equal(Layers * 7 * 3, gradsA.Count);
+        foreach (var (name, g) in gradsA) AssertSameBits(g, gradsB[name], name);
+        Assert.InRange(streamed.Streamer!.MaxResidentLayers, 1, 2);
     }
 
     [Fact]

@@ -253,7 +253,7 @@ public class PeftConfigFeatureTests
         foreach (var (field, value) in new[]
                  {
                      ("modules_to_save", "[\"lm_head\"]"), ("modules_to_save", "\"embed_tokens\""), ("trainable_token_indices", "[1, 2]"), ("layer_replication", "[[0, 1]]"),
-                     ("lora_bias", "true"), ("use_qalora", "true"), ("use_dora", "true"), ("bias", "\"all\""), ("init_lora_weights", "\"pissa\""),
+                     ("lora_bias", "true"), ("use_qalora", "true"), ("bias", "\"all\""), ("init_lora_weights", "\"pissa\""),
                      ("init_lora_weights", "\"olora\""), ("target_parameters", "[\"experts.down_proj\"]"), ("megatron_config", "{\"a\": 1}"),
                      ("some_future_field", "3"), ("layers_pattern", "\"layers\""),
                  })

@@ -6,7 +6,7 @@ namespace QLora.Trainer.Tests;
 public class TextGeneratorTests
 {
     /// <summary>Greedy decoding the slow way: the whole sequence through the model at every step, no cache.</summary>
-    private static List<int> GreedyWithoutCache(LlamaForCausalLM m, int[] prompt, int n)
+    internal static List<int> GreedyWithoutCache(LlamaForCausalLM m, int[] prompt, int n)
     {
         var ids = prompt.Select(i => (long)i).ToList();
         var output = new List<int>();

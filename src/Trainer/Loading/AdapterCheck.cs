@@ -3,10 +3,10 @@ using QLora.Quant;
 namespace QLora.Trainer;
 
 /// <summary>
-/// A PEFT adapter checked in full before it is used: every tensor is a lora_A/lora_B of a module the base has and
-/// adapter_config.json selects, every selected module has both, their shapes agree with the config's rank and the base
-/// weight (a rank-16 tensor under <c>r: 8</c> would merge at the wrong scaling), and every value is finite. Each
-/// problem is an <see cref="InvalidDataException"/> naming the tensor.
+/// A PEFT adapter checked in full before it is used: every tensor is a lora_A/lora_B (and, with use_dora, a
+/// lora_magnitude_vector) of a module the base has and adapter_config.json selects, every selected module has them all,
+/// their shapes agree with the config's rank and the base weight (a rank-16 tensor under <c>r: 8</c> would merge at the
+/// wrong scaling), and every value is finite. Each problem is an <see cref="InvalidDataException"/> naming the tensor.
 /// </summary>
 public static class AdapterCheck
 {
@@ -22,9 +22,7 @@ public static class AdapterCheck
         var names = reader.Tensors.Select(t => t.Name).ToHashSet(StringComparer.Ordinal);
         foreach (var key in names.Order(StringComparer.Ordinal))
         {
-            if (!key.StartsWith(Prefix, StringComparison.Ordinal) || !(key.EndsWith(".lora_A.weight", StringComparison.Ordinal) || key.EndsWith(".lora_B.weight", StringComparison.Ordinal)))
-                throw new InvalidDataException($"{weightsPath}: unexpected tensor {key} (expected base_model.model.<module>.lora_A/B.weight)");
-            var module = key[Prefix.Length..key.LastIndexOf(".lora_", StringComparison.Ordinal)];
+            var module = ModuleOf(weightsPath, key, options.UseDora);
             if (!baseProjections.ContainsKey(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which the base model does not have");
             if (!options.IsTarget(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which adapter_config.json does not select");
         }
@@ -32,14 +30,17 @@ public static class AdapterCheck
         {
             if (!options.IsTarget(module)) continue;
             int r = options.RankFor(module); // r, or its rank_pattern entry
-            foreach (var (part, expected) in new[] { ("lora_A", new[] { r, shape[1] }), ("lora_B", new[] { shape[0], (long)r }) })
+            var parts = new List<(string Key, long[] Expected)> { ($"{Prefix}{module}.lora_A.weight", [r, shape[1]]), ($"{Prefix}{module}.lora_B.weight", [shape[0], r]) };
+            if (options.UseDora) parts.Add(($"{Prefix}{module}{PeftAdapter.MagnitudeSuffix}", [shape[0]]));
+            foreach (var (key, expected) in parts)
             {
-                var key = $"{Prefix}{module}.{part}.weight";
                 if (!names.Contains(key))
                     throw new InvalidDataException($"{weightsPath}: no {key}: adapter_config.json selects {module}, but the adapter has no weights for it (incomplete adapter)");
                 var info = reader.GetInfo(key);
                 if (!info.Shape.SequenceEqual(expected))
-                    throw new InvalidDataException($"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}]; adapter_config.json gives {module} r = {r} (r or rank_pattern), which with the base weight [{string.Join(", ", shape)}] needs [{string.Join(", ", expected)}]");
+                    throw new InvalidDataException(key.EndsWith(PeftAdapter.MagnitudeSuffix, StringComparison.Ordinal)
+                        ? $"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}]; the base weight [{string.Join(", ", shape)}] needs a magnitude of [{shape[0]}] (one per output row)"
+                        : $"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}]; adapter_config.json gives {module} r = {r} (r or rank_pattern), which with the base weight [{string.Join(", ", shape)}] needs [{string.Join(", ", expected)}]");
                 RequireFinite(reader, key);
             }
         }
@@ -56,6 +57,23 @@ public static class AdapterCheck
             .Where(n => !BnbCheckpointLayout.IsAuxiliaryKey(n) && n.StartsWith("model.layers.", StringComparison.Ordinal) && n.EndsWith(".weight", StringComparison.Ordinal))
             .Select(n => (Module: n[..^".weight".Length], Shape: weights.Shape(n))).Where(p => p.Shape.Length == 2)
             .ToDictionary(p => p.Module, p => p.Shape, StringComparer.Ordinal);
+    }
+
+    /// <summary>
+    /// The module a key of adapter_model.safetensors belongs to (<c>base_model.model.&lt;module&gt;.lora_A.weight</c>,
+    /// <c>.lora_B.weight</c>, and with <paramref name="dora"/> <c>.lora_magnitude_vector</c>); any other key is refused.
+    /// </summary>
+    public static string ModuleOf(string weightsPath, string key, bool dora)
+    {
+        if (key.StartsWith(Prefix, StringComparison.Ordinal))
+        {
+            foreach (var suffix in new[] { ".lora_A.weight", ".lora_B.weight" })
+                if (key.EndsWith(suffix, StringComparison.Ordinal)) return key[Prefix.Length..^suffix.Length];
+            if (key.EndsWith(PeftAdapter.MagnitudeSuffix, StringComparison.Ordinal))
+                return dora ? key[Prefix.Length..^PeftAdapter.MagnitudeSuffix.Length]
+                    : throw new InvalidDataException($"{weightsPath}: {key} is a DoRA magnitude vector, but adapter_config.json has use_dora false");
+        }
+        throw new InvalidDataException($"{weightsPath}: unexpected tensor {key} (expected base_model.model.<module>.lora_A/B.weight{(dora ? " or .lora_magnitude_vector" : "")})");
     }
 
     /// <summary>Refuses a tensor of <paramref name="reader"/> that holds NaN or infinity, naming it and the count.</summary>

@@ -60,7 +60,7 @@ public static class AdapterMerger
         rawConfig["torch_dtype"] = dtype.Name();
         CheckpointQuantizer.WriteJson(Path.Combine(dense, "config.json"), rawConfig);
         CheckpointQuantizer.CopySideFiles(baseFolder, dense);
-        log?.Invoke($"merged {merged} projections (scaling {options.Scaling}{(options.RankPattern.Count + options.AlphaPattern.Count > 0 ? " by default, rank_pattern / alpha_pattern elsewhere" : "")}), copied {copied} tensors, {dtype.Name()}");
+        log?.Invoke($"merged {merged} projections ({(options.UseDora ? "DoRA, " : "")}scaling {options.Scaling}{(options.RankPattern.Count + options.AlphaPattern.Count > 0 ? " by default, rank_pattern / alpha_pattern elsewhere" : "")}), copied {copied} tensors, {dtype.Name()}");
         // Re-quantized, the modules the base kept dense (llm_int8_skip_modules) stay dense.
         if (quantize) CheckpointQuantizer.QuantizeFolder(dense, output.Path, new QuantizeOptions { SkipModules = baseSkipModules }, log, overwrite: true);
         output.Commit();

@@ -5,7 +5,8 @@ namespace QLora.Trainer;
 
 /// <summary>
 /// A base model folder (dense or bnb-4bit) with an optional PEFT LoRA adapter merged in, read one tensor at a time:
-/// <see cref="Float32"/> dequantizes a 4-bit weight and adds <c>scaling·B·A</c> where the adapter targets it, so a
+/// <see cref="Float32"/> dequantizes a 4-bit weight and adds <c>scaling·B·A</c> where the adapter targets it (a DoRA
+/// adapter then rescales each row: <c>m / ‖W + scaling·B·A‖ · (W + scaling·B·A)</c>, PEFT's merge), so a
 /// writer (a merged Hugging Face folder, a GGUF file) holds one tensor at a time and memory stays bounded by the
 /// largest. Non-float tensors are handed out as their raw bytes.
 /// </summary>
@@ -127,6 +128,14 @@ public sealed class MergedWeights : IDisposable
             throw new InvalidDataException($"{_adapter!.Path}: {module} has rank {a.shape[0]}, adapter_config.json gives it rank {own.Rank} (r / rank_pattern)");
         var merged = w + b.matmul(a) * own.Scaling;
         w.Dispose();
+        if (own.UseDora)
+        {
+            var m = ReadAdapter($"{Prefix}{module}{PeftAdapter.MagnitudeSuffix}");
+            if (m.dim() != 1 || m.shape[0] != merged.shape[0])
+                throw new InvalidDataException($"{_adapter!.Path}: {module}{PeftAdapter.MagnitudeSuffix} has shape [{string.Join(", ", m.shape)}], the base weight needs [{merged.shape[0]}]");
+            var norm = linalg.vector_norm(merged, 2, [1], false);
+            merged.mul_((m / norm).unsqueeze(1));
+        }
         return merged.MoveToOuterDisposeScope();
     }
 

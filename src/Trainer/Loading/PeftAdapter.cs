@@ -10,7 +10,8 @@ namespace QLora.Trainer;
 /// <summary>
 /// LoRA adapters in Hugging Face PEFT's format: <c>adapter_config.json</c> (indent 2, sorted keys) and
 /// <c>adapter_model.safetensors</c> with keys <c>base_model.model.&lt;module&gt;.lora_A.weight</c> [r, in] and
-/// <c>.lora_B.weight</c> [out, r], so adapters move between this project and PEFT, vLLM or llama.cpp's converter.
+/// <c>.lora_B.weight</c> [out, r] (and, for DoRA, <c>.lora_magnitude_vector</c> [out]: PEFT saves the magnitude without
+/// the adapter name and without ".weight"), so adapters move between this project and PEFT, vLLM or llama.cpp's converter.
 /// </summary>
 public static class PeftAdapter
 {
@@ -19,6 +20,8 @@ public static class PeftAdapter
     /// <summary>The weights file name.</summary>
     public const string WeightsFile = "adapter_model.safetensors";
     private const string Prefix = "base_model.model.";
+    /// <summary>The key suffix of a DoRA magnitude vector in adapter_model.safetensors (PEFT's saved form).</summary>
+    public const string MagnitudeSuffix = ".lora_magnitude_vector";
 
     /// <summary>Writes <paramref name="adapter"/> of <paramref name="model"/> into <paramref name="folder"/>; each file atomically.</summary>
     public static void Save(LlamaForCausalLM model, LoraOptions options, string folder, string adapter = "default", string? baseModel = null)
@@ -33,6 +36,7 @@ public static class PeftAdapter
                 if (!layer.Adapters.Contains(adapter)) continue;
                 parts.Add(($"{Prefix}{name}.lora_A.weight", layer.LoraA(adapter).detach().cpu().contiguous())); // a GPU model's adapters are copied to the host
                 parts.Add(($"{Prefix}{name}.lora_B.weight", layer.LoraB(adapter).detach().cpu().contiguous()));
+                if (layer.Magnitude(adapter) is { } m) parts.Add(($"{Prefix}{name}{MagnitudeSuffix}", m.detach().cpu().contiguous()));
             }
             if (parts.Count == 0) throw new ArgumentException($"no layer has an adapter named '{adapter}'");
             foreach (var (key, t) in parts) writer.Declare(key, TorchDTypes.ToTensorDType(t.dtype), t.shape);
@@ -41,6 +45,7 @@ public static class PeftAdapter
         }
         // target_modules: the entries that selected a module (a name or dotted suffix, as given).
         var adapted = model.LoraLayers.Where(l => l.Layer.Adapters.Contains(adapter)).Select(l => l.Name).ToList();
+        bool dora = model.LoraLayers.Any(l => l.Layer.Adapters.Contains(adapter) && l.Layer.IsDora(adapter));
         var modules = options.TargetModules.Where(t => adapted.Any(n => n == t || n.EndsWith("." + t, StringComparison.Ordinal)))
             .Distinct().OrderBy(s => s, StringComparer.Ordinal).ToList();
         var config = new SortedDictionary<string, JsonNode?>(StringComparer.Ordinal)
@@ -63,7 +68,7 @@ public static class PeftAdapter
             ["rank_pattern"] = new JsonObject(options.RankPattern.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))),
             ["target_modules"] = options.TargetRegex is not null ? options.TargetRegex : new JsonArray(modules.Select(m => (JsonNode?)m).ToArray()),
             ["task_type"] = "CAUSAL_LM",
-            ["use_dora"] = false,
+            ["use_dora"] = dora,
             ["use_rslora"] = options.UseRsLora,
         };
         var json = new JsonObject(config).ToJsonString(new JsonSerializerOptions { WriteIndented = true, NewLine = "\n" });
@@ -96,6 +101,7 @@ public static class PeftAdapter
                 Alpha = c["lora_alpha"]?.GetValue<double>() ?? 8,
                 Dropout = c["lora_dropout"]?.GetValue<double>() ?? 0,
                 UseRsLora = c["use_rslora"]?.GetValue<bool>() ?? false,
+                UseDora = c["use_dora"]?.GetValue<bool>() ?? false,
                 // "all-linear": every Linear but the output layer, i.e. the seven projections.
                 TargetModules = target switch
                 {
@@ -157,7 +163,6 @@ public static class PeftAdapter
 
     private static void RefuseUnsupported(JsonObject c)
     {
-        if (c["use_dora"]?.GetValue<bool>() == true) throw new FormatException("DoRA adapters (use_dora) are not supported");
         if (c["bias"] is JsonNode bias && bias.GetValue<string>() != "none")
             throw new FormatException($"bias '{bias.GetValue<string>()}' (trained base biases) is not supported; only \"none\"");
         if (!IsInactive(c["modules_to_save"]))
@@ -212,11 +217,17 @@ public static class PeftAdapter
         foreach (var name in names)
         {
             var layer = model.LoraLayers.Single(l => l.Name == name).Layer;
-            foreach (var part in new[] { "lora_A", "lora_B" })
+            var parts = new List<(string Key, Tensor Target)>
             {
-                var key = $"{Prefix}{name}.{part}.weight";
-                if (!keys.Remove(key)) throw new InvalidDataException($"{weightsPath}: no {key} for target module {name}");
-                var target = part == "lora_A" ? layer.LoraA(adapterName) : layer.LoraB(adapterName);
+                ($"{Prefix}{name}.lora_A.weight", layer.LoraA(adapterName)),
+                ($"{Prefix}{name}.lora_B.weight", layer.LoraB(adapterName)),
+            };
+            if (layer.Magnitude(adapterName) is { } magnitude) parts.Add(($"{Prefix}{name}{MagnitudeSuffix}", magnitude));
+            foreach (var (key, target) in parts)
+            {
+                if (!keys.Remove(key))
+                    throw new InvalidDataException($"{weightsPath}: no {key} for target module {name}" +
+                        (key.EndsWith(MagnitudeSuffix, StringComparison.Ordinal) ? " (the model's adapter is DoRA: use_dora / Lora:UseDora is true, the file's is not)" : ""));
                 var info = reader.GetInfo(key);
                 if (!info.Shape.SequenceEqual(target.shape))
                     throw new InvalidDataException($"{weightsPath}: {key} has shape [{string.Join(", ", info.Shape)}], the model needs [{string.Join(", ", target.shape)}]");
@@ -224,6 +235,8 @@ public static class PeftAdapter
                 plan.Add((key, target));
             }
         }
+        if (keys.FirstOrDefault(k => k.EndsWith(MagnitudeSuffix, StringComparison.Ordinal)) is { } extra)
+            throw new InvalidDataException($"{weightsPath}: {extra} is a DoRA magnitude vector, but the model's adapter is plain LoRA (use_dora / Lora:UseDora is false)");
         if (keys.Count > 0) throw new InvalidDataException($"{weightsPath}: {keys.First()} targets a module the model does not have");
         foreach (var (key, target) in plan)
         {
@@ -245,9 +258,7 @@ public static class PeftAdapter
         using var reader = SafetensorsReader.Open(weightsPath);
         foreach (var key in reader.Tensors.Select(t => t.Name))
         {
-            if (!key.StartsWith(Prefix, StringComparison.Ordinal) || !(key.EndsWith(".lora_A.weight", StringComparison.Ordinal) || key.EndsWith(".lora_B.weight", StringComparison.Ordinal)))
-                throw new InvalidDataException($"{weightsPath}: unexpected tensor {key} (expected base_model.model.<module>.lora_A/B.weight)");
-            var module = key[Prefix.Length..key.LastIndexOf(".lora_", StringComparison.Ordinal)];
+            var module = AdapterCheck.ModuleOf(weightsPath, key, options.UseDora);
             if (!options.IsTarget(module)) throw new InvalidDataException($"{weightsPath}: {key} targets {module}, which adapter_config.json does not select");
         }
     }

@@ -72,6 +72,21 @@ public static class MemoryPlanner
         ];
     }
 
+    /// <summary>
+    /// DoRA's extra work per micro-batch: one weight norm per adapted projection and forward (two forwards with gradient
+    /// checkpointing: the recompute computes it again, as PEFT's does), each dequantizing the [out, in] weight and
+    /// forming W + scaling·B·A in float32 (Elements in all, and 2·r·out·in flops each for B·A).
+    /// Zero without DoRA.
+    /// </summary>
+    public static (int Norms, long Elements, double Flops) DoraWeightNormCost(LlamaConfig config, PlanOptions options)
+    {
+        if (!options.UseDora) return (0, 0, 0);
+        int passes = options.GradientCheckpointing ? 2 : 1;
+        var adapted = ProjectionShapes(config).Where(s => options.LoraTargets.Contains(s.Name)).ToList();
+        long elements = adapted.Sum(s => s.Out * s.In) * config.NumHiddenLayers * passes;
+        return (adapted.Count * config.NumHiddenLayers * passes, elements, 2.0 * options.LoraRank * elements);
+    }
+
     /// <summary>Bytes of the optimizer state of one parameter of <paramref name="elements"/> elements, as <see cref="BnbAdamW"/> lays it out.</summary>
     public static long OptimizerStateBytes(long elements, int bits, int minEightBitSize = 4096)
     {
@@ -104,13 +119,14 @@ public static class MemoryPlanner
         long norms = ((cfg.Gemma is null ? 2L : 4L) * layers + 1) * h * c + (cfg.QkNorm ? 2L * layers * cfg.HeadDim * c : 0);
         long unquant = embed + head + norms + biasPerLayer * c * layers;
 
-        // LoRA: A [r, in] and B [out, r] per target projection.
+        // LoRA: A [r, in] and B [out, r] per target projection; DoRA adds the magnitude [out].
         var loraTensors = new List<long>();
         foreach (var (name, outF, inF) in shapes)
             if (o.LoraTargets.Contains(name))
             {
                 loraTensors.Add(o.LoraRank * inF);
                 loraTensors.Add(outF * o.LoraRank);
+                if (o.UseDora) loraTensors.Add(outF);
             }
         if (loraTensors.Count == 0) throw new ArgumentException("the LoRA targets select no projection");
         long loraParams = loraTensors.Sum() * layers;
@@ -141,7 +157,7 @@ public static class MemoryPlanner
                 : $"4-bit decoder weights: {linearParams:N0} parameters at {Bits(quantAll, linearParams)} bits (packed codes, absmax{(o.DoubleQuant ? ", nested absmax and code maps" : "")})",
             [StepMemorySimulation.StreamingWindow] = o.LayerStreaming ? $"{Math.Min(o.StreamingWindow, layers)} resident layers of 4-bit weights ({ByteSize.Format(layerQuant)} each)" : "no layer streaming",
             [StepMemorySimulation.UnquantizedWeights] = $"{(hostEmbedding ? "lm_head" : cfg.TieWordEmbeddings ? "embeddings (tied with lm_head)" : "embeddings, lm_head")}, norms{(biasPerLayer > 0 ? ", biases" : "")} in {o.ComputeDType}",
-            [StepMemorySimulation.LoraWeights] = $"{loraParams:N0} LoRA parameters (r={o.LoraRank}, {string.Join("/", o.LoraTargets)}) in {o.AdapterDType}",
+            [StepMemorySimulation.LoraWeights] = $"{loraParams:N0} {(o.UseDora ? "DoRA" : "LoRA")} parameters (r={o.LoraRank}, {string.Join("/", o.LoraTargets)}{(o.UseDora ? ", magnitude vectors included" : "")}) in {o.AdapterDType}",
             [StepMemorySimulation.LoraGradients] = $"LoRA gradients in {o.AdapterDType}",
             [StepMemorySimulation.OptimizerState] = $"AdamW {o.OptimizerBits}-bit state{(o.PagedOptimizer ? ": paged, one tensor's state resident" : "")}",
             [StepMemorySimulation.SavedActivations] = !o.GradientCheckpointing ? "every layer's tensors saved for backward"
@@ -150,7 +166,8 @@ public static class MemoryPlanner
             [StepMemorySimulation.LayerWorkingSet] = "intermediates and activation gradients of the layer being computed",
             [StepMemorySimulation.AttentionBuffers] = o.AttentionMask ? "math SDPA score matrices, repeated K/V heads" : "SDPA log-sum-exp, repeated K/V heads",
             [StepMemorySimulation.LossBuffers] = $"loss: selected hidden rows, one chunk of {Math.Min(o.LossChunkTokens, (long)o.MicroBatch * (o.SequenceLength - 1))} tokens' logits (compute dtype and fp32) and their gradients",
-            [StepMemorySimulation.DequantBuffers] = "one weight dequantized to the compute dtype for its matmul",
+            [StepMemorySimulation.DequantBuffers] = o.UseDora ? "one weight dequantized for its matmul or its DoRA weight norm (with two float32 row chunks of W and B·A)"
+                : "one weight dequantized to the compute dtype for its matmul",
             [StepMemorySimulation.FrameworkOverhead] = o.Device == DeviceKind.Cuda
                 ? $"CUDA context ({ByteSize.Format(PlanOptions.CudaContextBytes)}) and library workspaces and kernels ({ByteSize.Format(PlanOptions.CudaWorkspaceBytes)}): estimated, not yet measured"
                 : "runtime before any tensor (libtorch, .NET)",

@@ -19,6 +19,12 @@ public sealed record PlanOptions
     public int LoraRank { get; init; } = 16;
     /// <summary>Projections that get adapters (last name segment, PEFT style).</summary>
     public IReadOnlyList<string> LoraTargets { get; init; } = LoraOptions.AllLinear;
+    /// <summary>
+    /// DoRA (PEFT's use_dora): a magnitude vector [out] per adapted projection (with its gradient and optimizer state),
+    /// a weight norm per adapted projection and forward (a dequantized weight and float32 row chunks), and the base
+    /// output and B(A(x)) saved for backward.
+    /// </summary>
+    public bool UseDora { get; init; }
     /// <summary>dtype of the LoRA master weights (and so of their gradients): Float32 (default) or BFloat16.</summary>
     public ScalarType AdapterDType { get; init; } = ScalarType.Float32;
     /// <summary>Elements per absmax block of the 4-bit weights.</summary>

@@ -383,6 +383,7 @@ internal sealed class StepMemorySimulation
         var y = A(s, LayerWorkingSet, _n * outF * _c);
         Free(dq);
         if (!Lora(name)) return y;
+        if (_o.UseDora) return DoraProj(s, x, y, inF, outF, grad, saved);
         Buf? wa = _m != _c ? A(s, LayerWorkingSet, _r * inF * _c) : null;
         var aOut = A(s, LayerWorkingSet, _n * _r * _c);
         Buf? wb = _m != _c ? A(s, LayerWorkingSet, outF * _r * _c) : null;
@@ -401,11 +402,57 @@ internal sealed class StepMemorySimulation
         return sum;
     }
 
+    /// <summary>
+    /// LoraLinear's DoRA forward (its intermediates live until it returns): the LoRA branch, the weight norm (the base
+    /// weight dequantized once more in its stored dtype, taken as the compute dtype here, and two float32 row chunks of
+    /// W and B·A, <see cref="DoraWeightNorm"/>), the rescaled base and adapter terms, their sum. Autograd saves the base
+    /// output and B(A(x)) (each multiplies a factor that depends on the magnitude) besides the LoRA inputs. The planner
+    /// assumes no dropout (with dropout the base matmul runs again on the dropped input, whose copy is saved too).
+    /// </summary>
+    private Buf DoraProj(Scope s, Buf x, Buf y, long inF, long outF, bool grad, List<Buf>? saved)
+    {
+        var d = new Scope();
+        Buf? wa = _m != _c ? A(d, LayerWorkingSet, _r * inF * _c) : null;
+        var aOut = A(d, LayerWorkingSet, _n * _r * _c);
+        Buf? wb = _m != _c ? A(d, LayerWorkingSet, outF * _r * _c) : null;
+        var up = A(d, LayerWorkingSet, _n * outF * _c);                // B(A(x))
+        var w = Alloc(DequantBuffers, outF * inF * _c);                  // the weight for its norm
+        long chunk = DoraWeightNorm.ChunkRows(outF, inF) * inF * 4;
+        var c1 = Alloc(DequantBuffers, chunk);                           // float32 rows of W
+        var c2 = Alloc(DequantBuffers, chunk);                           // float32 rows of B·A, then W + scaling·B·A
+        Free(c2); Free(c1); Free(w);
+        var baseTerm = A(d, LayerWorkingSet, _n * outF * _c);          // (base(x) − bias)·(s − 1)
+        var loraTerm = A(d, LayerWorkingSet, _n * outF * _c);          // B(A(x))·s·scaling
+        var dora = A(d, LayerWorkingSet, _n * outF * _c);
+        if (grad)
+        {
+            Save(x, saved);
+            Save(aOut, saved);
+            Save(up, saved);
+            Save(y, saved);
+            if (wa is not null) Save(wa, saved);
+            if (wb is not null) Save(wb, saved);
+        }
+        var sum = A(d, LayerWorkingSet, _n * outF * _c);               // base + DoRA term
+        Drop(baseTerm); Drop(loraTerm); Drop(dora);
+        End(d, s, sum);
+        Drop(y);
+        return sum;
+    }
+
     /// <summary>Input gradient of a projection: LoRA branch (scaled gradient, A-output and weight gradients), then the base's dequantized tile.</summary>
     private Buf ProjBackward(Buf gy, long inF, long outF, string name, List<Buf> pins)
     {
         Pin(gy, pins);
         Buf? gxLora = null;
+        Buf? gBase = null;
+        if (Lora(name) && _o.UseDora)
+        {
+            // DoRA: gy·(s − 1) into the base output, gy·s·scaling into B(A(x)) (the LoRA branch's gradient below), and
+            // the products with the saved base output and B(A(x)) reduced into the magnitude's gradient.
+            gBase = Alloc(LayerWorkingSet, _n * outF * _c);
+            Free(Alloc(LayerWorkingSet, _n * outF * _c));
+        }
         if (Lora(name))
         {
             var gs = Alloc(LayerWorkingSet, _n * outF * _c);
@@ -418,9 +465,13 @@ internal sealed class StepMemorySimulation
             var gWa32 = _m != _c ? Alloc(LayerWorkingSet, _r * inF * _m) : null;
             Free(gWa); Free(gWa32); Free(gA);
         }
+        // DoRA: the base output's two gradients (gy and gy·(s − 1)) are summed before the base layer's backward.
+        var gSum = gBase is not null ? Alloc(LayerWorkingSet, _n * outF * _c) : null;
+        Free(gBase);
         var dq = Alloc(DequantBuffers, outF * inF * _c);
         var gx = Alloc(LayerWorkingSet, _n * inF * _c);
         Free(dq);
+        Free(gSum);
         Pin(gx, pins);
         // Autograd runs the LoRA branch first (its nodes are newer) and adds the base gradient into that buffer in place.
         return gxLora ?? gx;

@@ -199,14 +199,23 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
     /// <summary>y = x · Wᵀ + b with W dequantized on the fly (and again in backward).</summary>
     public override Tensor forward(Tensor input)
     {
+        var y = ProjectWithoutBias(input);
+        if (Bias is not null) y = y.add_(Bias);
+        return y;
+    }
+
+    /// <summary>
+    /// x · Wᵀ without the bias, through the same autograd node as <see cref="forward"/> (nothing saved, W dequantized
+    /// again in backward): what DoRA's dropout path needs, PEFT's <c>F.linear(x, W)</c> of the dropped input.
+    /// </summary>
+    public Tensor ProjectWithoutBias(Tensor input)
+    {
         if (input.shape[^1] != InFeatures)
             throw new ArgumentException($"input's last dimension is {input.shape[^1]}, this layer takes {InFeatures}");
         if (_streamed is not null && input.device_type != DeviceType.CPU)
             throw new NotSupportedException("layer streaming runs on the CPU backend only: its resident layer copies are host buffers");
         var x = input.dtype == ComputeDType ? input : input.to(ComputeDType);
-        var y = Linear4bitFunction.apply(x, this);
-        if (Bias is not null) y = y.add_(Bias);
-        return y;
+        return Linear4bitFunction.apply(x, this);
     }
 
     /// <summary>The dequantizer for a device: the CPU one, or the CUDA kernels in libtorch's primary context.</summary>

@@ -293,7 +293,8 @@ public sealed class LlamaForCausalLM : nn.Module
         }
         if (names.Count == 0) throw new ArgumentException("LoRA target modules matched no projection of the model");
         foreach (var (name, p) in named_parameters())
-            p.requires_grad = name.Contains(".lora_A.", StringComparison.Ordinal) || name.Contains(".lora_B.", StringComparison.Ordinal);
+            p.requires_grad = name.Contains(".lora_A.", StringComparison.Ordinal) || name.Contains(".lora_B.", StringComparison.Ordinal)
+                || name.Contains(".lora_magnitude_vector.", StringComparison.Ordinal);
         return names;
 
         void Wrap(string name, nn.Module<Tensor, Tensor> current, Action<nn.Module<Tensor, Tensor>> replace)
@@ -333,13 +334,15 @@ public sealed class LlamaForCausalLM : nn.Module
 
     /// <summary>
     /// Optimizer groups: A matrices at <paramref name="learningRate"/>, B matrices at learningRate · <paramref name="loraPlusRatio"/>
-    /// (LoRA+; 1 means plain LoRA, one rate for both).
+    /// (LoRA+; 1 means plain LoRA, one rate for both). As PEFT's create_loraplus_optimizer, every 1-D parameter (DoRA's
+    /// magnitude vectors) joins the B group.
     /// </summary>
     public IReadOnlyList<ParameterGroup> ParameterGroups(double learningRate, double loraPlusRatio = 1.0)
     {
         var all = TrainableParameters();
-        var a = all.Where(p => !p.Name.Contains(".lora_B.", StringComparison.Ordinal)).ToList();
-        var b = all.Where(p => p.Name.Contains(".lora_B.", StringComparison.Ordinal)).ToList();
+        static bool InB((string Name, Parameter Parameter) p) => p.Name.Contains(".lora_B.", StringComparison.Ordinal) || p.Parameter.dim() == 1;
+        var a = all.Where(p => !InB(p)).ToList();
+        var b = all.Where(InB).ToList();
         if (loraPlusRatio == 1.0) return [new ParameterGroup(all, learningRate) { Name = "lora" }];
         return [new ParameterGroup(a, learningRate) { Name = "lora_A" }, new ParameterGroup(b, learningRate * loraPlusRatio) { Name = "lora_B" }];
     }

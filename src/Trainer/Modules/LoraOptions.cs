@@ -17,6 +17,11 @@ public sealed record LoraOptions
     /// <summary>Scale by alpha / √r (rank-stabilised LoRA).</summary>
     public bool UseRsLora { get; init; }
     /// <summary>
+    /// PEFT's use_dora (weight-decomposed LoRA): each adapted layer also trains a magnitude vector m [out], and its weight
+    /// becomes <c>m · (W + scaling·B·A) / ‖W + scaling·B·A‖</c> row by row, the norm treated as a constant in backward.
+    /// </summary>
+    public bool UseDora { get; init; }
+    /// <summary>
     /// Modules to adapt, as PEFT matches a list: a full module name, or a dot-delimited suffix of one (<c>q_proj</c>,
     /// <c>self_attn.q_proj</c>, <c>layers.0.mlp.up_proj</c>); ignored when <see cref="TargetRegex"/> is set.
     /// </summary>

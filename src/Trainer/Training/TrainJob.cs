@@ -121,6 +121,8 @@ public sealed class LoraSection
     public double Dropout { get; set; }
     /// <summary>Rank-stabilised scaling.</summary>
     public bool UseRsLora { get; set; }
+    /// <summary>DoRA (PEFT's use_dora): also train a magnitude vector per adapted layer, the weight's direction from LoRA.</summary>
+    public bool UseDora { get; set; }
     /// <summary>Module names to adapt (absent: every linear layer). A list in the job replaces the default, it does not extend it.</summary>
     public List<string>? TargetModules { get; set; }
     /// <summary>A regex over full module names instead of <see cref="TargetModules"/>.</summary>

@@ -159,7 +159,7 @@ public sealed class TrainingRun
         var names = model.ApplyLora(lora, new Generator((ulong)t.Seed));
         var groups = model.ParameterGroups(t.LearningRate, t.LoraPlusRatio);
         long trainable = model.TrainableParameters().Sum(p => p.Parameter.numel());
-        Log($"LoRA r={lora.Rank} alpha={lora.Alpha} on {names.Count} modules: {trainable:N0} trainable parameters");
+        Log($"{(lora.UseDora ? "DoRA" : "LoRA")} r={lora.Rank} alpha={lora.Alpha} on {names.Count} modules: {trainable:N0} trainable parameters");
         using var optimizer = new BnbAdamW(groups, new AdamWOptions
         {
             LearningRate = t.LearningRate,
@@ -538,6 +538,7 @@ public sealed class TrainingRun
         MicroBatch = job.Training.MicroBatchSize,
         LoraRank = Math.Max(job.Lora.Rank, job.Lora.RankPattern?.Values.DefaultIfEmpty().Max() ?? 0), // an upper bound with rank_pattern
         LoraTargets = PlannedTargets(LoraOptionsOf(job.Lora)),
+        UseDora = job.Lora.UseDora,
         AdapterDType = ParseDType(job.Lora.DType),
         QuantBlocksize = job.Quantization.Blocksize,
         DoubleQuant = job.Quantization.DoubleQuant,
@@ -567,6 +568,7 @@ public sealed class TrainingRun
         Alpha = s.Alpha,
         Dropout = s.Dropout,
         UseRsLora = s.UseRsLora,
+        UseDora = s.UseDora,
         TargetModules = s.TargetModules is { } m ? [.. m] : LoraOptions.AllLinear,
         TargetRegex = s.TargetRegex,
         ExcludeModules = s.ExcludeModules,

@@ -94,6 +94,34 @@ public class MemoryPlannerTests
     }
 
     [Fact]
+    public void DoraMagnitudesAndWeightNormsAreCounted()
+    {
+        var config = TinyLlama.Config(layers: 2, hidden: 256, heads: 4, kvHeads: 2, vocab: 100, inter: 640);
+        var o = Recipe with { SequenceLength = 32, LoraRank = 16, LoraTargets = ["q_proj", "v_proj", "down_proj"], UseDora = true };
+        using var model = LlamaForCausalLM.CreateRandom(config, 1);
+        model.ApplyLora(new LoraOptions { Rank = 16, TargetModules = o.LoraTargets, UseDora = true });
+        using var opt = new BnbAdamW(model.ParameterGroups(1e-4), new AdamWOptions { Paged = false });
+        var plan = MemoryPlanner.Plan(config, o with { PagedOptimizer = false });
+        Assert.Equal(model.TrainableParameters().Sum(p => p.Parameter.numel()), plan.TrainableParameters);
+        Assert.Equal(opt.DeviceStateBytes, plan["optimizer_state"]);
+        var lora = MemoryPlanner.Plan(config, o with { UseDora = false });
+        // By hand: q_proj 256 + v_proj 128 (2 kv heads x 64) + down_proj 256 magnitudes per layer, 2 layers, float32.
+        Assert.Equal(2 * (256 + 128 + 256), plan.TrainableParameters - lora.TrainableParameters);
+        Assert.Equal(4L * 2 * (256 + 128 + 256), MemoryPlanner.Plan(config, o).Components.Single(c => c.Name == "lora_weights").Bytes - lora["lora_weights"]);
+        var big = ModelPresets.Resolve("llama-2-7b");
+        var dora7b = MemoryPlanner.Plan(big, Recipe with { UseDora = true });
+        var lora7b = MemoryPlanner.Plan(big, Recipe);
+        Assert.True(dora7b["saved_activations"] > lora7b["saved_activations"], "DoRA saves the base output and B(A(x))");
+        Assert.True(dora7b.PeakBytes > lora7b.PeakBytes);
+        // One norm per adapted projection and forward; the checkpoint recompute is a second forward.
+        var cost = MemoryPlanner.DoraWeightNormCost(config, o);
+        Assert.Equal(3 * 2 * 2, cost.Norms);
+        Assert.Equal(2L * 2 * (256 * 256 + 128 * 256 + 256 * 640), cost.Elements);
+        Assert.Equal(3 * 2, MemoryPlanner.DoraWeightNormCost(config, o with { GradientCheckpointing = false }).Norms);
+        Assert.Equal(0, MemoryPlanner.DoraWeightNormCost(config, o with { UseDora = false }).Norms);
+    }
+
+    [Fact]
     public void EightBitStateFollowsTheBnbLayout()
     {
         // 1,000,000 elements: two uint8 moments (64-byte aligned) and two float32 absmax per 256-element block

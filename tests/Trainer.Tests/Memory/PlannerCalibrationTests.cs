@@ -43,6 +43,10 @@ public class PlannerCalibrationTests(ITestOutputHelper output)
             new PlanOptions { SequenceLength = 3072, MicroBatch = 1, LossChunkTokens = 256, OffloadCheckpoints = true, MlpTileTokens = 512 });
 
     [Fact]
+    public void CheckpointedDoraStep() =>
+        AssertTransientWithin15Percent(StepMemoryMeasurement.Config(512, 1408, 4, 8, 2, 2000), new PlanOptions { SequenceLength = 512, MicroBatch = 1, LossChunkTokens = 128, UseDora = true });
+
+    [Fact]
     public void StepWithoutCheckpointing() =>
         AssertTransientWithin15Percent(StepMemoryMeasurement.Config(384, 1024, 4, 6, 6, 2000), new PlanOptions { SequenceLength = 384, MicroBatch = 1, LossChunkTokens = 128, GradientCheckpointing = false });
 }
@@ -92,7 +96,7 @@ internal static partial class StepMemoryMeasurement
         SettleAllocator();
         long before = ResidentMemory.AnonymousBytes();
         var model = LlamaForCausalLM.CreateRandom(config, 3);
-        model.ApplyLora(new LoraOptions { Rank = o.LoraRank, Alpha = 2 * o.LoraRank, TargetModules = o.LoraTargets }, new Generator(4));
+        model.ApplyLora(new LoraOptions { Rank = o.LoraRank, Alpha = 2 * o.LoraRank, TargetModules = o.LoraTargets, UseDora = o.UseDora }, new Generator(4));
         model.GradientCheckpointing = o.GradientCheckpointing;
         model.OffloadCheckpoints = o.GradientCheckpointing && o.OffloadCheckpoints;
         model.MlpTileTokens = o.MlpTileTokens;
