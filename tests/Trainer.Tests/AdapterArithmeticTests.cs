@@ -541,6 +541,22 @@ public class AdapterArithmeticTests
     }
 
     [Fact]
+    public void ADoraAdapterIsRefusedNamingQloraMerge()
+    {
+        using var dir = new TempFolder();
+        var adapters = MixedRanks(dir);
+        var config = Path.Combine(adapters[1].Folder, "adapter_config.json");
+        var json = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(config))!;
+        json["use_dora"] = true;
+        File.WriteAllText(config, json.ToJsonString());
+        var e = Assert.Throws<InvalidDataException>(() => WeightedAdapterMerger.Merge([adapters[0].Folder, adapters[1].Folder],
+            new AdapterMergeOptions { Combination = AdapterCombination.Cat, Weights = [1, 1] }, dir.File("x")));
+        Assert.Contains("DoRA adapter", e.Message);
+        Assert.Contains("qlora merge", e.Message);
+        Assert.False(Directory.Exists(dir.File("x")));
+    }
+
+    [Fact]
     public void AnAdapterWhoseConfigSelectsAModuleItLacksIsRefused()
     {
         using var dir = new TempFolder();

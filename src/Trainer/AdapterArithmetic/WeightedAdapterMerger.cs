@@ -122,6 +122,9 @@ public static class WeightedAdapterMerger
     private static Input Read(string folder)
     {
         var options = PeftAdapter.ReadOptions(folder);
+        // PEFT's add_weighted_adapter combines lora_A/lora_B only; a DoRA adapter's magnitudes belong to its own B·A.
+        if (options.UseDora)
+            throw new InvalidDataException($"{folder} is a DoRA adapter (use_dora true): its magnitude vectors cannot be combined with other adapters' weights; merge it into its base with qlora merge instead");
         var weightsPath = Path.Combine(folder, PeftAdapter.WeightsFile);
         if (!File.Exists(weightsPath)) throw new FileNotFoundException($"{folder}: no {PeftAdapter.WeightsFile}", weightsPath);
         var config = (JsonObject)JsonNode.Parse(File.ReadAllText(Path.Combine(folder, PeftAdapter.ConfigFile)))!;
