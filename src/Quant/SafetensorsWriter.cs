@@ -145,9 +145,18 @@ public sealed class SafetensorsWriter : IDisposable
     {
         if (_disposed) return;
         _disposed = true;
-        _stream?.Dispose();
+        var stream = _stream;
         _stream = null;
-        if (!_committed) AtomicFile.TryDelete(_tempPath);
+        if (_committed)
+        {
+            stream?.Dispose();
+            return;
+        }
+        // An abandoned file: its buffered bytes are dropped. On a full disk flushing them fails again, and that failure
+        // must neither replace the first one nor keep the temporary file (the space it holds) on the disk.
+        try { stream?.Dispose(); }
+        catch (IOException) { }
+        AtomicFile.TryDelete(_tempPath);
     }
 
     /// <summary>Checks that metadata keys and values are non-null, encodable strings.</summary>

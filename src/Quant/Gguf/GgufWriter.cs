@@ -108,9 +108,18 @@ public sealed class GgufWriter : IDisposable
     {
         if (_disposed) return;
         _disposed = true;
-        _stream?.Dispose();
+        var stream = _stream;
         _stream = null;
-        if (!_committed) AtomicFile.TryDelete(_tempPath);
+        if (_committed)
+        {
+            stream?.Dispose();
+            return;
+        }
+        // An abandoned file (as SafetensorsWriter): its buffered bytes are dropped, a failing flush (a full disk) neither
+        // replaces the first error nor keeps the temporary file.
+        try { stream?.Dispose(); }
+        catch (IOException) { }
+        AtomicFile.TryDelete(_tempPath);
     }
 
     private Entry Find(string name)

@@ -194,6 +194,12 @@ public sealed class TrainingRun
             if (_state.Step >= totalSteps)
             {
                 Log($"the run already finished at step {_state.Step} of {totalSteps}; nothing to do (raise Training:MaxSteps or Training:Epochs to train further)");
+                // A run that failed after its last checkpoint (a full disk while writing the adapter) gets its adapter now.
+                if (ranks.IsRoot && !File.Exists(Path.Combine(_out, PeftAdapter.WeightsFile)) && Path.GetFullPath(resumeFrom).StartsWith(Path.GetFullPath(_out) + Path.DirectorySeparatorChar, StringComparison.Ordinal))
+                {
+                    PeftAdapter.Save(model, lora, _out, baseModel: modelPath);
+                    Log($"wrote the run's adapter to {_out} from {resumeFrom}");
+                }
                 var last = _state.EvalHistory.LastOrDefault(e => e.Step == _state.Step);
                 var done = Summarize(wall, sampler, data, resumedFrom, resumeFrom, last?.Loss is double l && !double.IsNaN(l) ? l : null, last?.ExactMatch, interrupted: false);
                 ranks.Finish();
@@ -273,7 +279,11 @@ public sealed class TrainingRun
         TrainSummary summary;
         if (interrupted)
         {
-            if (_state.Step > lastSaved || lastCheckpoint is null && _state.Step > 0) lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
+            if (_state.Step > lastSaved || lastCheckpoint is null && _state.Step > 0)
+            {
+                lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
+                previousRun?.Discard();
+            }
             Log(lastCheckpoint is null
                 ? "interrupted before the first step; nothing was trained or saved" + (previousRun is null ? "" : " (the previous run's results are put back)") + "; run the same command again to start"
                 : $"interrupted at step {_state.Step}; checkpoint {lastCheckpoint}; continue with --resume latest");
@@ -285,6 +295,7 @@ public sealed class TrainingRun
             var final = evaluator.Evaluate(_state.Step, _job.Eval.ExactMatch);
             if (final.Loss is not double.NaN) _state.EvalHistory.Add(final);
             lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
+            previousRun?.Discard(); // from here the run is resumable: a failure writing the adapter must not bring the old run back over it
             sampler.Phase = "adapter save";
             ranks.OnRoot(() => { PeftAdapter.Save(model, lora, _out, baseModel: modelPath); return null; }, "writing the adapter");
             summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, double.IsNaN(final.Loss) ? null : final.Loss, final.ExactMatch, interrupted: false);
