@@ -152,11 +152,7 @@ public sealed class SafetensorsWriter : IDisposable
             stream?.Dispose();
             return;
         }
-        // An abandoned file: its buffered bytes are dropped. On a full disk flushing them fails again, and that failure
-        // must neither replace the first one nor keep the temporary file (the space it holds) on the disk.
-        try { stream?.Dispose(); }
-        catch (IOException) { }
-        AtomicFile.TryDelete(_tempPath);
+        AtomicFile.Abandon(stream, _tempPath);
     }
 
     /// <summary>Checks that metadata keys and values are non-null, encodable strings.</summary>

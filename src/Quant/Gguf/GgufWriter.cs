@@ -115,11 +115,7 @@ public sealed class GgufWriter : IDisposable
             stream?.Dispose();
             return;
         }
-        // An abandoned file (as SafetensorsWriter): its buffered bytes are dropped, a failing flush (a full disk) neither
-        // replaces the first error nor keeps the temporary file.
-        try { stream?.Dispose(); }
-        catch (IOException) { }
-        AtomicFile.TryDelete(_tempPath);
+        AtomicFile.Abandon(stream, _tempPath);
     }
 
     private Entry Find(string name)
