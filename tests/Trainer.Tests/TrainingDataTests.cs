@@ -98,6 +98,11 @@ public class TrainingDataTests
                     var small = encoder.Encode(new TrainingSample(SampleFormat.Text, "hello world", null, 1));
                     Assert.False(small.CutBeforeTokenizing);
                 }
+            // No limit (bench eval encodes with int.MaxValue): nothing is cut, and the bound does not overflow.
+            var unbounded = new SampleEncoder(gpt2, ChatTemplate.ByName("chatml", "", "<|endoftext|>"), int.MaxValue);
+            Assert.True(unbounded.MaxTextChars > int.MaxValue);
+            var all = unbounded.Encode(new TrainingSample(SampleFormat.Text, texts[0], null, 1));
+            Assert.False(all.CutBeforeTokenizing || all.Truncated);
         }
         finally
         {

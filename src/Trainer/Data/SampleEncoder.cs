@@ -29,7 +29,7 @@ public sealed class SampleEncoder(HfTokenizer tokenizer, ChatTemplate template, 
     /// before tokenizing, keeping its start as the truncation after tokenizing does. A 10 MB line costs its string, not
     /// the tokenization of 10 MB.
     /// </summary>
-    public long MaxTextChars => (long)(MaxSeqLength + CutMarginTokens) * Tokenizer.LongestTokenChars;
+    public long MaxTextChars => ((long)MaxSeqLength + CutMarginTokens) * Tokenizer.LongestTokenChars;
 
     /// <summary>
     /// Encodes one sample. A sample whose text is longer than <see cref="MaxTextChars"/> is cut first; if the cut text
@@ -41,7 +41,7 @@ public sealed class SampleEncoder(HfTokenizer tokenizer, ChatTemplate template, 
         if (Cut(sample) is { } cut)
         {
             var (encoded, tokens) = EncodeWhole(cut);
-            if (tokens >= MaxSeqLength + CutMarginTokens) return encoded with { CutBeforeTokenizing = true };
+            if (tokens >= (long)MaxSeqLength + CutMarginTokens) return encoded with { CutBeforeTokenizing = true };
         }
         return EncodeWhole(sample).Sample;
     }
@@ -68,7 +68,7 @@ public sealed class SampleEncoder(HfTokenizer tokenizer, ChatTemplate template, 
     // The first n characters, not splitting a surrogate pair.
     private static string Head(string text, long n)
     {
-        int length = (int)Math.Min(n, text.Length);
+        int length = (int)Math.Clamp(n, 0, text.Length);
         if (length > 0 && length < text.Length && char.IsHighSurrogate(text[length - 1])) length--;
         return text[..length];
     }
@@ -104,7 +104,7 @@ public sealed class SampleEncoder(HfTokenizer tokenizer, ChatTemplate template, 
     public int[] EncodePrompt(TrainingSample sample)
     {
         // Cut as Encode cuts (the prompt's start kept); the whole prompt when the cut text gives too few tokens.
-        if (Cut(sample) is { } cut && EncodePromptWhole(cut) is { } ids && ids.Length >= MaxSeqLength + CutMarginTokens) return ids;
+        if (Cut(sample) is { } cut && EncodePromptWhole(cut) is { } ids && ids.Length >= (long)MaxSeqLength + CutMarginTokens) return ids;
         return EncodePromptWhole(sample);
     }
 

@@ -35,7 +35,7 @@ public sealed class HfTokenizer : IDisposable
         }
         (_tokenToId, _idToToken, _specialIds) = ReadVocabulary(root, source);
         VocabSize = _idToToken.Length;
-        LongestTokenChars = Math.Max(1, _idToToken.Max(t => t?.Length ?? 0));
+        LongestTokenChars = Math.Max(1, _idToToken.Select(t => t?.Length ?? 0).DefaultIfEmpty(1).Max());
 
         // transformers turns off the truncation and padding a tokenizer.json may carry unless a call asks for them; so do we.
         _asWritten = LoadNative(Variant(tokenizerJson, dropPostProcessor: false, specialsAsNormal: false), source);
