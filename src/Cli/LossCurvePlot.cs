@@ -25,9 +25,17 @@ internal static class LossCurvePlot
         plot.XLabel("optimizer step");
         plot.YLabel("loss (nats per target token)");
         plot.ShowLegend();
-        var tmp = path + ".tmp";
-        plot.SavePng(tmp, 900, 540);
-        File.Move(tmp, path, overwrite: true);
+        var tmp = Quant.WriteLeftovers.TempPathFor(Path.GetFullPath(path)); // a name the next run recognises as a leftover
+        try
+        {
+            plot.SavePng(tmp, 900, 540);
+            File.Move(tmp, path, overwrite: true);
+        }
+        catch
+        {
+            try { File.Delete(tmp); } catch (IOException) { } // a full disk: the old plot stays, no half-written one
+            throw;
+        }
         return true;
     }
 }

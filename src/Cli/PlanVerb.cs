@@ -19,6 +19,7 @@ internal static class PlanVerb
         var batch = new Option<int>("--batch") { Description = "sequences per micro-batch", DefaultValueFactory = _ => d.MicroBatch };
         var rank = new Option<int>("--rank") { Description = "LoRA rank (all linear layers)", DefaultValueFactory = _ => d.LoraRank };
         var dora = new Option<bool>("--dora") { Description = "DoRA (use_dora): magnitude vectors, and a weight norm per adapted layer and forward" };
+        var dropout = new Option<double>("--dropout") { Description = "LoRA dropout (above 0 each adapted projection saves its own dropped input for backward)", DefaultValueFactory = _ => d.LoraDropout };
         var chunk = new Option<int>("--loss-chunk") { Description = "tokens per chunk of the fp32 loss", DefaultValueFactory = _ => d.LossChunkTokens };
         var noCheckpointing = new Option<bool>("--no-checkpointing") { Description = "keep every layer's activations instead of recomputing them" };
         var bits = new Option<int>("--optimizer-bits") { Description = "AdamW state: 32 or 8", DefaultValueFactory = _ => d.OptimizerBits };
@@ -31,7 +32,7 @@ internal static class PlanVerb
         var device = DeviceOptions.Device("the device to plan for: auto (a CUDA device if this machine can use one, else the CPU), cpu, cuda or cuda:N; cuda adds the CUDA context and library workspaces (estimated)");
         var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
         {
-            model, budget, stream, seq, batch, rank, dora, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, maxSeq, ranks, microBatches, device,
+            model, budget, stream, seq, batch, rank, dora, dropout, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, maxSeq, ranks, microBatches, device,
         };
         cmd.SetAction(r =>
         {
@@ -39,7 +40,7 @@ internal static class PlanVerb
             var config = ModelPresets.Resolve(name);
             var options = d with
             {
-                SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), UseDora = r.GetValue(dora), OptimizerBits = r.GetValue(bits),
+                SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), UseDora = r.GetValue(dora), LoraDropout = r.GetValue(dropout), OptimizerBits = r.GetValue(bits),
                 LossChunkTokens = r.GetValue(chunk), GradientCheckpointing = !r.GetValue(noCheckpointing), LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
                 OffloadCheckpoints = !r.GetValue(noOffload), HostEmbedding = !r.GetValue(noHostEmbedding), MlpTileTokens = r.GetValue(mlpTile),
                 Device = DeviceSelector.PlanTarget(DeviceRequest.Parse(r.GetValue(device), "--device")),

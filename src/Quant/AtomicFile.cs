@@ -24,6 +24,18 @@ public static class AtomicFile
         }
     }
 
+    /// <summary>
+    /// Closes and deletes a temporary file a writer abandons (an error before its commit). Its buffered bytes are
+    /// dropped: on a full disk flushing them fails again, and that failure must neither replace the first one nor keep
+    /// the file (and the space it holds) on the disk.
+    /// </summary>
+    internal static void Abandon(Stream? stream, string tempPath)
+    {
+        try { stream?.Dispose(); }
+        catch (IOException) { }
+        TryDelete(tempPath);
+    }
+
     /// <summary>Deletes a temporary file this project wrote, ignoring a failure (cleanup must not hide the real error).</summary>
     internal static void TryDelete(string path)
     {

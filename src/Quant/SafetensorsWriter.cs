@@ -145,9 +145,14 @@ public sealed class SafetensorsWriter : IDisposable
     {
         if (_disposed) return;
         _disposed = true;
-        _stream?.Dispose();
+        var stream = _stream;
         _stream = null;
-        if (!_committed) AtomicFile.TryDelete(_tempPath);
+        if (_committed)
+        {
+            stream?.Dispose();
+            return;
+        }
+        AtomicFile.Abandon(stream, _tempPath);
     }
 
     /// <summary>Checks that metadata keys and values are non-null, encodable strings.</summary>

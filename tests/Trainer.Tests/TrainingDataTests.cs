@@ -39,6 +39,96 @@ public class TrainingDataTests
         Assert.Contains("d.jsonl:2", forced.Message);
     }
 
+    static string RepoRoot()
+    {
+        var dir = AppContext.BaseDirectory;
+        while (!File.Exists(Path.Combine(dir, "QLora.sln"))) dir = Path.GetDirectoryName(dir)!;
+        return dir;
+    }
+
+    /// <summary>
+    /// A sample longer than <see cref="SampleEncoder.MaxTextChars"/> is cut before tokenizing, and its row is the one the
+    /// whole text gives after truncation: ids and labels, for text and chat samples, with GPT-2's real 50k-merge BPE and
+    /// the bundled model's tokenizer (the reference encodes the whole text with the native tokenizer and cuts the ids).
+    /// </summary>
+    [Fact]
+    public void ATextCutBeforeTokenizingGivesTheRowOfTheWholeTextTruncated()
+    {
+        var gpt2Dir = TokenizerFixtures.WriteGpt2Folder();
+        try
+        {
+            using var gpt2 = HfTokenizer.Load(gpt2Dir);
+            using var bundled = HfTokenizer.Load(Path.Combine(RepoRoot(), "models", "tiny-llama-base"));
+            var random = new Random(7);
+            string[] words = ["the", "model", "quantized", " ", "\n", "ünïcödé", "日本語", "🙂", "----", "    ", "1234567", "a"];
+            string Words(int chars)
+            {
+                var sb = new System.Text.StringBuilder(chars + 16);
+                while (sb.Length < chars) sb.Append(words[random.Next(words.Length)]).Append(random.Next(3) == 0 ? "" : " ");
+                return sb.ToString();
+            }
+            var texts = new[] { Words(60_000), new string('a', 60_000), string.Concat(Enumerable.Repeat("🙂", 30_000)), new string(' ', 60_001) + "x" };
+            foreach (var (tok, template) in new[] { (gpt2, ChatTemplate.ByName("chatml", "", "<|endoftext|>")), (bundled, bundled.GetChatTemplate("mistral")) })
+                foreach (int max in new[] { 16, 128 })
+                {
+                    var encoder = new SampleEncoder(tok, template, max);
+                    foreach (var text in texts)
+                    {
+                        var e = encoder.Encode(new TrainingSample(SampleFormat.Text, text, null, 1));
+                        Assert.True(e.CutBeforeTokenizing && e.Truncated);
+                        Assert.Equal(tok.Encode(text, addSpecialTokens: true)[..max], e.InputIds);
+                        Assert.Equal(e.InputIds, e.Labels);
+                    }
+                    // Chat: the long turn is the prompt (no target in the row), or the answer (targets from its start).
+                    foreach (var messages in new List<ChatMessage>[]
+                             {
+                                 [ChatMessage.User(texts[0]), ChatMessage.Assistant("short answer")],
+                                 [ChatMessage.User("a question"), ChatMessage.Assistant(texts[1]), ChatMessage.User(texts[2]), ChatMessage.Assistant("x")],
+                                 [ChatMessage.User(Words(40)), ChatMessage.Assistant(Words(60)), ChatMessage.User(Words(30)), ChatMessage.Assistant(texts[0])],
+                             })
+                    {
+                        var sample = new TrainingSample(SampleFormat.Chat, null, messages, 1);
+                        var e = encoder.Encode(sample);
+                        var whole = tok.EncodeChat(template.RenderWithSpans(messages, addGenerationPrompt: false));
+                        Assert.True(e.CutBeforeTokenizing && e.Truncated);
+                        Assert.Equal(whole.InputIds[..max], e.InputIds);
+                        Assert.Equal(whole.Labels()[..max], e.Labels);
+                    }
+                    // What fits is not cut.
+                    var small = encoder.Encode(new TrainingSample(SampleFormat.Text, "hello world", null, 1));
+                    Assert.False(small.CutBeforeTokenizing);
+                }
+            // No limit (bench eval encodes with int.MaxValue): nothing is cut, and the bound does not overflow.
+            var unbounded = new SampleEncoder(gpt2, ChatTemplate.ByName("chatml", "", "<|endoftext|>"), int.MaxValue);
+            Assert.True(unbounded.MaxTextChars > int.MaxValue);
+            var all = unbounded.Encode(new TrainingSample(SampleFormat.Text, texts[0], null, 1));
+            Assert.False(all.CutBeforeTokenizing || all.Truncated);
+        }
+        finally
+        {
+            TokenizerFixtures.DeleteFolder(gpt2Dir);
+        }
+    }
+
+    /// <summary>Lines are read from bytes in chunks: CRLF, a BOM, blank lines, a final line without '\n', and the hard line limit.</summary>
+    [Fact]
+    public void LinesAreSplitFromBytesAndAnOverlongLineIsOneMalformedLine()
+    {
+        using var dir = new TempFolder();
+        var path = dir.File("d.jsonl");
+        var longText = new string('é', 100_000); // 200,000 bytes of UTF-8, across chunk boundaries
+        File.WriteAllBytes(path, [.. "\uFEFF{\"text\": \"one\"}\r\n\r\n   \n"u8, .. System.Text.Encoding.UTF8.GetBytes($"{{\"text\": \"{longText}\"}}\n"),
+            .. "{\"text\": \""u8, .. Enumerable.Repeat((byte)'b', 250_000), .. "\"}\n{\"text\": \"last\"}"u8]);
+        var all = JsonlDataset.Read(path);
+        Assert.Equal(["one", longText, new string('b', 250_000), "last"], all.Samples.Select(s => s.Text));
+        Assert.Equal([1, 4, 5, 6], all.Samples.Select(s => s.Line));
+        var e = Assert.Throws<DataFormatException>(() => JsonlDataset.Read(path, maxLineBytes: 220_000));
+        Assert.Contains("d.jsonl:5: the line is longer than 220,000 bytes", e.Message);
+        var skipped = JsonlDataset.Read(path, skipMalformed: true, maxLineBytes: 220_000);
+        Assert.Equal(["one", longText, "last"], skipped.Samples.Select(s => s.Text));
+        Assert.Equal(1, skipped.SkippedLines);
+    }
+
     [Fact]
     public void OnlyAnswerTokensAreTargetsUnlessTrainingOnThePrompt()
     {

@@ -108,9 +108,14 @@ public sealed class GgufWriter : IDisposable
     {
         if (_disposed) return;
         _disposed = true;
-        _stream?.Dispose();
+        var stream = _stream;
         _stream = null;
-        if (!_committed) AtomicFile.TryDelete(_tempPath);
+        if (_committed)
+        {
+            stream?.Dispose();
+            return;
+        }
+        AtomicFile.Abandon(stream, _tempPath);
     }
 
     private Entry Find(string name)

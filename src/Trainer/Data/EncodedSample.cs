@@ -6,6 +6,12 @@ namespace QLora.Trainer;
 /// <param name="Truncated">Whether the sample was cut to the maximum sequence length.</param>
 public sealed record EncodedSample(int[] InputIds, int[] Labels, bool Truncated)
 {
+    /// <summary>
+    /// Whether the sample's text was cut to what <see cref="SampleEncoder.MaxTextChars"/> allows before tokenizing (its
+    /// first tokens, and so the truncated row, are those of the whole text).
+    /// </summary>
+    public bool CutBeforeTokenizing { get; init; }
+
     /// <summary>Positions whose label is a target (what the loss averages over, before the shift).</summary>
     public int TargetCount => Labels.Count(l => l != CausalLmLossIgnore);
 

@@ -14,40 +14,48 @@ public static class JsonlDataset
     /// <param name="FirstSkipped">The first skipped line's problem, for the log.</param>
     public sealed record Result(IReadOnlyList<TrainingSample> Samples, int SkippedLines, string? FirstSkipped);
 
-    /// <summary>The longest line read by default (bytes): far more text than any sample of the allowed lengths needs.</summary>
-    public const int DefaultMaxLineBytes = 1 << 20;
+    /// <summary>
+    /// The longest line read (64 MiB): a hard stop for a file without line breaks. Text past what a sample of
+    /// Data:MaxSeqLength tokens can use is cut before tokenizing (<see cref="SampleEncoder.MaxTextChars"/>), so a long
+    /// line below this costs its bytes and its strings, not its tokenization.
+    /// </summary>
+    public const int DefaultMaxLineBytes = 64 << 20;
 
     /// <summary>
     /// Reads <paramref name="path"/>. <paramref name="format"/> is null for per-line detection, or the one format every
     /// line must have. Lines are decoded as strict UTF-8 (invalid bytes are a malformed line, reported as file:line),
     /// and a line longer than <paramref name="maxLineBytes"/> is a malformed line that is never held in memory whole.
+    /// Each line is parsed in place from its UTF-8 bytes (a <see cref="JsonDocument"/> over the line's buffer: no copy,
+    /// no UTF-16 line string), and only the sample's strings are kept.
     /// </summary>
     public static Result Read(string path, SampleFormat? format = null, bool skipMalformed = false, int maxLineBytes = DefaultMaxLineBytes)
     {
         if (Directory.Exists(path)) throw new IOException($"dataset {path} is a folder; a JSONL file is expected");
         if (!File.Exists(path)) throw new FileNotFoundException($"dataset {path} does not exist");
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxLineBytes);
         var samples = new List<TrainingSample>();
         int skipped = 0, lineNo = 0;
         string? first = null;
-        using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
-        var bytes = new List<byte>();
+        using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1);
+        var lines = new LineReader(stream, maxLineBytes);
         var utf8 = new System.Text.UTF8Encoding(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
-        while (ReadLine(stream, bytes, maxLineBytes, out bool tooLong, out bool end))
+        while (lines.Next(out var bytes, out bool tooLong))
         {
             lineNo++;
             try
             {
-                if (tooLong) throw new FormatException($"the line is longer than {maxLineBytes:N0} bytes, more text than a sample of Data:MaxSeqLength tokens can use");
-                int start = lineNo == 1 && bytes.Count >= 3 && bytes[0] == 0xEF && bytes[1] == 0xBB && bytes[2] == 0xBF ? 3 : 0;
-                int count = bytes.Count - start;
-                if (count > 0 && bytes[^1] == (byte)'\r') count--;
-                string line;
-                try { line = utf8.GetString(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(bytes).Slice(start, count)); }
-                catch (System.Text.DecoderFallbackException e)
+                if (tooLong) throw new FormatException($"the line is longer than {maxLineBytes:N0} bytes ({ByteSize.Format(maxLineBytes)}), the most one sample may take; is the file JSONL, one sample per line?");
+                if (lineNo == 1 && bytes.Span.StartsWith("\uFEFF"u8)) bytes = bytes[3..];
+                if (bytes.Length > 0 && bytes.Span[^1] == (byte)'\r') bytes = bytes[..^1];
+                if (!System.Text.Unicode.Utf8.IsValid(bytes.Span))
                 {
-                    throw new FormatException($"not valid UTF-8 (byte 0x{(e.BytesUnknown is { Length: > 0 } u ? u[0] : 0):X2} at byte {e.Index + 1} of the line); the file must be UTF-8 encoded");
+                    try { utf8.GetCharCount(bytes.Span); }
+                    catch (System.Text.DecoderFallbackException e)
+                    {
+                        throw new FormatException($"not valid UTF-8 (byte 0x{(e.BytesUnknown is { Length: > 0 } u ? u[0] : 0):X2} at byte {e.Index + 1} of the line); the file must be UTF-8 encoded");
+                    }
                 }
-                if (!string.IsNullOrWhiteSpace(line)) samples.Add(Parse(line, format, lineNo));
+                if (bytes.Span.IndexOfAnyExcept(" \t\r\n"u8) >= 0) samples.Add(Parse(bytes, format, lineNo));
             }
             catch (Exception e) when (e is JsonException or FormatException or InvalidOperationException)
             {
@@ -56,35 +64,78 @@ public static class JsonlDataset
                 skipped++;
                 first ??= message;
             }
-            if (end) break;
         }
         if (samples.Count == 0) throw new DataFormatException($"{path}: no samples ({lineNo} lines, {skipped} malformed)");
         return new Result(samples, skipped, first);
     }
 
-    // The next line's bytes (without '\n'), at most maxBytes of them kept; false at the end of the file.
-    static bool ReadLine(Stream stream, List<byte> bytes, int maxBytes, out bool tooLong, out bool end)
+    /// <summary>
+    /// Splits a stream into lines (without '\n'), read in 64 KiB chunks into one growing buffer; a line longer than the
+    /// limit is skipped to its end without being held.
+    /// </summary>
+    private sealed class LineReader(Stream stream, int maxBytes)
     {
-        bytes.Clear();
-        tooLong = false;
-        end = false;
-        int b, read = 0;
-        while ((b = stream.ReadByte()) >= 0)
+        private readonly byte[] _chunk = new byte[1 << 16];
+        private int _at, _length;
+        private byte[] _line = new byte[1 << 12];
+
+        /// <summary>The next line (valid until the next call); false at the end of the stream.</summary>
+        public bool Next(out ReadOnlyMemory<byte> line, out bool tooLong)
         {
-            read++;
-            if (b == '\n') return true;
-            if (bytes.Count < maxBytes) bytes.Add((byte)b);
-            else tooLong = true;
+            int used = 0;
+            bool any = false;
+            tooLong = false;
+            while (true)
+            {
+                if (_at == _length)
+                {
+                    _length = stream.Read(_chunk, 0, _chunk.Length);
+                    _at = 0;
+                    if (_length == 0)
+                    {
+                        line = _line.AsMemory(0, used);
+                        return any;
+                    }
+                }
+                any = true;
+                var rest = _chunk.AsSpan(_at, _length - _at);
+                int newline = rest.IndexOf((byte)'\n');
+                var part = newline < 0 ? rest : rest[..newline];
+                if (!tooLong && (long)used + part.Length > maxBytes) tooLong = true;
+                if (!tooLong)
+                {
+                    if (used + part.Length > _line.Length)
+                        Array.Resize(ref _line, (int)Math.Min(Math.Max(2L * _line.Length, used + part.Length), Math.Max(maxBytes, 1)));
+                    part.CopyTo(_line.AsSpan(used));
+                    used += part.Length;
+                }
+                _at += part.Length;
+                if (newline >= 0)
+                {
+                    _at++;
+                    line = tooLong ? ReadOnlyMemory<byte>.Empty : _line.AsMemory(0, used);
+                    return true;
+                }
+            }
         }
-        end = true;
-        return read > 0;
     }
 
     /// <summary>Parses one JSON line.</summary>
     public static TrainingSample Parse(string line, SampleFormat? format, int lineNo)
     {
         using var doc = JsonDocument.Parse(line);
-        var root = doc.RootElement;
+        return Parse(doc.RootElement, format, lineNo);
+    }
+
+    /// <summary>Parses one JSON line from its UTF-8 bytes, in place.</summary>
+    public static TrainingSample Parse(ReadOnlyMemory<byte> line, SampleFormat? format, int lineNo)
+    {
+        using var doc = JsonDocument.Parse(line);
+        return Parse(doc.RootElement, format, lineNo);
+    }
+
+    private static TrainingSample Parse(JsonElement root, SampleFormat? format, int lineNo)
+    {
         if (root.ValueKind != JsonValueKind.Object) throw new FormatException($"a JSON object is required, found {root.ValueKind}");
         var detected = format ?? Detect(root);
         switch (detected)

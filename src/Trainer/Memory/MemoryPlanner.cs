@@ -134,8 +134,10 @@ public static class MemoryPlanner
         long optTotal = loraTensors.Sum(n => Align(OptimizerStateBytes(n, o.OptimizerBits))) * layers;
         long optLargest = loraTensors.Max(n => OptimizerStateBytes(n, o.OptimizerBits));
         long optDevice = o.PagedOptimizer ? optLargest : optTotal;
-        // bf16 master weights are updated through float32 copies of one tensor at a time (BnbAdamW).
-        long optUpdate = m == 2 ? 8 * loraTensors.Max() : 0;
+        // After backward, one tensor at a time: the gradient norm squares a float64 copy of each gradient
+        // (TrainingRun.GradNorm), and bf16 master weights are updated through float32 copies of parameter and gradient
+        // (BnbAdamW); either is 8 bytes per element of the largest LoRA tensor.
+        long optUpdate = 8 * loraTensors.Max();
 
         var persistent = new List<(string, long)>
         {
@@ -157,7 +159,7 @@ public static class MemoryPlanner
                 : $"4-bit decoder weights: {linearParams:N0} parameters at {Bits(quantAll, linearParams)} bits (packed codes, absmax{(o.DoubleQuant ? ", nested absmax and code maps" : "")})",
             [StepMemorySimulation.StreamingWindow] = o.LayerStreaming ? $"{Math.Min(o.StreamingWindow, layers)} resident layers of 4-bit weights ({ByteSize.Format(layerQuant)} each)" : "no layer streaming",
             [StepMemorySimulation.UnquantizedWeights] = $"{(hostEmbedding ? "lm_head" : cfg.TieWordEmbeddings ? "embeddings (tied with lm_head)" : "embeddings, lm_head")}, norms{(biasPerLayer > 0 ? ", biases" : "")} in {o.ComputeDType}",
-            [StepMemorySimulation.LoraWeights] = $"{loraParams:N0} {(o.UseDora ? "DoRA" : "LoRA")} parameters (r={o.LoraRank}, {string.Join("/", o.LoraTargets)}{(o.UseDora ? ", magnitude vectors included" : "")}) in {o.AdapterDType}",
+            [StepMemorySimulation.LoraWeights] = $"{loraParams:N0} {(o.UseDora ? "DoRA" : "LoRA")} parameters (r={o.LoraRank}, {string.Join("/", o.LoraTargets)}{(o.UseDora ? ", magnitude vectors included" : "")}{(o.LoraDropout > 0 ? $", dropout {o.LoraDropout.ToString(CultureInfo.InvariantCulture)}" : "")}) in {o.AdapterDType}",
             [StepMemorySimulation.LoraGradients] = $"LoRA gradients in {o.AdapterDType}",
             [StepMemorySimulation.OptimizerState] = $"AdamW {o.OptimizerBits}-bit state{(o.PagedOptimizer ? ": paged, one tensor's state resident" : "")}",
             [StepMemorySimulation.SavedActivations] = !o.GradientCheckpointing ? "every layer's tensors saved for backward"

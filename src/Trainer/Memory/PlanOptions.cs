@@ -17,6 +17,11 @@ public sealed record PlanOptions
     public int MicroBatch { get; init; } = 1;
     /// <summary>LoRA rank r.</summary>
     public int LoraRank { get; init; } = 16;
+    /// <summary>
+    /// LoRA dropout probability: above 0 each adapted projection keeps its own dropped copy of its input and the dropout
+    /// noise (CPU: a tensor of the input's dtype; CUDA: a bool mask) for backward, instead of sharing the input.
+    /// </summary>
+    public double LoraDropout { get; init; }
     /// <summary>Projections that get adapters (last name segment, PEFT style).</summary>
     public IReadOnlyList<string> LoraTargets { get; init; } = LoraOptions.AllLinear;
     /// <summary>
@@ -108,6 +113,7 @@ public sealed record PlanOptions
                      ("QuantBlocksize", QuantBlocksize), ("LossChunkTokens", LossChunkTokens), ("StreamingWindow", StreamingWindow) })
             if (v <= 0) throw new ArgumentException($"{name} {v}: must be positive");
         if (MlpTileTokens < 0) throw new ArgumentException($"MlpTileTokens {MlpTileTokens}: must be 0 (off) or positive");
+        if (!(LoraDropout >= 0 && LoraDropout < 1)) throw new ArgumentException($"LoraDropout {LoraDropout}: must be in [0, 1)");
         if (SequenceLength < 2) throw new ArgumentException($"SequenceLength {SequenceLength}: needs at least 2 tokens for a next-token loss");
         foreach (var t in LoraTargets)
             if (!LoraOptions.AllLinear.Contains(t))

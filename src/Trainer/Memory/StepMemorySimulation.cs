@@ -1,3 +1,4 @@
+using QLora.Kernels;
 using static TorchSharp.torch;
 
 namespace QLora.Trainer;
@@ -384,6 +385,15 @@ internal sealed class StepMemorySimulation
         Free(dq);
         if (!Lora(name)) return y;
         if (_o.UseDora) return DoraProj(s, x, y, inF, outF, grad, saved);
+        // LoRA dropout (training): CPU ATen draws a noise tensor of the input's dtype and multiplies (mul saves the
+        // noise), CUDA's fused kernel a bool mask (saved); the A matmul then saves the dropped copy instead of x.
+        Buf? noise = null, dropped = null;
+        if (_o.LoraDropout > 0)
+        {
+            noise = A(s, LayerWorkingSet, _n * inF * (_o.Device == DeviceKind.Cuda ? 1 : _c));
+            dropped = A(s, LayerWorkingSet, _n * inF * _c);
+            if (!grad) Drop(noise);
+        }
         Buf? wa = _m != _c ? A(s, LayerWorkingSet, _r * inF * _c) : null;
         var aOut = A(s, LayerWorkingSet, _n * _r * _c);
         Buf? wb = _m != _c ? A(s, LayerWorkingSet, outF * _r * _c) : null;
@@ -391,14 +401,15 @@ internal sealed class StepMemorySimulation
         var scaled = A(s, LayerWorkingSet, _n * outF * _c);  // · scaling
         if (grad)
         {
-            Save(x, saved);
+            Save(dropped ?? x, saved);
+            if (noise is not null) Save(noise, saved);
             Save(aOut, saved);
             if (wa is not null) Save(wa, saved);
             if (wb is not null) Save(wb, saved);
         }
         var sum = A(s, LayerWorkingSet, _n * outF * _c);     // base + update
         // LoraLinear drops each handle once the next op has the tensor
-        Drop(scaled); Drop(up); Drop(aOut); Drop(wa); Drop(wb); Drop(y);
+        Drop(scaled); Drop(up); Drop(aOut); Drop(wa); Drop(wb); Drop(y); Drop(dropped); Drop(noise);
         return sum;
     }
 
@@ -464,6 +475,12 @@ internal sealed class StepMemorySimulation
             var gWa = Alloc(LayerWorkingSet, _r * inF * _c);
             var gWa32 = _m != _c ? Alloc(LayerWorkingSet, _r * inF * _m) : null;
             Free(gWa); Free(gWa32); Free(gA);
+            if (_o.LoraDropout > 0)
+            {
+                var gDropped = Alloc(LayerWorkingSet, _n * inF * _c);   // through the dropout: gradient · noise (or mask)
+                Free(gxLora);
+                gxLora = gDropped;
+            }
         }
         // DoRA: the base output's two gradients (gy and gy·(s − 1)) are summed before the base layer's backward.
         var gSum = gBase is not null ? Alloc(LayerWorkingSet, _n * outF * _c) : null;

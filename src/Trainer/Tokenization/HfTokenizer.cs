@@ -35,6 +35,7 @@ public sealed class HfTokenizer : IDisposable
         }
         (_tokenToId, _idToToken, _specialIds) = ReadVocabulary(root, source);
         VocabSize = _idToToken.Length;
+        LongestTokenChars = Math.Max(1, _idToToken.Select(t => t?.Length ?? 0).DefaultIfEmpty(1).Max());
 
         // transformers turns off the truncation and padding a tokenizer.json may carry unless a call asks for them; so do we.
         _asWritten = LoadNative(Variant(tokenizerJson, dropPostProcessor: false, specialsAsNormal: false), source);
@@ -79,6 +80,14 @@ public sealed class HfTokenizer : IDisposable
         ChatTemplateSource = chatTemplateFile ?? ChatTemplateFrom(tokenizerConfig);
         CleanUpTokenizationSpaces = tokenizerConfig?["clean_up_tokenization_spaces"] is JsonValue clean && clean.TryGetValue<bool>(out var on) && on;
     }
+
+    /// <summary>
+    /// The most characters of text one token can stand for: the longest vocabulary or added token string (byte-level
+    /// vocabularies write one character per byte, SentencePiece ones '▁' for a space, so no token covers more of the
+    /// text than its own length). <c>n</c> characters of text so need at least <c>n / LongestTokenChars</c> tokens,
+    /// unless a normalizer deletes characters (<see cref="SampleEncoder"/> checks).
+    /// </summary>
+    public int LongestTokenChars { get; }
 
     /// <summary>
     /// Whether <see cref="Decode"/> also applies transformers' Python-side clean-up (" ," → ",", " n't" → "n't", …):

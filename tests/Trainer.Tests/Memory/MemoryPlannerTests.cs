@@ -93,6 +93,41 @@ public class MemoryPlannerTests
         }
     }
 
+    /// <summary>
+    /// Rank 4096 on the bundled hidden-256 model's shape, counted by hand: per layer A [r, in] and B [out, r] of
+    /// q (256→256), k and v (256→128), o (256→256), gate and up (256→688), down (688→256) are 4,624·r elements, so four
+    /// layers hold 18,496 · 4096 = 75,759,616 parameters. The job this issue measured (micro-batch 4 × 256 tokens,
+    /// bf16 compute, unpaged AdamW) peaked at 3.55 GiB against 1.29 GiB planned because each step's gradient norm left
+    /// float64 copies to the finalizer; the plan itself must still hold every rank-sized part.
+    /// </summary>
+    [Fact]
+    public void LargeRankIsCountedByHand()
+    {
+        var config = TinyLlama.Config(layers: 4, hidden: 256, heads: 4, kvHeads: 2, vocab: 259, inter: 688);
+        const long r = 4096, parameters = 18_496 * r;
+        var o = new PlanOptions { SequenceLength = 256, MicroBatch = 4, LoraRank = (int)r, PagedOptimizer = false, LossChunkTokens = 256 };
+        var plan = MemoryPlanner.Plan(config, o);
+        Assert.Equal(75_759_616, plan.TrainableParameters);
+        Assert.Equal(4 * parameters, plan["lora_weights"]);                    // float32 masters
+        Assert.Equal(4 * parameters, plan["lora_gradients"]);
+        Assert.Equal(8 * parameters, plan["optimizer_state"]);                  // two float32 moments
+        var eight = MemoryPlanner.Plan(config, o with { OptimizerBits = 8 });
+        Assert.Equal(2 * parameters + 8 * parameters / 256, eight["optimizer_state"]); // two uint8 moments, two float32 absmax per 256
+
+        // One decoder layer's recompute keeps, per adapted projection, x·Aᵀ ([tokens, r] in bf16) and the bf16 casts of A
+        // and B: 7 · 1024 · r · 2 + 4,624 · r · 2 bytes, on top of everything persistent.
+        long persistent = 16 * parameters + o.FrameworkOverheadBytes;
+        long savedLora = 7 * 1024 * r * 2 + 4_624 * r * 2;
+        Assert.InRange(plan.PeakBytes, persistent + savedLora, persistent + savedLora + (200L << 20));
+        // After backward the gradient norm squares a float64 copy of the largest tensor (up_proj's B: 688 · r).
+        var noActivations = MemoryPlanner.Plan(config, o with { SequenceLength = 2, MicroBatch = 1 });
+        Assert.True(noActivations.PeakBytes >= persistent + 8 * 688 * r, $"{noActivations.PeakBytes:N0} < {persistent + 8 * 688 * r:N0}");
+
+        // Dropout gives every adapted projection its own dropped copy of its input and the noise (CPU: bf16) to keep.
+        var dropout = MemoryPlanner.Plan(config, o with { LoraDropout = 0.1 });
+        Assert.True(dropout.PeakBytes > plan.PeakBytes, "dropout adds saved tensors");
+    }
+
     [Fact]
     public void DoraMagnitudesAndWeightNormsAreCounted()
     {

@@ -17,7 +17,9 @@ public class PlannerCalibrationTests(ITestOutputHelper output)
     /// loading leaves managed-heap garbage and JIT-compiled code (about 10 MB here) that the planner counts as
     /// framework overhead, which is large against these tiny models.
     /// </summary>
-    private void AssertTransientWithin15Percent(LlamaConfig config, PlanOptions o)
+    private void AssertTransientWithin15Percent(LlamaConfig config, PlanOptions o) => AssertTransientWithin(config, o, -0.15, 0.15);
+
+    private void AssertTransientWithin(LlamaConfig config, PlanOptions o, double below, double above)
     {
         var plan = MemoryPlanner.Plan(config, o with { FrameworkOverheadBytes = 0 }); // the runtime is in the measured baseline
         output.WriteLine(plan.ToTable());
@@ -26,7 +28,7 @@ public class PlannerCalibrationTests(ITestOutputHelper output)
         long predicted = plan.PeakBytes - persistent;
         double error = (predicted - step) / (double)step;
         output.WriteLine($"transient: planned {predicted:N0}, measured {step:N0}, error {error:P1}");
-        Assert.InRange(error, -0.15, 0.15);
+        Assert.InRange(error, below, above);
     }
 
     [Fact]
@@ -41,6 +43,21 @@ public class PlannerCalibrationTests(ITestOutputHelper output)
     public void LongSequenceWithOffloadedCheckpointsAndATiledMlp() =>
         AssertTransientWithin15Percent(StepMemoryMeasurement.Config(256, 2048, 3, 4, 2, 1000),
             new PlanOptions { SequenceLength = 3072, MicroBatch = 1, LossChunkTokens = 256, OffloadCheckpoints = true, MlpTileTokens = 512 });
+
+    /// <summary>
+    /// A large rank on a hidden-256 model, where the LoRA parts outweigh the model: the saved x·Aᵀ of every adapted
+    /// projection, the cast A and B, their gradients, the dropout copies and noise, and the gradient norm's float64 copy
+    /// (a training step once left those copies to the finalizer: 16 bytes per LoRA parameter per step, +150 MB here, so
+    /// the measured transient was several times the plan). The planner is conservative here: it planned +15 % to +18 %
+    /// over the measured transient (r = 1024 and 2048, with and without dropout), so the bound is −15 %…+25 %.
+    /// </summary>
+    [Fact]
+    public void LargeRankStepWithDropout()
+    {
+        var config = StepMemoryMeasurement.Config(256, 688, 2, 4, 2, 259);
+        var o = new PlanOptions { SequenceLength = 256, MicroBatch = 2, LossChunkTokens = 256, LoraRank = 1024, LoraDropout = 0.1, OptimizerBits = 8, PagedOptimizer = false };
+        AssertTransientWithin(config, o, -0.15, 0.25);
+    }
 
     [Fact]
     public void CheckpointedDoraStep() =>
@@ -96,7 +113,7 @@ internal static partial class StepMemoryMeasurement
         SettleAllocator();
         long before = ResidentMemory.AnonymousBytes();
         var model = LlamaForCausalLM.CreateRandom(config, 3);
-        model.ApplyLora(new LoraOptions { Rank = o.LoraRank, Alpha = 2 * o.LoraRank, TargetModules = o.LoraTargets, UseDora = o.UseDora }, new Generator(4));
+        model.ApplyLora(new LoraOptions { Rank = o.LoraRank, Alpha = 2 * o.LoraRank, Dropout = o.LoraDropout, TargetModules = o.LoraTargets, UseDora = o.UseDora }, new Generator(4));
         model.GradientCheckpointing = o.GradientCheckpointing;
         model.OffloadCheckpoints = o.GradientCheckpointing && o.OffloadCheckpoints;
         model.MlpTileTokens = o.MlpTileTokens;
@@ -111,6 +128,7 @@ internal static partial class StepMemoryMeasurement
             var ids = randint(0, config.VocabSize, [o.MicroBatch, o.SequenceLength], generator: gen);
             var (sum, n) = model.Loss(ids, ids);
             Checkpoint.Backward(sum / n);
+            TrainingRun.GradNorm(optimizer); // what a training step does between backward and the update
             optimizer.Step();
             optimizer.ZeroGrad();
         }
