@@ -32,6 +32,7 @@ public static class Program
             MergeVerb.Create(stdout),
             ExportVerb.Create(stdout),
             GenerateVerb.Create(stdout),
+            EvalVerb.Create(stdout),
             PlanVerb.Create(stdout),
             BenchVerb.Create(stdout),
             DoctorVerb.Create(stdout),

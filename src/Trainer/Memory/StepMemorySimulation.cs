@@ -379,7 +379,7 @@ internal sealed class StepMemorySimulation
     /// <summary>LoraLinear over Linear4bit: dequantized tile + matmul, then the LoRA branch in the compute dtype.</summary>
     private Buf Proj(Scope s, Buf x, long inF, long outF, string name, bool grad, List<Buf>? saved)
     {
-        var dq = Alloc(DequantBuffers, outF * inF * _c);
+        var dq = _o.QuantizeBase ? Alloc(DequantBuffers, outF * inF * _c) : null;
         var y = A(s, LayerWorkingSet, _n * outF * _c);
         Free(dq);
         if (!Lora(name)) return y;
@@ -418,7 +418,7 @@ internal sealed class StepMemorySimulation
             var gWa32 = _m != _c ? Alloc(LayerWorkingSet, _r * inF * _m) : null;
             Free(gWa); Free(gWa32); Free(gA);
         }
-        var dq = Alloc(DequantBuffers, outF * inF * _c);
+        var dq = _o.QuantizeBase ? Alloc(DequantBuffers, outF * inF * _c) : null;
         var gx = Alloc(LayerWorkingSet, _n * inF * _c);
         Free(dq);
         Pin(gx, pins);
