@@ -125,3 +125,39 @@ public class EvalRunTests
         Assert.Throws<DataFormatException>(() => MultipleChoiceItem.Read(dir.File("mixed.jsonl")));
     }
 }
+
+public class QualityBenchmarkTests
+{
+    [Fact]
+    public void EachVariantTrainsTheJobAsItIsWithOnlyItsBaseOutputAndEvaluationsChanged()
+    {
+        var job = new TrainJob
+        {
+            Model = { Path = "m", ComputeDType = "bfloat16" }, Data = { TrainFile = "t.jsonl", EvalFile = "e.jsonl" },
+            Training = { Seed = 11, MaxSteps = 300, LearningRate = 0.002 }, Eval = { EveryNSteps = 100, ExactMatch = true, ChoicesFile = "c.jsonl" },
+            Output = { Dir = "out/q", SaveEveryNSteps = 100 },
+        };
+        var fp4 = QualityBenchmark.JobFor(job, QualityBenchmark.Variants.Single(v => v.Name == "fp4"), "out/bench/fp4");
+        Assert.Equal(("fp4", false), (fp4.Quantization.QuantType, fp4.Quantization.DoubleQuant));
+        Assert.Equal((11, 300, 0.002), (fp4.Training.Seed, fp4.Training.MaxSteps, fp4.Training.LearningRate));
+        Assert.Equal("out/bench/fp4", fp4.Output.Dir);
+        Assert.Equal((0, false, (string?)null), (fp4.Eval.EveryNSteps, fp4.Eval.ExactMatch, fp4.Eval.ChoicesFile));
+        Assert.Equal("nf4", job.Quantization.QuantType); // the job itself is left as it was
+        Assert.False(QualityBenchmark.JobFor(job, QualityBenchmark.Variants[0], "x").Quantization.QuantizesBase);
+        Assert.Equal(["bf16", "nf4+dq", "nf4", "fp4+dq", "fp4"], QualityBenchmark.Variants.Select(v => v.Name));
+    }
+
+    [Fact]
+    public void TheTargetsCompareNf4DqWithTheSixteenBitBase()
+    {
+        static QualityBenchmark.Row Row(string name, double loss, double em) => new(QualityBenchmark.Variants.Single(v => v.Name == name),
+            new EvalRun.Report(), null, new EvalRun.Report { EvalLoss = loss, ExactMatch = em }, null, new TrainSummary(), 1);
+        var met = QualityBenchmark.Targets([Row("bf16", 0.100, 0.98), Row("nf4+dq", 0.1015, 0.97)])!.Value;
+        Assert.Equal(0.015, met.LossRatio, 9);
+        Assert.Equal(-1.0, met.ExactMatchPoints, 9);
+        Assert.True(met.Met);
+        Assert.False(QualityBenchmark.Targets([Row("bf16", 0.100, 0.98), Row("nf4+dq", 0.103, 0.98)])!.Value.Met);
+        Assert.False(QualityBenchmark.Targets([Row("bf16", 0.100, 0.98), Row("nf4+dq", 0.100, 0.95)])!.Value.Met);
+        Assert.Null(QualityBenchmark.Targets([Row("nf4", 0.1, 0.9)]));
+    }
+}

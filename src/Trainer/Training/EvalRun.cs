@@ -78,11 +78,7 @@ public static class EvalRun
         InputPaths.RequireFolder("--model", modelPath, "a Hugging Face model folder");
         if (o.Adapter is { } adapterPath) InputPaths.RequireFolder("--adapter", adapterPath, "a PEFT adapter folder");
         var d = job.Data;
-        SampleFormat? format = d.Format.ToLowerInvariant() switch
-        {
-            "text" => SampleFormat.Text, "instruction" => SampleFormat.Instruction, "chat" => SampleFormat.Chat, _ => null,
-        };
-        var (samples, items) = EvalDataset.Read(o.Data, format);
+        var (samples, items) = EvalDataset.Read(o.Data, TrainingRun.FormatOf(d));
         var device = DeviceSelector.Resolve(job.Model.Device, "Model:Device", log);
         if (job.Training.Threads > 0) set_num_threads(job.Training.Threads);
         manual_seed(job.Training.Seed);

@@ -435,6 +435,12 @@ public sealed class TrainingRun
     sealed record PreparedData(SampleEncoder Encoder, List<TokenRow> TrainRows, List<TokenRow> EvalRows, List<TrainingSample> EvalSamples,
         int Truncated, int SkippedLines, IReadOnlyList<MultipleChoiceItem>? Choices);
 
+    /// <summary>The one sample format Data:Format asks for, or null for per-line detection (auto).</summary>
+    internal static SampleFormat? FormatOf(DataSection d) => d.Format.ToLowerInvariant() switch
+    {
+        "text" => SampleFormat.Text, "instruction" => SampleFormat.Instruction, "chat" => SampleFormat.Chat, _ => null,
+    };
+
     /// <summary>Multiple-choice items are asked as plain text (no chat template) when the job's samples are plain text.</summary>
     internal static bool ChoicesAsText(TrainJob job) => job.Data.Format.Equals("text", StringComparison.OrdinalIgnoreCase);
 
@@ -460,10 +466,7 @@ public sealed class TrainingRun
     PreparedData PrepareData(HfTokenizer tokenizer, ChatTemplate template)
     {
         var d = _job.Data;
-        SampleFormat? format = d.Format.ToLowerInvariant() switch
-        {
-            "text" => SampleFormat.Text, "instruction" => SampleFormat.Instruction, "chat" => SampleFormat.Chat, _ => null,
-        };
+        var format = FormatOf(d);
         bool skip = d.MalformedLines.Equals("skip", StringComparison.OrdinalIgnoreCase);
         InputPaths.RequireFile("Data:TrainFile", d.TrainFile!, "a JSONL file");
         if (d.EvalFile is { } ef) InputPaths.RequireFile("Data:EvalFile", ef, "a JSONL file");
