@@ -110,6 +110,9 @@ public static class QualityBenchmark
         return (ratio, points, Math.Abs(ratio) <= 0.02 && Math.Abs(points) <= 2);
     }
 
+    // Variant names keep their '+' (the default encoder writes \u002B).
+    static readonly JsonSerializerOptions JsonLine = new() { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+
     /// <summary>The one JSON line.</summary>
     public static string ToJson(IReadOnlyList<Row> rows, int steps)
     {
@@ -131,6 +134,6 @@ public static class QualityBenchmark
             nf4_dq_eval_loss_vs_bf16 = t is { } a ? Math.Round(a.LossRatio, 5) : (double?)null,
             nf4_dq_exact_match_points_vs_bf16 = t is { } b ? Math.Round(b.ExactMatchPoints, 2) : (double?)null,
             targets_met = t?.Met,
-        });
+        }, JsonLine);
     }
 }
