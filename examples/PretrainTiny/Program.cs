@@ -30,7 +30,7 @@ for (int i = 0; i < args.Length; i++)
 }
 
 QuickStartTask.Write(dataDir, trainCount: 2000, evalCount: 100, seed: seed + 1);
-Console.WriteLine($"wrote {dataDir}/train.jsonl (2000) and {dataDir}/eval.jsonl (100)");
+Console.WriteLine($"wrote {dataDir}/train.jsonl (2000), {dataDir}/eval.jsonl (100) and {dataDir}/choices.jsonl (the 100 eval questions, multiple choice)");
 if (datasetOnly) return 0;
 
 const int rowTokens = 128, batch = 16;

@@ -19,6 +19,7 @@ internal static class QuickStartTask
         Directory.CreateDirectory(folder);
         var rng = new Random(seed);
         var seen = new HashSet<DateOnly>();
+        var drawn = new List<DateOnly>();
         List<string> Take(int n)
         {
             var lines = new List<string>();
@@ -26,13 +27,40 @@ internal static class QuickStartTask
             {
                 var d = RandomDate(rng);
                 if (!seen.Add(d)) continue;
+                drawn.Add(d);
                 lines.Add(new JsonObject { ["instruction"] = Instruction, ["input"] = Long(d), ["output"] = TwoDigits(d.Month) }.ToJsonString());
             }
             return lines;
         }
         var eval = Take(evalCount);
+        var evalDates = drawn.ToList(); // the held-out dates, in eval.jsonl's order
         var train = Take(trainCount);
         File.WriteAllText(Path.Combine(folder, "train.jsonl"), string.Join("\n", train) + "\n");
         File.WriteAllText(Path.Combine(folder, "eval.jsonl"), string.Join("\n", eval) + "\n");
+        File.WriteAllText(Path.Combine(folder, "choices.jsonl"), string.Join("\n", Choices(evalDates, seed)) + "\n");
+    }
+
+    /// <summary>
+    /// The multiple-choice form of the held-out questions: the same prompt (instruction, blank line, date) with four
+    /// two-digit months to choose from, the right one among three others drawn without repetition, in random order. Its
+    /// own random stream, so train.jsonl and eval.jsonl are the same with or without it.
+    /// </summary>
+    static List<string> Choices(List<DateOnly> dates, int seed)
+    {
+        var rng = new Random(seed + 1000);
+        var lines = new List<string>();
+        foreach (var d in dates)
+        {
+            var months = new List<int> { d.Month };
+            while (months.Count < 4)
+            {
+                int m = rng.Next(1, 13);
+                if (!months.Contains(m)) months.Add(m);
+            }
+            rng.Shuffle(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(months));
+            var choices = new JsonArray([.. months.Select(m => (JsonNode)TwoDigits(m))]);
+            lines.Add(new JsonObject { ["question"] = Instruction + "\n\n" + Long(d), ["choices"] = choices, ["answer"] = months.IndexOf(d.Month) }.ToJsonString());
+        }
+        return lines;
     }
 }

@@ -29,10 +29,11 @@ internal static class PlanVerb
         var maxSeq = new Option<bool>("--max-seq") { Description = "also find the longest sequence (a multiple of 1024) that fits --budget with these settings" };
         var ranks = new Option<int>("--ranks") { Description = "data-parallel ranks (processes under mpirun/srun): adds the throughput model", DefaultValueFactory = _ => 1 };
         var microBatches = new Option<int?>("--micro-batches") { Description = "micro-batches per optimizer step across all ranks (default: one per rank)" };
+        var noQuant = new Option<bool>("--no-quantize") { Description = "plain LoRA: the base's projections stay 16-bit in the compute dtype (Quantization:QuantType none)" };
         var device = DeviceOptions.Device("the device to plan for: auto (a CUDA device if this machine can use one, else the CPU), cpu, cuda or cuda:N; cuda adds the CUDA context and library workspaces (estimated)");
         var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
         {
-            model, budget, stream, seq, batch, rank, dora, dropout, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, maxSeq, ranks, microBatches, device,
+            model, budget, stream, seq, batch, rank, dora, dropout, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, maxSeq, ranks, microBatches, noQuant, device,
         };
         cmd.SetAction(r =>
         {
@@ -43,6 +44,7 @@ internal static class PlanVerb
                 SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), UseDora = r.GetValue(dora), LoraDropout = r.GetValue(dropout), OptimizerBits = r.GetValue(bits),
                 LossChunkTokens = r.GetValue(chunk), GradientCheckpointing = !r.GetValue(noCheckpointing), LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
                 OffloadCheckpoints = !r.GetValue(noOffload), HostEmbedding = !r.GetValue(noHostEmbedding), MlpTileTokens = r.GetValue(mlpTile),
+                QuantizeBase = !r.GetValue(noQuant),
                 Device = DeviceSelector.PlanTarget(DeviceRequest.Parse(r.GetValue(device), "--device")),
             };
             if (r.GetValue(maxSeq) && options.BudgetBytes is null) throw new ArgumentException("--max-seq needs --budget: the longest sequence that fits what?");
@@ -55,7 +57,7 @@ internal static class PlanVerb
             stdout.WriteLine($"{name}: {c.NumHiddenLayers} layers, hidden {c.HiddenSize}, intermediate {c.IntermediateSize}, heads {c.NumAttentionHeads}/{c.NumKeyValueHeads}, vocab {c.VocabSize}");
             stdout.WriteLine($"job: {options.MicroBatch} x {options.SequenceLength} tokens, {(options.UseDora ? "DoRA" : "LoRA")} r={options.LoraRank} on {string.Join(", ", options.LoraTargets)}, " +
                 $"{(options.GradientCheckpointing ? "checkpointing" : "no checkpointing")}, {(options.PagedOptimizer ? "paged " : "")}{options.OptimizerBits}-bit AdamW, " +
-                $"loss chunk {options.LossChunkTokens}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}" +
+                $"loss chunk {options.LossChunkTokens}{(options.QuantizeBase ? "" : ", 16-bit base (no quantization)")}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}" +
                 $"{(options.GradientCheckpointing && options.OffloadCheckpoints ? ", offloaded checkpoints" : "")}{(options.MlpTileTokens > 0 ? $", MLP in tiles of {options.MlpTileTokens} tokens" : "")}; " +
                 $"on {(options.Device == QLora.Kernels.DeviceKind.Cuda ? "a CUDA device" : "the CPU")}");
             stdout.WriteLine(plan.ToTable());

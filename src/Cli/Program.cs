@@ -33,6 +33,7 @@ public static class Program
             MergeAdaptersVerb.Create(stdout),
             ExportVerb.Create(stdout),
             GenerateVerb.Create(stdout),
+            EvalVerb.Create(stdout),
             PlanVerb.Create(stdout),
             BenchVerb.Create(stdout),
             DoctorVerb.Create(stdout),

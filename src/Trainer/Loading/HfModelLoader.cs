@@ -18,7 +18,11 @@ public static class HfModelLoader
     /// <summary>How to load.</summary>
     public sealed record Options
     {
-        /// <summary>Quantize dense projections (ignored for bnb-4bit checkpoints, which are 4-bit already).</summary>
+        /// <summary>
+        /// Quantize dense projections (a bnb-4bit checkpoint's are 4-bit already and kept as stored). False: plain LoRA's
+        /// 16-bit base, every projection a frozen dense Linear in the compute dtype; a bnb-4bit checkpoint is then
+        /// dequantized on load (its 4-bit rounding stays in the weights).
+        /// </summary>
         public bool Quantize { get; init; } = true;
         /// <summary>Compute dtype.</summary>
         public ScalarType ComputeDType { get; init; } = ScalarType.BFloat16;
@@ -64,6 +68,8 @@ public static class HfModelLoader
         var bnb = BnbQuantizationConfig.FromConfig(raw);
         log?.Invoke($"config: {config.Architecture}, {config.NumHiddenLayers} layers, hidden {config.HiddenSize}, vocab {config.VocabSize}{(bnb is null ? "" : $", bitsandbytes {bnb.QuantType.Name()} checkpoint")}");
 
+        if (options.Streaming && !options.Quantize)
+            throw new ArgumentException($"{folder}: layer streaming reads 4-bit weights, and this load keeps the base 16-bit (Quantization:QuantType none); turn streaming off or quantize the base");
         if (options.Streaming && bnb is null)
             throw new ArgumentException($"{folder}: layer streaming reads a bnb-4bit checkpoint, and this folder has no quantization_config (quantize it first with 'qlora quantize')");
         var checkpoint = SafetensorsCheckpoint.Open(folder);
@@ -75,10 +81,12 @@ public static class HfModelLoader
             log?.Invoke($"weights: {checkpoint.Tensors.Count} tensors, {stored / 1e6:F1} MB in {checkpoint.Shards.Count} file(s), memory-mapped");
             NonFiniteValues.Check(folder, checkpoint.Tensors, n => checkpoint.GetSpan(n), options.NonFinite, log, "set Model:NonFiniteWeights to warn");
             if (options.Streaming) streamer = new LayerStreamer(checkpoint, config.NumHiddenLayers, options.StreamWindow);
-            var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize || bnb is not null,
+            var model = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), options.Quantize,
                 options.ComputeDType, options.Blocksize, options.QuantType, options.DoubleQuant, streamer,
                 keepDense: bnb is { SkipModules: not null } ? bnb.SkipsModule : null, // llm_int8_skip_modules stay 16-bit, as transformers keeps them
                 hostEmbedding: options.HostEmbedding, device: options.Device);
+            if (bnb is not null && !options.Quantize)
+                log?.Invoke($"the base is stored 4-bit ({bnb.QuantType.Name()}); it was dequantized to {options.ComputeDType} on load, so its 4-bit rounding stays in the weights");
             if (model.model.embed_tokens.IsOnHost && streamer is null)
             {
                 model.HostMemory = checkpoint; // the embedding reads the mapped file: the model keeps it open

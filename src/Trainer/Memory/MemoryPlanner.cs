@@ -106,7 +106,7 @@ public static class MemoryPlanner
         int layers = cfg.NumHiddenLayers;
         var shapes = ProjectionShapes(cfg);
 
-        long layerQuant = shapes.Sum(s => QuantizedWeightBytes(s.Out * s.In, o.QuantBlocksize, o.DoubleQuant));
+        long layerQuant = shapes.Sum(s => o.QuantizeBase ? QuantizedWeightBytes(s.Out * s.In, o.QuantBlocksize, o.DoubleQuant) : s.Out * s.In * c);
         long quantAll = layerQuant * layers;
 
         long h = cfg.HiddenSize, v = cfg.VocabSize;
@@ -156,6 +156,7 @@ public static class MemoryPlanner
         var descriptions = new Dictionary<string, string>
         {
             [StepMemorySimulation.QuantizedWeights] = o.LayerStreaming ? "4-bit decoder weights: streamed, none resident"
+                : !o.QuantizeBase ? $"16-bit decoder weights (no quantization): {linearParams:N0} parameters in {o.ComputeDType}"
                 : $"4-bit decoder weights: {linearParams:N0} parameters at {Bits(quantAll, linearParams)} bits (packed codes, absmax{(o.DoubleQuant ? ", nested absmax and code maps" : "")})",
             [StepMemorySimulation.StreamingWindow] = o.LayerStreaming ? $"{Math.Min(o.StreamingWindow, layers)} resident layers of 4-bit weights ({ByteSize.Format(layerQuant)} each)" : "no layer streaming",
             [StepMemorySimulation.UnquantizedWeights] = $"{(hostEmbedding ? "lm_head" : cfg.TieWordEmbeddings ? "embeddings (tied with lm_head)" : "embeddings, lm_head")}, norms{(biasPerLayer > 0 ? ", biases" : "")} in {o.ComputeDType}",
@@ -168,7 +169,8 @@ public static class MemoryPlanner
             [StepMemorySimulation.LayerWorkingSet] = "intermediates and activation gradients of the layer being computed",
             [StepMemorySimulation.AttentionBuffers] = o.AttentionMask ? "math SDPA score matrices, repeated K/V heads" : "SDPA log-sum-exp, repeated K/V heads",
             [StepMemorySimulation.LossBuffers] = $"loss: selected hidden rows, one chunk of {Math.Min(o.LossChunkTokens, (long)o.MicroBatch * (o.SequenceLength - 1))} tokens' logits (compute dtype and fp32) and their gradients",
-            [StepMemorySimulation.DequantBuffers] = o.UseDora ? "one weight dequantized for its matmul or its DoRA weight norm (with two float32 row chunks of W and B·A)"
+            [StepMemorySimulation.DequantBuffers] = !o.QuantizeBase ? "none: the base weights are dense"
+                : o.UseDora ? "one weight dequantized for its matmul or its DoRA weight norm (with two float32 row chunks of W and B·A)"
                 : "one weight dequantized to the compute dtype for its matmul",
             [StepMemorySimulation.FrameworkOverhead] = o.Device == DeviceKind.Cuda
                 ? $"CUDA context ({ByteSize.Format(PlanOptions.CudaContextBytes)}) and library workspaces and kernels ({ByteSize.Format(PlanOptions.CudaWorkspaceBytes)}): estimated, not yet measured"

@@ -32,6 +32,11 @@ public sealed record PlanOptions
     public bool UseDora { get; init; }
     /// <summary>dtype of the LoRA master weights (and so of their gradients): Float32 (default) or BFloat16.</summary>
     public ScalarType AdapterDType { get; init; } = ScalarType.Float32;
+    /// <summary>
+    /// The decoder projections are 4-bit (QLoRA, default); false: plain LoRA, frozen dense weights in the compute dtype,
+    /// with no dequantized tile per matmul.
+    /// </summary>
+    public bool QuantizeBase { get; init; } = true;
     /// <summary>Elements per absmax block of the 4-bit weights.</summary>
     public int QuantBlocksize { get; init; } = 64;
     /// <summary>Double quantization of the absmax (8-bit codes, 256 per nested block).</summary>
@@ -121,6 +126,7 @@ public sealed record PlanOptions
         if (AdapterDType is not (ScalarType.Float32 or ScalarType.BFloat16)) throw new ArgumentException($"AdapterDType {AdapterDType}: must be Float32 or BFloat16");
         if (ComputeDType is not (ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float32))
             throw new ArgumentException($"ComputeDType {ComputeDType}: must be BFloat16, Float16 or Float32");
+        if (!QuantizeBase && LayerStreaming) throw new ArgumentException("LayerStreaming streams 4-bit weights; a 16-bit base (QuantizeBase false) is not streamed");
         if (OptimizerBits is not (32 or 8)) throw new ArgumentException($"OptimizerBits {OptimizerBits}: must be 32 or 8");
         if (FrameworkOverheadBytes < 0) throw new ArgumentException($"FrameworkOverheadBytes {FrameworkOverheadBytes}: must be >= 0");
         if (BudgetBytes is <= 0) throw new ArgumentException($"BudgetBytes {BudgetBytes}: must be positive");

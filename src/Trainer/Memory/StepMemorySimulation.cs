@@ -380,7 +380,7 @@ internal sealed class StepMemorySimulation
     /// <summary>LoraLinear over Linear4bit: dequantized tile + matmul, then the LoRA branch in the compute dtype.</summary>
     private Buf Proj(Scope s, Buf x, long inF, long outF, string name, bool grad, List<Buf>? saved)
     {
-        var dq = Alloc(DequantBuffers, outF * inF * _c);
+        var dq = _o.QuantizeBase ? Alloc(DequantBuffers, outF * inF * _c) : null;
         var y = A(s, LayerWorkingSet, _n * outF * _c);
         Free(dq);
         if (!Lora(name)) return y;
@@ -427,7 +427,7 @@ internal sealed class StepMemorySimulation
         var aOut = A(d, LayerWorkingSet, _n * _r * _c);
         Buf? wb = _m != _c ? A(d, LayerWorkingSet, outF * _r * _c) : null;
         var up = A(d, LayerWorkingSet, _n * outF * _c);                // B(A(x))
-        var w = Alloc(DequantBuffers, outF * inF * _c);                  // the weight for its norm
+        var w = _o.QuantizeBase ? Alloc(DequantBuffers, outF * inF * _c) : null; // the weight dequantized for its norm (a dense base is read as it is)
         long chunk = DoraWeightNorm.ChunkRows(outF, inF) * inF * 4;
         var c1 = Alloc(DequantBuffers, chunk);                           // float32 rows of W
         var c2 = Alloc(DequantBuffers, chunk);                           // float32 rows of B·A, then W + scaling·B·A
@@ -485,7 +485,7 @@ internal sealed class StepMemorySimulation
         // DoRA: the base output's two gradients (gy and gy·(s − 1)) are summed before the base layer's backward.
         var gSum = gBase is not null ? Alloc(LayerWorkingSet, _n * outF * _c) : null;
         Free(gBase);
-        var dq = Alloc(DequantBuffers, outF * inF * _c);
+        var dq = _o.QuantizeBase ? Alloc(DequantBuffers, outF * inF * _c) : null;
         var gx = Alloc(LayerWorkingSet, _n * inF * _c);
         Free(dq);
         Free(gSum);

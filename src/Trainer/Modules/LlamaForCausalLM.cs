@@ -134,7 +134,8 @@ public sealed class LlamaForCausalLM : nn.Module
     /// <summary>
     /// Builds the model tensor by tensor from <paramref name="weights"/>: each decoder projection becomes a
     /// <see cref="Linear4bit"/> (its stored 4-bit form, or quantized now when <paramref name="quantize"/>) or a frozen dense
-    /// Linear; embeddings, norms and lm_head stay dense in the compute dtype. A missing tensor or a shape that disagrees with
+    /// Linear (without <paramref name="quantize"/>: plain LoRA's 16-bit base, a stored 4-bit weight dequantized);
+    /// embeddings, norms and lm_head stay dense in the compute dtype. A missing tensor or a shape that disagrees with
     /// the config is an <see cref="ArgumentException"/> naming the tensor.
     /// </summary>
     /// <remarks>
@@ -169,6 +170,14 @@ public sealed class LlamaForCausalLM : nn.Module
             return weights.Dense(name);
         }
         Tensor? Bias(string name, bool present, long size) => present ? Get(name, size) : null;
+        // A stored 4-bit weight wanted dense (no quantize: plain LoRA over a bnb-4bit folder): decoded as bitsandbytes
+        // does, to quant_state.dtype and then the compute dtype.
+        Tensor DenseOrDequantized(string name)
+        {
+            if (!weights.IsFourBit(name)) return weights.Dense(name);
+            using var stored = new Linear4bit(weights.FourBit(name, quantType, blocksize, doubleQuant), null, computeDType);
+            return stored.Dequantize(computeDType);
+        }
         nn.Module<Tensor, Tensor> Proj(string name, long outF, long inF, bool bias)
         {
             bool dense = keepDense?.Invoke(name) == true;
@@ -182,7 +191,7 @@ public sealed class LlamaForCausalLM : nn.Module
             Check(name + ".weight", [outF, inF]);
             using var b = Bias(name + ".bias", bias, outF);
             if (quantize && !dense) return Place(new Linear4bit(weights.FourBit(name + ".weight", quantType, blocksize, doubleQuant), b, computeDType));
-            using var w = weights.Dense(name + ".weight");
+            using var w = DenseOrDequantized(name + ".weight");
             var lin = nn.Linear(inF, outF, hasBias: b is not null, dtype: computeDType);
             using (no_grad())
             {
@@ -229,7 +238,7 @@ public sealed class LlamaForCausalLM : nn.Module
             using (var e = Get("model.embed_tokens.weight", config.VocabSize, hsz)) embed = Place(new FrozenEmbedding(e.to(computeDType)));
         var model = new LlamaModel(embed, layers, Norm("model.norm.weight"));
         nn.Module<Tensor, Tensor>? head = null;
-        if (!config.TieWordEmbeddings && weights.IsFourBit("lm_head.weight"))
+        if (!config.TieWordEmbeddings && weights.IsFourBit("lm_head.weight") && quantize)
         {
             // A checkpoint quantized with lm_head (llm_int8_skip_modules without it): a frozen 4-bit head, as transformers loads it.
             Check("lm_head.weight", [config.VocabSize, hsz]);
@@ -238,7 +247,8 @@ public sealed class LlamaForCausalLM : nn.Module
         else if (!config.TieWordEmbeddings)
         {
             // The loaded tensor becomes the weight: no second [vocab, hidden] buffer (and no random init) while loading.
-            using var w = Get("lm_head.weight", config.VocabSize, hsz);
+            Check("lm_head.weight", [config.VocabSize, hsz]);
+            using var w = DenseOrDequantized("lm_head.weight");
             head = Place(nn.Linear(new Parameter(w.to(computeDType).contiguous().detach(), requires_grad: false)));
         }
         return new LlamaForCausalLM(config, model, head, computeDType) { Streamer = projections as LayerStreamer };

@@ -5,13 +5,32 @@ namespace QLora.Trainer;
 
 /// <summary>
 /// Evaluation of a model during training: mean loss over the eval rows' target tokens (and its perplexity), greedy
-/// exact-match accuracy on eval samples that have a reference answer, and completions of fixed prompts for the log.
-/// In data-parallel training the rows and samples are dealt round-robin to the ranks and the sums gathered, so every
-/// rank gets the same figures; the prompts are completed on rank 0 only.
+/// exact-match accuracy on eval samples that have a reference answer, multiple-choice accuracy by log-likelihood
+/// (<see cref="MultipleChoiceScorer"/>), and completions of fixed prompts for the log. <c>qlora train</c> and
+/// <c>qlora eval</c> both evaluate through this class. In data-parallel training the rows, samples and items are dealt
+/// round-robin to the ranks and the sums gathered, so every rank gets the same figures; the prompts are completed on
+/// rank 0 only.
 /// </summary>
 internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, SampleEncoder encoder, IReadOnlyList<TokenRow> rows,
-    IReadOnlyList<TrainingSample> samples, EvalSection options, int padId, Action<string> log, DataParallel ranks)
+    IReadOnlyList<TrainingSample> samples, EvalSection options, int padId, Action<string> log, DataParallel ranks,
+    IReadOnlyList<MultipleChoiceItem>? choices = null, bool choicesAsText = false)
 {
+    /// <summary>The multiple-choice items (none: no multiple-choice evaluation).</summary>
+    public IReadOnlyList<MultipleChoiceItem> Choices { get; } = choices ?? [];
+
+    /// <summary>Multiple-choice accuracy (acc and acc_norm) over <see cref="Choices"/>, logged; null without items.</summary>
+    public MultipleChoiceResult? MultipleChoice(string when)
+    {
+        if (Choices.Count == 0) return null;
+        var mine = new MultipleChoiceScorer(model, encoder, choicesAsText, options.BatchSize).Score(Mine(Choices));
+        Span<double> sums = [mine.Correct, mine.CorrectNorm];
+        ranks.Sum(sums, $"multiple choice {when}");
+        var all = new MultipleChoiceResult(Choices.Count, (int)sums[0], (int)sums[1]);
+        log($"multiple choice {when}: acc {all.Correct}/{all.Items} = {all.Accuracy.ToString("P1", CultureInfo.InvariantCulture)}, " +
+            $"acc_norm {all.CorrectNorm}/{all.Items} = {all.AccuracyNorm.ToString("P1", CultureInfo.InvariantCulture)}");
+        return all;
+    }
+
     IReadOnlyList<T> Mine<T>(IReadOnlyList<T> all) => ranks.Enabled ? [.. all.Where((_, i) => i % ranks.WorldSize == ranks.Rank)] : all;
 
     /// <summary>How many samples exact match uses.</summary>
@@ -22,16 +41,21 @@ internal sealed class Evaluation(LlamaForCausalLM model, HfTokenizer tokenizer, 
     }
 
     /// <summary>Eval loss (NaN without eval rows), optionally exact match, and prompt completions, logged.</summary>
-    public EvalRecord Evaluate(int step, bool exactMatch)
+    public EvalRecord Evaluate(int step, bool exactMatch, bool multipleChoice = false)
     {
         double loss = Loss();
         double? em = exactMatch ? ExactMatch($"after {step} steps") : null;
+        var mc = multipleChoice ? MultipleChoice($"after {step} steps") : null;
         if (!double.IsNaN(loss)) log($"eval at step {step}: loss {loss:F4}, perplexity {Math.Exp(loss):F3}");
         var prompts = ranks.IsRoot ? options.Prompts ?? [] : [];
         var completions = GenerateAll(prompts.Select(p => tokenizer.Encode(p, addSpecialTokens: true)).ToList());
         for (int i = 0; i < prompts.Count; i++)
             log($"eval at step {step}: {prompts[i]} -> {tokenizer.Decode(completions[i]).ReplaceLineEndings("\\n")}");
-        return new EvalRecord(step, loss, Math.Exp(loss), em);
+        return new EvalRecord(step, loss, Math.Exp(loss), em)
+        {
+            MultipleChoiceAccuracy = mc is null ? null : Math.Round(mc.Accuracy, 6),
+            MultipleChoiceAccuracyNorm = mc is null ? null : Math.Round(mc.AccuracyNorm, 6),
+        };
     }
 
     /// <summary>Mean loss per target token over the eval rows.</summary>

@@ -103,7 +103,11 @@ public static class JobConfiguration
     /// Binds and validates a <see cref="TrainJob"/> from <paramref name="jsonPath"/> plus environment and command-line overrides.
     /// </summary>
     /// <exception cref="FormatException">An unknown key, a wrong type or an invalid value (all problems, in one message).</exception>
-    public static TrainJob LoadTrainJob(string jsonPath, IEnumerable<string>? overrides = null, bool environment = true)
+    /// <param name="jsonPath">The job file.</param>
+    /// <param name="overrides">--Section:Key value pairs.</param>
+    /// <param name="environment">Read QLORA_ variables.</param>
+    /// <param name="unused">Keys the caller does not use (qlora eval: Data:TrainFile, Output:Dir), not required.</param>
+    public static TrainJob LoadTrainJob(string jsonPath, IEnumerable<string>? overrides = null, bool environment = true, IReadOnlyList<string>? unused = null)
     {
         var config = Build(jsonPath, overrides, environment);
         var env = environment ? EnvironmentOverrides().Keys.Select(k => EnvironmentPrefix + k.Replace(":", "__", StringComparison.Ordinal)).ToList() : [];
@@ -114,13 +118,15 @@ public static class JobConfiguration
         // An empty value unsets an optional setting (--Data:EvalFile "" removes the job file's eval file).
         if (string.IsNullOrWhiteSpace(job.Data.EvalFile)) job.Data.EvalFile = null;
         if (string.IsNullOrWhiteSpace(job.Model.ChatTemplate)) job.Model.ChatTemplate = null;
-        var problems = job.Validate();
+        if (string.IsNullOrWhiteSpace(job.Eval.ChoicesFile)) job.Eval.ChoicesFile = null;
+        var problems = job.Validate().Where(p => unused?.Any(k => p.StartsWith(k + " = ", StringComparison.Ordinal)) != true).ToList();
         if (problems.Count > 0) throw new FormatException($"{Path.GetFullPath(jsonPath)}: {string.Join("; ", problems)}{Sources()}");
         var dir = Path.GetDirectoryName(Path.GetFullPath(jsonPath))!;
         job.Model.Path = Resolve(dir, job.Model.Path);
         job.Data.TrainFile = Resolve(dir, job.Data.TrainFile);
         job.Data.EvalFile = Resolve(dir, job.Data.EvalFile);
         job.Output.Dir = Resolve(dir, job.Output.Dir);
+        job.Eval.ChoicesFile = Resolve(dir, job.Eval.ChoicesFile);
         return job;
     }
 

@@ -38,6 +38,8 @@ public sealed class TrainJob
         Eval.Validate(e);
         Output.Validate(e);
         Memory.Validate(e);
+        if (Model.Stream && !Quantization.QuantizesBase)
+            e.Add("Model:Stream = true: layer streaming reads 4-bit weights, and Quantization:QuantType none keeps the base 16-bit; set Model:Stream false or quantize the base (nf4)");
         return e;
     }
 
@@ -96,8 +98,14 @@ public sealed class ModelSection
 /// <summary>The <c>Quantization</c> section (bitsandbytes' BitsAndBytesConfig in spirit).</summary>
 public sealed class QuantizationSection
 {
-    /// <summary>nf4 or fp4.</summary>
+    /// <summary>
+    /// nf4 or fp4 (the 4-bit base of QLoRA), or none: plain LoRA, the frozen base kept in the compute dtype as dense
+    /// Linear weights (a bnb-4bit folder is dequantized on load).
+    /// </summary>
     public string QuantType { get; set; } = "nf4";
+    /// <summary>False for QuantType none: the base stays 16-bit (Blocksize and DoubleQuant are then unused).</summary>
+    [JsonIgnore]
+    public bool QuantizesBase => !string.Equals(QuantType, "none", StringComparison.OrdinalIgnoreCase);
     /// <summary>Weights per absmax block (bitsandbytes' default 64).</summary>
     public int Blocksize { get; set; } = 64;
     /// <summary>Quantize the absmax values too (QLoRA's double quantization).</summary>
@@ -105,7 +113,7 @@ public sealed class QuantizationSection
 
     internal void Validate(List<string> e)
     {
-        TrainJob.OneOf(e, "Quantization:QuantType", QuantType, "nf4", "fp4");
+        TrainJob.OneOf(e, "Quantization:QuantType", QuantType, "nf4", "fp4", "none");
         TrainJob.Check(e, Blocksize is >= 32 and <= 4096 && (Blocksize & (Blocksize - 1)) == 0, "Quantization:Blocksize", Blocksize, "a power of two from 32 to 4096");
     }
 }
@@ -310,6 +318,11 @@ public sealed class EvalSection
     /// one at a time). Larger batches run fewer, larger steps; the answers are the same.
     /// </summary>
     public int BatchSize { get; set; } = 16;
+    /// <summary>
+    /// A JSONL file of multiple-choice items (<c>{"question", "choices", "answer"}</c>) scored by log-likelihood before
+    /// and after training (acc and acc_norm, as lm-evaluation-harness scores them); absent: none.
+    /// </summary>
+    public string? ChoicesFile { get; set; }
 
     internal void Validate(List<string> e)
     {

@@ -31,6 +31,16 @@ public sealed record TrainSummary
     [JsonPropertyName("exact_match_after")] public double? ExactMatchAfter { get; init; }
     /// <summary>Eval samples exact match was measured on.</summary>
     [JsonPropertyName("exact_match_samples")] public int? ExactMatchSamples { get; init; }
+    /// <summary>Multiple-choice accuracy (Eval:ChoicesFile, by summed log-likelihood) before training.</summary>
+    [JsonPropertyName("mc_acc_before")] public double? MultipleChoiceBefore { get; init; }
+    /// <summary>The same after training.</summary>
+    [JsonPropertyName("mc_acc_after")] public double? MultipleChoiceAfter { get; init; }
+    /// <summary>Length-normalised multiple-choice accuracy (log-likelihood per character of the choice) before training.</summary>
+    [JsonPropertyName("mc_acc_norm_before")] public double? MultipleChoiceNormBefore { get; init; }
+    /// <summary>The same after training.</summary>
+    [JsonPropertyName("mc_acc_norm_after")] public double? MultipleChoiceNormAfter { get; init; }
+    /// <summary>Multiple-choice items scored.</summary>
+    [JsonPropertyName("mc_items")] public int? MultipleChoiceItems { get; init; }
     /// <summary>Steps skipped for a non-finite loss or gradient.</summary>
     [JsonPropertyName("skipped_steps")] public int SkippedSteps { get; init; }
     /// <summary>Samples cut to the maximum sequence length.</summary>

@@ -17,7 +17,13 @@ public sealed record EvalRecord(
     [property: JsonPropertyName("step")] int Step,
     [property: JsonPropertyName("loss")] double Loss,
     [property: JsonPropertyName("perplexity")] double Perplexity,
-    [property: JsonPropertyName("exact_match")] double? ExactMatch);
+    [property: JsonPropertyName("exact_match")] double? ExactMatch)
+{
+    /// <summary>Multiple-choice accuracy by summed log-likelihood (Eval:ChoicesFile), when measured.</summary>
+    [JsonPropertyName("mc_acc")] public double? MultipleChoiceAccuracy { get; init; }
+    /// <summary>Multiple-choice accuracy by log-likelihood per character of the choice, when measured.</summary>
+    [JsonPropertyName("mc_acc_norm")] public double? MultipleChoiceAccuracyNorm { get; init; }
+}
 
 /// <summary>
 /// Everything besides weights and optimizer moments that a resumed run needs to continue exactly as the uninterrupted
@@ -48,6 +54,10 @@ public sealed class TrainerState
     [JsonPropertyName("rank_rng_states"), JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public List<string>? RankRngStates { get; set; }
     /// <summary>Exact match of the base model before training, when measured.</summary>
     [JsonPropertyName("exact_match_before")] public double? ExactMatchBefore { get; set; }
+    /// <summary>Multiple-choice accuracy (acc, acc_norm) of the model before training, when Eval:ChoicesFile is set.</summary>
+    [JsonPropertyName("mc_acc_before")] public double? MultipleChoiceBefore { get; set; }
+    /// <summary>acc_norm before training.</summary>
+    [JsonPropertyName("mc_acc_norm_before")] public double? MultipleChoiceNormBefore { get; set; }
     /// <summary>Per-step history.</summary>
     [JsonPropertyName("log_history")] public List<StepRecord> History { get; set; } = [];
     /// <summary>Evaluation history.</summary>

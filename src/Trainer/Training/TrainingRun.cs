@@ -132,22 +132,12 @@ public sealed class TrainingRun
         manual_seed(ranks.RankSeed(t.Seed));
         sampler.Phase = "data";
         using var tokenizer = HfTokenizer.Load(modelPath);
-        var template = ChooseTemplate(tokenizer);
+        var template = ChooseTemplate(tokenizer, _job.Model.ChatTemplate, Log);
         var data = PrepareData(tokenizer, template);
 
         var dtype = ParseDType(_job.Model.ComputeDType);
         sampler.Phase = "load";
-        using var model = HfModelLoader.Load(modelPath, new HfModelLoader.Options
-        {
-            ComputeDType = dtype,
-            Blocksize = _job.Quantization.Blocksize,
-            QuantType = QuantTypes.Parse(_job.Quantization.QuantType),
-            DoubleQuant = _job.Quantization.DoubleQuant,
-            Streaming = _job.Model.Stream,
-            StreamWindow = _job.Model.StreamWindow,
-            NonFinite = NonFiniteValues.ParsePolicy(_job.Model.NonFiniteWeights),
-            Device = device.Torch,
-        }, Log);
+        using var model = HfModelLoader.Load(modelPath, LoaderOptionsOf(_job, device.Torch), Log);
         tokenizer.EnsureMatchesEmbedding(model.Config.VocabSize);
         sampler.Phase = "lora";
         model.GradientCheckpointing = t.GradientCheckpointing;
@@ -172,7 +162,8 @@ public sealed class TrainingRun
         int totalSteps = t.MaxSteps > 0 ? t.MaxSteps
             : Math.Max(1, (int)Math.Ceiling(t.Epochs * schedule.BatchesPerEpoch / t.GradientAccumulationSteps));
         var lr = new LearningRateSchedule(t.Scheduler, t.WarmupSteps, totalSteps, t.MinLearningRateRatio);
-        var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, PadId, Log, ranks);
+        var evaluator = new Evaluation(model, tokenizer, data.Encoder, data.EvalRows, data.EvalSamples, _job.Eval, PadId, Log, ranks,
+            data.Choices, ChoicesAsText(_job));
 
         int? resumedFrom = null;
         // Everything is loaded and checked: a previous run is set aside now, and put back when this one ends without a
@@ -201,7 +192,7 @@ public sealed class TrainingRun
                     Log($"wrote the run's adapter to {_out} from {resumeFrom}");
                 }
                 var last = _state.EvalHistory.LastOrDefault(e => e.Step == _state.Step);
-                var done = Summarize(wall, sampler, data, resumedFrom, resumeFrom, last?.Loss is double l && !double.IsNaN(l) ? l : null, last?.ExactMatch, interrupted: false);
+                var done = Summarize(wall, sampler, data, resumedFrom, resumeFrom, last?.Loss is double l && !double.IsNaN(l) ? l : null, last?.ExactMatch, interrupted: false, last);
                 ranks.Finish();
                 return new Result(done, _state) { Rank = ranks.Rank };
             }
@@ -214,6 +205,11 @@ public sealed class TrainingRun
                 AtomicFile.WriteAllBytes(Path.Combine(_out, "job.json"), JsonSerializer.SerializeToUtf8Bytes(_job, JobJson));
             }
             if (_job.Eval.ExactMatch) _state.ExactMatchBefore = evaluator.ExactMatch("before training");
+            if (evaluator.MultipleChoice("before training") is { } mcBefore)
+            {
+                _state.MultipleChoiceBefore = Math.Round(mcBefore.Accuracy, 6);
+                _state.MultipleChoiceNormBefore = Math.Round(mcBefore.AccuracyNorm, 6);
+            }
         }
 
         model.train();
@@ -292,13 +288,13 @@ public sealed class TrainingRun
         else
         {
             sampler.Phase = "final eval";
-            var final = evaluator.Evaluate(_state.Step, _job.Eval.ExactMatch);
+            var final = evaluator.Evaluate(_state.Step, _job.Eval.ExactMatch, multipleChoice: true);
             if (final.Loss is not double.NaN) _state.EvalHistory.Add(final);
             lastCheckpoint = SaveCheckpoint(checkpoints, model, lora, optimizer);
             previousRun?.Discard(); // from here the run is resumable: a failure writing the adapter must not bring the old run back over it
             sampler.Phase = "adapter save";
             ranks.OnRoot(() => { PeftAdapter.Save(model, lora, _out, baseModel: modelPath); return null; }, "writing the adapter");
-            summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, double.IsNaN(final.Loss) ? null : final.Loss, final.ExactMatch, interrupted: false);
+            summary = Summarize(wall, sampler, data, resumedFrom, lastCheckpoint, double.IsNaN(final.Loss) ? null : final.Loss, final.ExactMatch, interrupted: false, final);
         }
         ranks.OnRoot(() => { AtomicFile.WriteAllBytes(Path.Combine(_out, "run_summary.json"), System.Text.Encoding.UTF8.GetBytes(summary.ToJson())); return null; }, "writing run_summary.json");
         if (lastCheckpoint is not null) previousRun?.Discard();
@@ -435,33 +431,60 @@ public sealed class TrainingRun
         return null;
     }
 
-    ChatTemplate ChooseTemplate(HfTokenizer tokenizer)
+    /// <summary>The chat template a job renders instruction and chat samples with: Model:ChatTemplate, else the tokenizer's, else alpaca.</summary>
+    internal static ChatTemplate ChooseTemplate(HfTokenizer tokenizer, string? name, Action<string> log)
     {
-        if (_job.Model.ChatTemplate is { } name) return tokenizer.GetChatTemplate(name);
+        if (name is not null) return tokenizer.GetChatTemplate(name);
         try
         {
             var template = tokenizer.GetChatTemplate();
-            Log(template.Format == ChatTemplateFormat.Jinja ? "chat template: the tokenizer's own, evaluated"
+            log(template.Format == ChatTemplateFormat.Jinja ? "chat template: the tokenizer's own, evaluated"
                 : $"chat template: built-in {template.Name} (the tokenizer's template uses a construct the interpreter lacks)");
             return template;
         }
         catch (NotSupportedException e)
         {
-            Log($"the tokenizer has no usable chat template ({e.Message}); instruction and chat samples use the alpaca format (set Model:ChatTemplate to choose)");
+            log($"the tokenizer has no usable chat template ({e.Message}); instruction and chat samples use the alpaca format (set Model:ChatTemplate to choose)");
             return tokenizer.GetChatTemplate("alpaca");
         }
     }
 
     sealed record PreparedData(SampleEncoder Encoder, List<TokenRow> TrainRows, List<TokenRow> EvalRows, List<TrainingSample> EvalSamples,
-        int Truncated, int SkippedLines);
+        int Truncated, int SkippedLines, IReadOnlyList<MultipleChoiceItem>? Choices);
+
+    /// <summary>The one sample format Data:Format asks for, or null for per-line detection (auto).</summary>
+    internal static SampleFormat? FormatOf(DataSection d) => d.Format.ToLowerInvariant() switch
+    {
+        "text" => SampleFormat.Text, "instruction" => SampleFormat.Instruction, "chat" => SampleFormat.Chat, _ => null,
+    };
+
+    /// <summary>Multiple-choice items are asked as plain text (no chat template) when the job's samples are plain text.</summary>
+    internal static bool ChoicesAsText(TrainJob job) => job.Data.Format.Equals("text", StringComparison.OrdinalIgnoreCase);
+
+    /// <summary>
+    /// Samples as the job's token rows: encoded (truncated to Data:MaxSeqLength), those without a target token left
+    /// dropped, then packed or one per row as Data:Packing says. The training data and every evaluation go through here.
+    /// </summary>
+    internal static List<TokenRow> EncodeRows(IEnumerable<TrainingSample> samples, SampleEncoder encoder, DataSection d, ref int truncated, ref int cut,
+        ref int empty, out long tokens)
+    {
+        var list = new List<EncodedSample>();
+        foreach (var s in samples)
+        {
+            var e = encoder.Encode(s);
+            if (e.Truncated) truncated++;
+            if (e.CutBeforeTokenizing) cut++;
+            if (e.Labels.Skip(1).All(l => l == EncodedSample.CausalLmLossIgnore)) { empty++; continue; }
+            list.Add(e);
+        }
+        tokens = list.Sum(e => (long)e.InputIds.Length);
+        return d.Packing ? SequencePacker.Pack(list, d.MaxSeqLength) : [.. list.Select(TokenRow.Single)];
+    }
 
     PreparedData PrepareData(HfTokenizer tokenizer, ChatTemplate template)
     {
         var d = _job.Data;
-        SampleFormat? format = d.Format.ToLowerInvariant() switch
-        {
-            "text" => SampleFormat.Text, "instruction" => SampleFormat.Instruction, "chat" => SampleFormat.Chat, _ => null,
-        };
+        var format = FormatOf(d);
         bool skip = d.MalformedLines.Equals("skip", StringComparison.OrdinalIgnoreCase);
         InputPaths.RequireFile("Data:TrainFile", d.TrainFile!, "a JSONL file");
         if (d.EvalFile is { } ef) InputPaths.RequireFile("Data:EvalFile", ef, "a JSONL file");
@@ -490,34 +513,22 @@ public sealed class TrainingRun
         }
         var encoder = new SampleEncoder(tokenizer, template, d.MaxSeqLength, d.TrainOnPrompt);
         int truncated = 0, cut = 0, empty = 0;
-        List<EncodedSample> Encode(List<TrainingSample> samples)
-        {
-            var list = new List<EncodedSample>();
-            foreach (var s in samples)
-            {
-                var e = encoder.Encode(s);
-                if (e.Truncated) truncated++;
-                if (e.CutBeforeTokenizing) cut++;
-                if (e.Labels.Skip(1).All(l => l == EncodedSample.CausalLmLossIgnore)) { empty++; continue; }
-                list.Add(e);
-            }
-            return list;
-        }
-        var trainEncoded = Encode(trainSamples);
-        var evalEncoded = Encode(evalSamples);
-        if (trainEncoded.Count == 0) throw new InvalidOperationException($"{d.TrainFile}: no sample has a target token left after truncation to {d.MaxSeqLength} tokens");
-        List<TokenRow> Rows(List<EncodedSample> e) => d.Packing ? SequencePacker.Pack(e, d.MaxSeqLength) : [.. e.Select(TokenRow.Single)];
-        var trainRows = Rows(trainEncoded);
-        var evalRows = Rows(evalEncoded);
-        PadId = tokenizer.PadTokenId ?? tokenizer.EosTokenId ?? 0;
-        long trainTokens = trainEncoded.Sum(e => (long)e.InputIds.Length);
+        var trainRows = EncodeRows(trainSamples, encoder, d, ref truncated, ref cut, ref empty, out long trainTokens);
+        var evalRows = EncodeRows(evalSamples, encoder, d, ref truncated, ref cut, ref empty, out _);
+        if (trainRows.Count == 0) throw new InvalidOperationException($"{d.TrainFile}: no sample has a target token left after truncation to {d.MaxSeqLength} tokens");
+        PadId = PadIdOf(tokenizer);
+        IReadOnlyList<MultipleChoiceItem>? choices = _job.Eval.ChoicesFile is { } cf ? MultipleChoiceItem.Read(cf) : null;
         Log($"data: {trainSamples.Count} train / {evalSamples.Count} eval samples, {trainTokens:N0} train tokens in {trainRows.Count} rows of ≤ {d.MaxSeqLength} ({(d.Packing ? "packed" : "padded, length-grouped")}); " +
             $"{truncated} truncated{(cut > 0 ? $" ({cut} of them longer than {encoder.MaxTextChars:N0} characters, cut to that before tokenizing)" : "")}, {empty} without target tokens dropped, {skipped} malformed lines skipped");
-        return new PreparedData(encoder, trainRows, evalRows, evalSamples, truncated, skipped);
+        if (choices is not null) Log($"multiple choice: {choices.Count} items from {_job.Eval.ChoicesFile}");
+        return new PreparedData(encoder, trainRows, evalRows, evalSamples, truncated, skipped, choices);
     }
 
+    /// <summary>The id padding rows use: the tokenizer's pad token, else EOS, else 0 (never a target).</summary>
+    internal static int PadIdOf(HfTokenizer tokenizer) => tokenizer.PadTokenId ?? tokenizer.EosTokenId ?? 0;
+
     TrainSummary Summarize(Stopwatch wall, PeakMemorySampler sampler, PreparedData data, int? resumedFrom, string? checkpoint,
-        double? evalLoss, double? exactAfter, bool interrupted)
+        double? evalLoss, double? exactAfter, bool interrupted, EvalRecord? final = null)
     {
         var recent = _state.History.Where(h => !h.Skipped).TakeLast(10).ToList();
         sampler.Sample();
@@ -535,6 +546,11 @@ public sealed class TrainingRun
             ExactMatchBefore = _state.ExactMatchBefore,
             ExactMatchAfter = exactAfter,
             ExactMatchSamples = _job.Eval.ExactMatch ? Evaluation.ExactMatchCount(data.EvalSamples, _job.Eval) : null,
+            MultipleChoiceBefore = _state.MultipleChoiceBefore,
+            MultipleChoiceNormBefore = _state.MultipleChoiceNormBefore,
+            MultipleChoiceAfter = final?.MultipleChoiceAccuracy,
+            MultipleChoiceNormAfter = final?.MultipleChoiceAccuracyNorm,
+            MultipleChoiceItems = data.Choices?.Count,
             SkippedSteps = _state.SkippedSteps,
             TruncatedSamples = data.Truncated,
             SkippedLines = data.SkippedLines,
@@ -549,6 +565,20 @@ public sealed class TrainingRun
     static readonly JsonSerializerOptions JobJson = new() { WriteIndented = true, NewLine = "\n" };
     static readonly JsonSerializerOptions LineJson = new() { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals };
 
+    /// <summary>How a job loads its base model: compute dtype, quantization (or none), streaming, device.</summary>
+    public static HfModelLoader.Options LoaderOptionsOf(TrainJob job, Device? device = null) => new()
+    {
+        ComputeDType = ParseDType(job.Model.ComputeDType),
+        Quantize = job.Quantization.QuantizesBase,
+        Blocksize = job.Quantization.Blocksize,
+        QuantType = job.Quantization.QuantizesBase ? QuantTypes.Parse(job.Quantization.QuantType) : QuantType.Nf4,
+        DoubleQuant = job.Quantization.DoubleQuant,
+        Streaming = job.Model.Stream,
+        StreamWindow = job.Model.StreamWindow,
+        NonFinite = NonFiniteValues.ParsePolicy(job.Model.NonFiniteWeights),
+        Device = device,
+    };
+
     /// <summary>The memory planner's view of a job: its shapes, precision, optimizer and budget.</summary>
     public static PlanOptions PlanOptionsOf(TrainJob job) => new()
     {
@@ -559,6 +589,7 @@ public sealed class TrainingRun
         UseDora = job.Lora.UseDora,
         LoraDropout = job.Lora.Dropout,
         AdapterDType = ParseDType(job.Lora.DType),
+        QuantizeBase = job.Quantization.QuantizesBase,
         QuantBlocksize = job.Quantization.Blocksize,
         DoubleQuant = job.Quantization.DoubleQuant,
         ComputeDType = ParseDType(job.Model.ComputeDType),

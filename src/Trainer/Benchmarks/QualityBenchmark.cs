@@ -1,0 +1,139 @@
+using System.Diagnostics;
+using System.Text.Json;
+
+namespace QLora.Trainer;
+
+/// <summary>
+/// <c>qlora bench quality</c>: what 4 bits cost. The same job (seed, data order, steps) is trained once per base
+/// precision — 16-bit (plain LoRA), NF4 + double quantization, NF4, FP4 + double quantization, FP4 — and every base is
+/// evaluated with <see cref="EvalRun"/> (the code <c>qlora eval</c> runs) before training (the base alone, quantized)
+/// and after (base + adapter): eval loss, perplexity, greedy exact match and multiple-choice accuracy.
+/// </summary>
+/// <remarks>
+/// The training runs keep the job's training settings and turn its in-training evaluations and intermediate
+/// checkpoints off (they change no weight: evaluation draws no random numbers), so each run trains exactly as the job
+/// does and is then measured once, by the same code for every variant.
+/// </remarks>
+public static class QualityBenchmark
+{
+    /// <summary>One base precision.</summary>
+    /// <param name="Name">As printed: bf16, nf4+dq, nf4, fp4+dq, fp4 (bf16 stands for the job's compute dtype).</param>
+    /// <param name="QuantType">Quantization:QuantType.</param>
+    /// <param name="DoubleQuant">Quantization:DoubleQuant.</param>
+    public sealed record Variant(string Name, string QuantType, bool DoubleQuant);
+
+    /// <summary>The five bases, in the QLoRA paper's order of comparison.</summary>
+    public static readonly IReadOnlyList<Variant> Variants =
+    [
+        new("bf16", "none", false), new("nf4+dq", "nf4", true), new("nf4", "nf4", false), new("fp4+dq", "fp4", true), new("fp4", "fp4", false),
+    ];
+
+    /// <summary>What to run.</summary>
+    public sealed record Options
+    {
+        /// <summary>The job (already bound and validated): its model, data, training settings and Data:EvalFile.</summary>
+        public required TrainJob Job { get; init; }
+        /// <summary>Multiple-choice items (Eval:ChoicesFile by default), or null for none.</summary>
+        public string? ChoicesFile { get; init; }
+        /// <summary>Each variant's run goes to a folder of this name below it.</summary>
+        public required string OutputRoot { get; init; }
+        /// <summary>The variants to run (all five by default).</summary>
+        public IReadOnlyList<Variant>? Only { get; init; }
+        /// <summary>Progress lines.</summary>
+        public Action<string>? Log { get; init; }
+    }
+
+    /// <summary>One variant's figures.</summary>
+    public sealed record Row(Variant Variant, EvalRun.Report Base, EvalRun.Report? BaseChoices, EvalRun.Report Tuned, EvalRun.Report? TunedChoices,
+        TrainSummary Training, double TrainSeconds);
+
+    /// <summary>Trains and evaluates every variant.</summary>
+    public static IReadOnlyList<Row> Run(Options o)
+    {
+        var log = o.Log ?? (_ => { });
+        var evalFile = o.Job.Data.EvalFile ?? throw new ArgumentException("the job has no Data:EvalFile to evaluate on; set one (the quick start's is data/quickstart/eval.jsonl)");
+        var rows = new List<Row>();
+        foreach (var v in o.Only ?? Variants)
+        {
+            var job = JobFor(o.Job, v, Path.Combine(o.OutputRoot, v.Name.Replace('+', '-')));
+            log($"== {v.Name}: the base before training");
+            EvalRun.Report Eval(string data, string? adapter) => EvalRun.Run(job, new EvalRun.Options { Data = data, Adapter = adapter, Log = log });
+            var before = Eval(evalFile, null);
+            var beforeChoices = o.ChoicesFile is { } cf ? Eval(cf, null) : null;
+            log($"== {v.Name}: training {job.Training.MaxSteps} steps into {job.Output.Dir}");
+            var sw = Stopwatch.StartNew();
+            var trained = TrainingRun.Run(job, new TrainingRun.RunOptions { Log = log });
+            double seconds = sw.Elapsed.TotalSeconds;
+            log($"== {v.Name}: base + adapter");
+            var after = Eval(evalFile, job.Output.Dir);
+            var afterChoices = o.ChoicesFile is { } cf2 ? Eval(cf2, job.Output.Dir) : null;
+            rows.Add(new Row(v, before, beforeChoices, after, afterChoices, trained.Summary, seconds));
+        }
+        return rows;
+    }
+
+    /// <summary>The job as one variant trains it: its base precision, its own output folder, no in-training evaluation.</summary>
+    public static TrainJob JobFor(TrainJob job, Variant v, string outputDir)
+    {
+        var copy = JsonSerializer.Deserialize<TrainJob>(JsonSerializer.Serialize(job))!;
+        copy.Quantization.QuantType = v.QuantType;
+        copy.Quantization.DoubleQuant = v.DoubleQuant;
+        copy.Output.Dir = outputDir;
+        copy.Output.Overwrite = true;
+        copy.Output.SaveEveryNSteps = 0;
+        copy.Eval.EveryNSteps = 0;
+        copy.Eval.ExactMatch = false;
+        copy.Eval.ChoicesFile = null;
+        copy.Eval.Prompts = null;
+        return copy;
+    }
+
+    /// <summary>The table: one line per variant, before and after training.</summary>
+    public static IEnumerable<string> Table(IReadOnlyList<Row> rows)
+    {
+        static string F(double? x, string format) => x is double d ? d.ToString(format, System.Globalization.CultureInfo.InvariantCulture) : "-";
+        static string P(double? x) => x is double d ? (100 * d).ToString("F0", System.Globalization.CultureInfo.InvariantCulture) + " %" : "-";
+        yield return "| base | eval loss before | ppl before | EM before | MC acc before | eval loss after | ppl after | EM after | MC acc after | MC acc_norm after | train s |";
+        yield return "|---|---|---|---|---|---|---|---|---|---|---|";
+        foreach (var r in rows)
+            yield return $"| {r.Variant.Name} | {F(r.Base.EvalLoss, "F4")} | {F(r.Base.EvalPerplexity, "F3")} | {P(r.Base.ExactMatch)} | {P(r.BaseChoices?.MultipleChoiceAccuracy)} | " +
+                $"{F(r.Tuned.EvalLoss, "F4")} | {F(r.Tuned.EvalPerplexity, "F3")} | {P(r.Tuned.ExactMatch)} | {P(r.TunedChoices?.MultipleChoiceAccuracy)} | {P(r.TunedChoices?.MultipleChoiceAccuracyNorm)} | {F(r.TrainSeconds, "F0")} |";
+    }
+
+    /// <summary>The QLoRA targets: NF4+DQ's eval loss within 2 % of the 16-bit base's and exact match within 2 points; null when either was not run.</summary>
+    public static (double LossRatio, double ExactMatchPoints, bool Met)? Targets(IReadOnlyList<Row> rows)
+    {
+        var bf16 = rows.FirstOrDefault(r => r.Variant.Name == "bf16");
+        var nf4dq = rows.FirstOrDefault(r => r.Variant.Name == "nf4+dq");
+        if (bf16?.Tuned.EvalLoss is not double l16 || nf4dq?.Tuned.EvalLoss is not double l4) return null;
+        double ratio = l4 / l16 - 1, points = 100 * ((nf4dq.Tuned.ExactMatch ?? 0) - (bf16.Tuned.ExactMatch ?? 0));
+        return (ratio, points, Math.Abs(ratio) <= 0.02 && Math.Abs(points) <= 2);
+    }
+
+    // Variant names keep their '+' (the default encoder writes \u002B).
+    static readonly JsonSerializerOptions JsonLine = new() { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+
+    /// <summary>The one JSON line.</summary>
+    public static string ToJson(IReadOnlyList<Row> rows, int steps)
+    {
+        static object Scores(EvalRun.Report r, EvalRun.Report? c) => new
+        {
+            eval_loss = r.EvalLoss is double l ? Math.Round(l, 6) : (double?)null, eval_perplexity = r.EvalPerplexity, exact_match = r.ExactMatch,
+            mc_acc = c?.MultipleChoiceAccuracy, mc_acc_norm = c?.MultipleChoiceAccuracyNorm,
+        };
+        var t = Targets(rows);
+        return JsonSerializer.Serialize(new
+        {
+            bench = "quality", steps,
+            variants = rows.Select(r => new
+            {
+                name = r.Variant.Name, quant_type = r.Variant.QuantType, double_quant = r.Variant.DoubleQuant,
+                before = Scores(r.Base, r.BaseChoices), after = Scores(r.Tuned, r.TunedChoices),
+                train_loss = r.Training.TrainLoss, train_s = Math.Round(r.TrainSeconds, 1),
+            }),
+            nf4_dq_eval_loss_vs_bf16 = t is { } a ? Math.Round(a.LossRatio, 5) : (double?)null,
+            nf4_dq_exact_match_points_vs_bf16 = t is { } b ? Math.Round(b.ExactMatchPoints, 2) : (double?)null,
+            targets_met = t?.Met,
+        }, JsonLine);
+    }
+}
