@@ -12,6 +12,7 @@ internal static class BenchVerb
         bench.Subcommands.Add(TrainBenchmarkVerb.Create(stdout));
         bench.Subcommands.Add(MemoryBenchmarkVerb.Create(stdout));
         bench.Subcommands.Add(EvalBenchmarkVerb.Create(stdout));
+        bench.Subcommands.Add(TokenizerBenchmarkVerb.Create(stdout));
         return bench;
     }
 }

@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using System.Runtime.CompilerServices;
 using System.Text;
 using System.Text.Json.Nodes;
 
@@ -13,10 +14,13 @@ namespace QLora.Trainer;
 internal sealed class BpeModel
 {
     private const int CacheLimit = 200_000;
+    private const int MaxCachedLength = 256;
+    private int _cacheCount;
     private readonly Dictionary<string, int> _vocab;
     private readonly Dictionary<string, int>.AlternateLookup<ReadOnlySpan<char>> _lookup;
     private readonly Dictionary<long, (int Rank, int NewId)> _merges;
     private readonly int[] _byteIds = new int[256];
+    private readonly int[] _charIds = new int[0x3000]; // ids of single characters below U+3000, -1 when not in the vocabulary
     private readonly string? _unkToken;
     private readonly int? _unkId;
     private readonly string? _prefix;
@@ -35,6 +39,8 @@ internal sealed class BpeModel
         _unkId = unkToken is not null && vocab.TryGetValue(unkToken, out var u) ? u : null;
         for (int b = 0; b < 256; b++)
             _byteIds[b] = vocab.TryGetValue($"<0x{b:X2}>", out var id) ? id : -1;
+        for (int ch = 0; ch < _charIds.Length; ch++)
+            _charIds[ch] = char.IsSurrogate((char)ch) || !vocab.TryGetValue(((char)ch).ToString(), out var cid) ? -1 : cid;
     }
 
     /// <summary>The model's vocabulary: token string → id.</summary>
@@ -56,7 +62,7 @@ internal sealed class BpeModel
         }
         var prefix = TokenizerJson.OptionalString(model, "continuing_subword_prefix");
         var suffix = TokenizerJson.OptionalString(model, "end_of_word_suffix");
-        var merges = new Dictionary<long, (int, int)>();
+        var merges = new Dictionary<long, (int, int)>(PairComparer.Instance);
         if (model["merges"] is JsonArray list)
         {
             int rank = 0;
@@ -92,34 +98,56 @@ internal sealed class BpeModel
 
     private static long Key(int a, int b) => ((long)a << 32) | (uint)b;
 
+    // long.GetHashCode is high ^ low, so pairs (a, b) with equal a ^ b would share a bucket: mix the bits instead.
+    private sealed class PairComparer : IEqualityComparer<long>
+    {
+        public static readonly PairComparer Instance = new();
+
+        public bool Equals(long x, long y) => x == y;
+
+        public int GetHashCode(long key)
+        {
+            ulong h = (ulong)key;
+            h ^= h >> 33;
+            h *= 0xff51afd7ed558ccdUL;
+            h ^= h >> 33;
+            return (int)h;
+        }
+    }
+
     /// <summary>Appends the ids of one pre-tokenized word.</summary>
     public void Tokenize(string word, List<int> ids)
     {
         if (word.Length == 0)
             return;
-        if (_ignoreMerges && _vocab.TryGetValue(word, out var whole))
+        if (_ignoreMerges && _lookup.TryGetValue(word, out var whole))
         {
             ids.Add(whole);
             return;
         }
-        if (!_cache.TryGetValue(word, out var cached))
+        if (_cache.TryGetValue(word, out var cached))
         {
-            cached = MergeWord(word);
-            if (_cache.Count < CacheLimit)
-                _cache.TryAdd(word, cached);
+            ids.AddRange(cached);
+            return;
         }
-        ids.AddRange(cached);
+        var merged = MergeWord(word);
+        // Like tokenizers, only words under 256 characters are cached (SentencePiece-style files without a pre-tokenizer
+        // make whole texts "words"); the cache stops growing at its limit.
+        if (word.Length < MaxCachedLength && Volatile.Read(ref _cacheCount) < CacheLimit && _cache.TryAdd(word, merged))
+            Interlocked.Increment(ref _cacheCount);
+        ids.AddRange(merged);
     }
 
+    // Hot loops: compiled fully optimized at once, since tiered compilation's slow first tier would run the whole first pass over a corpus.
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private int[] MergeWord(string word)
     {
-        // Symbols: id, prev, next, and whether still alive (tokenizers' Word with len == 0 for merged-away symbols).
-        var ids = new List<int>(word.Length);
+        var symbols = new List<int>(word.Length);
         int pendingUnk = -1;
         Span<byte> utf8 = stackalloc byte[4];
         for (int i = 0; i < word.Length;)
         {
-            int width = char.IsSurrogatePair(word, i) ? 2 : 1;
+            int width = char.IsHighSurrogate(word[i]) && i + 1 < word.Length && char.IsLowSurrogate(word[i + 1]) ? 2 : 1;
             bool first = i == 0, last = i + width == word.Length;
             var ch = word.AsSpan(i, width);
             int id;
@@ -128,7 +156,7 @@ internal sealed class BpeModel
             {
                 var s = string.Concat(!first && _prefix is not null ? _prefix : "", ch, last && _suffix is not null ? _suffix : "");
                 found = _vocab.TryGetValue(s, out id);
-                if (!found && _byteFallback && TryBytes(Encoding.UTF8.GetBytes(s), ids))
+                if (!found && _byteFallback && TryBytes(Encoding.UTF8.GetBytes(s), symbols))
                 {
                     i += width;
                     continue;
@@ -136,11 +164,11 @@ internal sealed class BpeModel
             }
             else
             {
-                found = _lookup.TryGetValue(ch, out id);
+                found = width == 1 && ch[0] < _charIds.Length ? (id = _charIds[ch[0]]) >= 0 : _lookup.TryGetValue(ch, out id);
                 if (!found && _byteFallback)
                 {
                     int n = Encoding.UTF8.GetBytes(ch, utf8);
-                    if (TryBytes(utf8[..n], ids))
+                    if (TryBytes(utf8[..n], symbols))
                     {
                         i += width;
                         continue;
@@ -151,25 +179,25 @@ internal sealed class BpeModel
             {
                 if (pendingUnk >= 0)
                 {
-                    ids.Add(pendingUnk);
+                    symbols.Add(pendingUnk);
                     pendingUnk = -1;
                 }
-                ids.Add(id);
+                symbols.Add(id);
             }
             else if (_unkToken is not null)
             {
                 int unk = _unkId ?? throw new InvalidOperationException($"the BPE unk_token '{_unkToken}' is not in the vocabulary, and '{ch}' needs it");
                 // A run of unknown characters is one unk with fuse_unk, else one unk each.
                 if (pendingUnk >= 0 && !_fuseUnk)
-                    ids.Add(pendingUnk);
+                    symbols.Add(pendingUnk);
                 pendingUnk = unk;
             }
             // No unk token: the character is dropped, as tokenizers drops it.
             i += width;
         }
         if (pendingUnk >= 0)
-            ids.Add(pendingUnk);
-        return MergeAll(ids);
+            symbols.Add(pendingUnk);
+        return MergeAll(symbols);
     }
 
     private bool TryBytes(ReadOnlySpan<byte> bytes, List<int> ids)
@@ -185,7 +213,9 @@ internal sealed class BpeModel
         return true;
     }
 
-    // tokenizers' Word::merge_all: a min-queue of (rank, position) over adjacent pairs; stale entries are skipped.
+    // tokenizers' Word::merge_all: a min-heap of (rank, position) over adjacent pairs, lowest rank first and the leftmost
+    // on ties; an entry whose pair has changed since it was pushed is skipped.
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private int[] MergeAll(List<int> start)
     {
         int n = start.Count;
@@ -201,37 +231,81 @@ internal sealed class BpeModel
             next[i] = i + 1 < n ? i + 1 : -1;
             alive[i] = true;
         }
-        var queue = new PriorityQueue<(int Pos, int NewId), long>(n);
+        // Heap entries: priority (rank << 32 | pos) and the merged id expected.
+        var heap = new (long Priority, int NewId)[Math.Max(4, 3 * n)];
+        int size = 0;
         for (int i = 0; i + 1 < n; i++)
         {
             if (_merges.TryGetValue(Key(c[i], c[i + 1]), out var m))
-                queue.Enqueue((i, m.NewId), Priority(m.Rank, i));
+                Push(heap, ref size, Priority(m.Rank, i), m.NewId);
         }
-        while (queue.TryDequeue(out var top, out _))
+        int remaining = n;
+        while (size > 0)
         {
-            int pos = top.Pos;
+            var (priority, newId) = heap[0];
+            heap[0] = heap[--size];
+            SiftDown(heap, size);
+            int pos = (int)(priority & 0xFFFFFFFF);
             if (!alive[pos] || next[pos] < 0)
                 continue;
             int right = next[pos];
-            if (!_merges.TryGetValue(Key(c[pos], c[right]), out var current) || current.NewId != top.NewId)
+            if (!_merges.TryGetValue(Key(c[pos], c[right]), out var current) || current.NewId != newId)
                 continue;
-            c[pos] = top.NewId;
+            c[pos] = newId;
             alive[right] = false;
+            remaining--;
             next[pos] = next[right];
             if (next[right] >= 0)
                 prev[next[right]] = pos;
+            if (size + 2 > heap.Length)
+                Array.Resize(ref heap, heap.Length * 2);
             if (prev[pos] >= 0 && _merges.TryGetValue(Key(c[prev[pos]], c[pos]), out var left))
-                queue.Enqueue((prev[pos], left.NewId), Priority(left.Rank, prev[pos]));
+                Push(heap, ref size, Priority(left.Rank, prev[pos]), left.NewId);
             if (next[pos] >= 0 && _merges.TryGetValue(Key(c[pos], c[next[pos]]), out var after))
-                queue.Enqueue((pos, after.NewId), Priority(after.Rank, pos));
+                Push(heap, ref size, Priority(after.Rank, pos), after.NewId);
         }
-        var result = new List<int>(n);
-        for (int i = 0; i < n; i++)
+        var result = new int[remaining];
+        for (int i = 0, k = 0; i < n; i++)
         {
             if (alive[i])
-                result.Add(c[i]);
+                result[k++] = c[i];
         }
-        return [.. result];
+        return result;
+    }
+
+    private static void Push((long Priority, int NewId)[] heap, ref int size, long priority, int newId)
+    {
+        int i = size++;
+        while (i > 0)
+        {
+            int parent = (i - 1) >> 1;
+            if (heap[parent].Priority <= priority)
+                break;
+            heap[i] = heap[parent];
+            i = parent;
+        }
+        heap[i] = (priority, newId);
+    }
+
+    private static void SiftDown((long Priority, int NewId)[] heap, int size)
+    {
+        if (size == 0)
+            return;
+        var item = heap[0];
+        int i = 0;
+        while (true)
+        {
+            int child = 2 * i + 1;
+            if (child >= size)
+                break;
+            if (child + 1 < size && heap[child + 1].Priority < heap[child].Priority)
+                child++;
+            if (heap[child].Priority >= item.Priority)
+                break;
+            heap[i] = heap[child];
+            i = child;
+        }
+        heap[i] = item;
     }
 
     private static long Priority(int rank, int pos) => ((long)rank << 32) | (uint)pos;
