@@ -7,7 +7,7 @@ namespace QLora.Trainer;
 /// A Hugging Face fast tokenizer loaded from a model folder. Encoding and decoding run either in Hugging Face's own Rust
 /// <c>tokenizers</c> library (through Tokenizers.DotNet; linux-x64 only), or in the managed implementation of
 /// tokenizer.json (every OS; BPE models: byte-level as in GPT-2 / Llama 3 / Qwen2, SentencePiece-style with Metaspace and
-/// byte fallback as in Llama 2 / Mistral), which gives the same ids. <see cref="TokenizerSelection"/> says which.
+/// byte fallback as in Llama 2 / Mistral; Unigram), which gives the same ids. <see cref="TokenizerSelection"/> says which.
 /// Special tokens come from tokenizer_config.json, then special_tokens_map.json, then generation_config.json.
 /// </summary>
 public sealed class HfTokenizer : IDisposable

@@ -8,7 +8,7 @@ public enum TokenizerImplementation
     /// <summary>The native library where it is available (linux-x64), else the managed one.</summary>
     Auto,
 
-    /// <summary>The managed implementation (every OS): BPE tokenizers (byte-level and SentencePiece-style).</summary>
+    /// <summary>The managed implementation (every OS): BPE (byte-level and SentencePiece-style) and Unigram tokenizers.</summary>
     Managed,
 
     /// <summary>Hugging Face's Rust tokenizers through Tokenizers.DotNet (published for linux-x64 only).</summary>

@@ -34,6 +34,8 @@ public sealed class TokenizerFamilies : IDisposable
             var sp = SentencePieceModel(gpt2);
             files["llama2"] = Save("llama2", Llama2(sp));
             files["mistral"] = Save("mistral", Mistral(sp));
+            files["unigram"] = Save("unigram", Unigram(sp, byteFallback: true, N("NFKC")));
+            files["unigram-unk"] = Save("unigram-unk", Unigram(sp, byteFallback: false, null));
             var v1 = Variant(gpt2, Normalizers(N("Lowercase"), N("NFKC")),
                 PreTokenizers(new JsonObject { ["type"] = "Digits", ["individual_digits"] = true }, ByteLevelPre(addPrefixSpace: true, useRegex: true)));
             v1["added_tokens"] = new JsonArray(Added(50256, "<|endoftext|>"), Added(50257, "HeLLo Token", special: false, normalized: true), Added(50258, "ＡＢＣ", special: false, normalized: true));
@@ -205,6 +207,47 @@ public sealed class TokenizerFamilies : IDisposable
         },
         ["model"] = model.DeepClone(),
     };
+
+    /// <summary>
+    /// A SentencePiece unigram tokenizer over the same pieces (scores falling with GPT-2's rank, so Viterbi prefers long,
+    /// frequent pieces), Metaspace with split, and either byte fallback or fused unknowns.
+    /// </summary>
+    private static JsonObject Unigram(JsonObject bpe, bool byteFallback, JsonNode? normalizer)
+    {
+        var pieces = bpe["vocab"]!.AsObject().OrderBy(kv => kv.Value!.GetValue<int>()).Select(kv => kv.Key).ToList();
+        if (!byteFallback)
+            pieces.RemoveAll(p => p.StartsWith("<0x", StringComparison.Ordinal) && p.Length == 6);
+        var vocab = new JsonArray();
+        for (int i = 0; i < pieces.Count; i++)
+        {
+            // Four decimals, as scores are written in real files: serde_json (the native side) parses numbers of more than
+            // 15 significant digits with a last-bit error now and then, which would break ties between equal-scoring paths
+            // differently (sums of many equal pieces, such as runs of digits) than .NET's correctly rounded parse.
+            double score = i < 3 ? 0.0 : pieces[i].StartsWith("<0x", StringComparison.Ordinal) ? -20.0 : Math.Round(-Math.Log(i + 2) - 0.1 * (i % 7), 4);
+            vocab.Add(new JsonArray(pieces[i], score));
+        }
+        var metaspace = new JsonObject { ["type"] = "Metaspace", ["replacement"] = "▁", ["prepend_scheme"] = "always", ["split"] = true };
+        return new JsonObject
+        {
+            ["version"] = "1.0", ["truncation"] = null, ["padding"] = null,
+            ["added_tokens"] = SentencePieceAdded(),
+            ["normalizer"] = normalizer,
+            ["pre_tokenizer"] = metaspace.DeepClone(),
+            ["post_processor"] = new JsonObject
+            {
+                ["type"] = "TemplateProcessing",
+                ["single"] = new JsonArray(
+                    new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } },
+                    new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = "</s>", ["type_id"] = 0 } }),
+                ["pair"] = new JsonArray(new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } }),
+                ["special_tokens"] = new JsonObject { ["</s>"] = new JsonObject { ["id"] = "</s>", ["ids"] = new JsonArray(2), ["tokens"] = new JsonArray("</s>") } },
+            },
+            ["decoder"] = byteFallback
+                ? new JsonObject { ["type"] = "Sequence", ["decoders"] = new JsonArray(metaspace.DeepClone(), N("ByteFallback"), N("Fuse")) }
+                : metaspace.DeepClone(),
+            ["model"] = new JsonObject { ["type"] = "Unigram", ["unk_id"] = 0, ["vocab"] = vocab, ["byte_fallback"] = byteFallback },
+        };
+    }
 
     // Mistral-style: Metaspace pre-tokenizer (prepend only at the start of the input, no split) and Metaspace decoder.
     private static JsonObject Mistral(JsonObject model)

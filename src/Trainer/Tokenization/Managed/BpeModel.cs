@@ -11,7 +11,7 @@ namespace QLora.Trainer;
 /// lowest-ranked merge (leftmost on ties) is applied until none applies, with a priority queue over adjacent pairs.
 /// ignore_merges (Llama 3) takes a word that is itself in the vocabulary whole. Words are cached.
 /// </summary>
-internal sealed class BpeModel
+internal sealed class BpeModel : ITokenizerModel
 {
     private const int CacheLimit = 200_000;
     private const int MaxCachedLength = 256;
@@ -28,6 +28,7 @@ internal sealed class BpeModel
     private readonly bool _fuseUnk;
     private readonly bool _byteFallback;
     private readonly bool _ignoreMerges;
+    private readonly string?[] _idToToken;
     private readonly ConcurrentDictionary<string, int[]> _cache = new(StringComparer.Ordinal);
 
     private BpeModel(Dictionary<string, int> vocab, Dictionary<long, (int, int)> merges, string? unkToken, string? prefix, string? suffix, bool fuseUnk, bool byteFallback, bool ignoreMerges)
@@ -37,6 +38,12 @@ internal sealed class BpeModel
         _merges = merges;
         (_unkToken, _prefix, _suffix, _fuseUnk, _byteFallback, _ignoreMerges) = (unkToken, prefix, suffix, fuseUnk, byteFallback, ignoreMerges);
         _unkId = unkToken is not null && vocab.TryGetValue(unkToken, out var u) ? u : null;
+        _idToToken = new string?[vocab.Count == 0 ? 0 : vocab.Values.Max() + 1];
+        foreach (var (token, tokenId) in vocab)
+        {
+            if (tokenId >= 0)
+                _idToToken[tokenId] = token;
+        }
         for (int b = 0; b < 256; b++)
             _byteIds[b] = vocab.TryGetValue($"<0x{b:X2}>", out var id) ? id : -1;
         for (int ch = 0; ch < _charIds.Length; ch++)
@@ -45,6 +52,10 @@ internal sealed class BpeModel
 
     /// <summary>The model's vocabulary: token string → id.</summary>
     public IReadOnlyDictionary<string, int> Vocabulary => _vocab;
+
+    public int VocabSize => _vocab.Count;
+
+    public string? IdToToken(int id) => id >= 0 && id < _idToToken.Length ? _idToToken[id] : null;
 
     /// <summary>Reads a "model" section of type BPE.</summary>
     public static BpeModel From(JsonObject model, string source)

@@ -4,36 +4,38 @@ using System.Text.Json.Nodes;
 namespace QLora.Trainer;
 
 /// <summary>
-/// tokenizer.json in managed code, for every OS: added tokens split out of the text, normalizer, pre-tokenizer, BPE
-/// model, post-processor and decoder, each following Hugging Face tokenizers (0.22) step by step so ids equal the
+/// tokenizer.json in managed code, for every OS: added tokens split out of the text, normalizer, pre-tokenizer, model
+/// (BPE or Unigram), post-processor and decoder, each following Hugging Face tokenizers (0.22) step by step so ids equal the
 /// native library's (a differential test checks this on Linux). Microsoft.ML.Tokenizers' BpeTokenizer is not used: it
 /// has no equivalent of tokenizers' split behaviours, Metaspace prepend schemes, added-token flags or byte-fallback/unk
-/// ordering, and ids must match exactly. Models other than BPE (WordPiece, WordLevel, Unigram) are refused.
+/// ordering, and ids must match exactly. WordPiece and WordLevel models (BERT-style encoders) are refused.
 /// </summary>
 internal sealed class ManagedTokenizer : ITokenizerEngine
 {
     private readonly AddedTokens _added;
     private readonly TokenizerNormalizer? _normalizer;
     private readonly PreTokenizer? _preTokenizer;
-    private readonly BpeModel _model;
+    private readonly ITokenizerModel _model;
     private readonly PostProcessor? _postProcessor;
     private readonly TokenizerDecoder? _decoder;
     private readonly Dictionary<int, AddedToken> _addedById = [];
-    private readonly string?[] _modelTokens;
     private readonly string _source;
     private readonly HashSet<string> _specialContents = new(StringComparer.Ordinal);
 
     /// <summary>Builds the pipeline from a parsed tokenizer.json.</summary>
     /// <exception cref="InvalidDataException">A section is malformed.</exception>
-    /// <exception cref="NotSupportedException">A component (or a model other than BPE) the managed tokenizer does not implement.</exception>
+    /// <exception cref="NotSupportedException">A component (or a WordPiece/WordLevel model) the managed tokenizer does not implement.</exception>
     public ManagedTokenizer(JsonObject root, string source)
     {
         _source = source;
         var model = root["model"] as JsonObject ?? throw new InvalidDataException($"{source}: tokenizer.json has no \"model\" section.");
-        var type = TokenizerJson.OptionalString(model, "type") ?? (model["merges"] is not null ? "BPE" : "unknown");
-        if (type != "BPE")
-            throw TokenizerJson.Unsupported("model", type, source);
-        _model = BpeModel.From(model, source);
+        var type = TokenizerJson.OptionalString(model, "type") ?? (model["merges"] is not null ? "BPE" : "(none)");
+        _model = type switch
+        {
+            "BPE" => BpeModel.From(model, source),
+            "Unigram" => UnigramModel.From(model, source),
+            _ => throw TokenizerJson.Unsupported("model", type, source),
+        };
         _normalizer = TokenizerNormalizer.From(root["normalizer"], source);
         _preTokenizer = PreTokenizer.From(root["pre_tokenizer"], source);
         _postProcessor = PostProcessor.From(root["post_processor"], source);
@@ -45,13 +47,6 @@ internal sealed class ManagedTokenizer : ITokenizerEngine
             _addedById[t.Id] = t;
             if (t.Special)
                 _specialContents.Add(t.Content);
-        }
-        int size = _model.Vocabulary.Count == 0 ? 0 : _model.Vocabulary.Values.Max() + 1;
-        _modelTokens = new string?[size];
-        foreach (var (token, id) in _model.Vocabulary)
-        {
-            if (id >= 0)
-                _modelTokens[id] = token;
         }
     }
 
@@ -97,7 +92,7 @@ internal sealed class ManagedTokenizer : ITokenizerEngine
         foreach (var id in ids)
         {
             var token = _addedById.TryGetValue(id, out var added) ? added.Content
-                : id >= 0 && id < _modelTokens.Length ? _modelTokens[id] : null;
+                : _model.IdToToken(id);
             // tokenizers skips by content: any token whose string is a special token's.
             if (token is not null && !(skipSpecialTokens && _specialContents.Contains(token)))
                 tokens.Add(token);
@@ -112,10 +107,10 @@ internal sealed class ManagedTokenizer : ITokenizerEngine
     // tokenizers does not take added tokens' ids from the file: AddedVocabulary.add_tokens gives each the id of the same
     // string (added earlier, or in the model's vocabulary), else the next id after the model's vocabulary size (its entry
     // count) and the added ones. Real files agree with their own ids; this keeps odd ones equal to the native library.
-    private static List<AddedToken> AssignIds(List<AddedToken> tokens, BpeModel model)
+    private static List<AddedToken> AssignIds(List<AddedToken> tokens, ITokenizerModel model)
     {
         var ids = new Dictionary<string, int>(StringComparer.Ordinal);
-        int vocabSize = model.Vocabulary.Count, maxAdded = -1;
+        int vocabSize = model.VocabSize, maxAdded = -1;
         var result = new List<AddedToken>(tokens.Count);
         foreach (var t in tokens)
         {

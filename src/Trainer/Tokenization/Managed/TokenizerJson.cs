@@ -56,7 +56,7 @@ internal static class TokenizerJson
         Known.TryGetValue(section, out var known) && known.Contains(type)
             ? new NotSupportedException(
                 $"{source}: tokenizer.json's {section} is of type {type}, which the managed tokenizer does not implement " +
-                "(it covers byte-level and SentencePiece-style BPE tokenizers: Llama 2/3, Mistral, Qwen2, GPT-2). " +
+                "(it covers byte-level and SentencePiece-style BPE tokenizers such as Llama 2/3, Mistral, Qwen2 and GPT-2's, and Unigram). " +
                 $"On linux-x64 the native Hugging Face tokenizer runs it ({TokenizerSelection.EnvironmentVariable}=native or auto).")
             : new InvalidDataException($"{source}: tokenizer.json's {section} is of type '{type}', which is not a Hugging Face tokenizers {section} type.");
 }
