@@ -93,20 +93,6 @@ public sealed class TokenizerFamilies : IDisposable
         ["rstrip"] = rstrip, ["normalized"] = normalized, ["special"] = special,
     };
 
-    private static JsonObject Bos(string bos, int id) => new()
-    {
-        ["type"] = "TemplateProcessing",
-        ["single"] = new JsonArray(
-            new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = bos, ["type_id"] = 0 } },
-            new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } }),
-        ["pair"] = new JsonArray(
-            new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = bos, ["type_id"] = 0 } },
-            new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } },
-            new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = bos, ["type_id"] = 1 } },
-            new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "B", ["type_id"] = 1 } }),
-        ["special_tokens"] = new JsonObject { [bos] = new JsonObject { ["id"] = bos, ["ids"] = new JsonArray(id), ["tokens"] = new JsonArray(bos) } },
-    };
-
     private static JsonObject Variant(JsonObject gpt2, JsonNode normalizer, JsonNode preTokenizer)
     {
         var root = (JsonObject)gpt2.DeepClone();
@@ -128,7 +114,7 @@ public sealed class TokenizerFamilies : IDisposable
         root["post_processor"] = new JsonObject
         {
             ["type"] = "Sequence",
-            ["processors"] = new JsonArray(new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = true, ["trim_offsets"] = false, ["use_regex"] = true }, Bos("<|begin_of_text|>", 50257)),
+            ["processors"] = new JsonArray(new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = true, ["trim_offsets"] = false, ["use_regex"] = true }, TokenizerFixtures.BosTemplate("<|begin_of_text|>", 50257)),
         };
         root["model"]!["ignore_merges"] = true;
         return root;
@@ -196,7 +182,7 @@ public sealed class TokenizerFamilies : IDisposable
         ["normalizer"] = Normalizers(new JsonObject { ["type"] = "Prepend", ["prepend"] = "▁" },
             new JsonObject { ["type"] = "Replace", ["pattern"] = new JsonObject { ["String"] = " " }, ["content"] = "▁" }),
         ["pre_tokenizer"] = null,
-        ["post_processor"] = Bos("<s>", 1),
+        ["post_processor"] = TokenizerFixtures.BosTemplate("<s>", 1),
         ["decoder"] = new JsonObject
         {
             ["type"] = "Sequence",
@@ -261,7 +247,7 @@ public sealed class TokenizerFamilies : IDisposable
             ["added_tokens"] = new JsonArray(Added(0, "<unk>"), Added(1, "<s>"), Added(2, "</s>"), Added(inst, "[INST]", lstrip: true, rstrip: true)),
             ["normalizer"] = null,
             ["pre_tokenizer"] = new JsonObject { ["type"] = "Metaspace", ["replacement"] = "▁", ["prepend_scheme"] = "first", ["split"] = false },
-            ["post_processor"] = Bos("<s>", 1),
+            ["post_processor"] = TokenizerFixtures.BosTemplate("<s>", 1),
             ["decoder"] = new JsonObject { ["type"] = "Metaspace", ["replacement"] = "▁", ["prepend_scheme"] = "first", ["split"] = false },
             ["model"] = m,
         };
