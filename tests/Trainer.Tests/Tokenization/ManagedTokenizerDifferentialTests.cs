@@ -56,7 +56,7 @@ public sealed class ManagedTokenizerDifferentialTests(TokenizerFamilies families
     }
 
     public static TheoryData<string> Families() => new(
-        "bundled", "gpt2", "llama3", "qwen2", "llama2", "mistral", "variants-lower-nfkc-digits", "variants-punct-ws", "variants-split-behaviours", "unigram", "unigram-unk");
+        "bundled", "gpt2", "llama3", "qwen2", "llama2", "mistral", "variants-lower-nfkc-digits", "variants-punct-ws", "variants-split-behaviours", "unigram", "unigram-unk", "bpe-prefix-suffix");
 
     [SkippableTheory]
     [MemberData(nameof(Families))]

@@ -9,7 +9,8 @@ namespace QLora.Trainer.Tests;
 /// without regex, ignore_merges, a BOS template, special tokens with lstrip/rstrip/single_word/normalized flags); Qwen2
 /// style (NFC, single digits); Llama 2 style (Prepend+Replace normalizer, byte fallback, unk fused, the Replace/ByteFallback/
 /// Fuse/Strip decoder) and Mistral style (Metaspace pre-tokenizer and decoder, prepend_scheme "first"), both over a
-/// SentencePiece-style vocabulary derived from GPT-2's; and a few normalizer/pre-tokenizer variants (Lowercase+NFKC,
+/// SentencePiece-style vocabulary derived from GPT-2's; two Unigram tokenizers over the same pieces; a BPE with
+/// continuing_subword_prefix and end_of_word_suffix; and a few normalizer/pre-tokenizer variants (Lowercase+NFKC,
 /// Digits, Punctuation, WhitespaceSplit, MergedWithPrevious/Next, Contiguous, invert).
 /// </summary>
 public sealed class TokenizerFamilies : IDisposable
@@ -35,6 +36,7 @@ public sealed class TokenizerFamilies : IDisposable
             files["llama2"] = Save("llama2", Llama2(sp));
             files["mistral"] = Save("mistral", Mistral(sp));
             files["unigram"] = Save("unigram", Unigram(sp, byteFallback: true, N("NFKC")));
+            files["bpe-prefix-suffix"] = Save("bpe-prefix-suffix", PrefixSuffix(gpt2, 10_000));
             files["unigram-unk"] = Save("unigram-unk", Unigram(sp, byteFallback: false, null));
             var v1 = Variant(gpt2, Normalizers(N("Lowercase"), N("NFKC")),
                 PreTokenizers(new JsonObject { ["type"] = "Digits", ["individual_digits"] = true }, ByteLevelPre(addPrefixSpace: true, useRegex: true)));
@@ -193,6 +195,50 @@ public sealed class TokenizerFamilies : IDisposable
         },
         ["model"] = model.DeepClone(),
     };
+
+    /// <summary>
+    /// A BPE with continuing_subword_prefix "##" and end_of_word_suffix "&lt;/w&gt;" over GPT-2's first
+    /// <paramref name="tokens"/> tokens: each token t also as ##t, t&lt;/w&gt; and ##t&lt;/w&gt;, each GPT-2 merge (a, b)
+    /// as the four merges a ##b, ##a ##b, a ##b&lt;/w&gt;, ##a ##b&lt;/w&gt; in a row.
+    /// </summary>
+    private static JsonObject PrefixSuffix(JsonObject gpt2, int tokens)
+    {
+        // Tokens with '#' or '<' are left out, so that ##t and t</w> never spell another token.
+        var kept = gpt2["model"]!["vocab"]!.AsObject().Where(kv => kv.Value!.GetValue<int>() < tokens && !kv.Key.Contains('#') && !kv.Key.Contains('<'))
+            .OrderBy(kv => kv.Value!.GetValue<int>()).Select(kv => kv.Key).ToList();
+        var vocab = new JsonObject();
+        int next = 0;
+        foreach (var t in kept)
+        {
+            foreach (var v in new[] { t, "##" + t, t + "</w>", "##" + t + "</w>" })
+                vocab[v] = next++;
+        }
+        var merges = new JsonArray();
+        foreach (var m in gpt2["model"]!["merges"]!.AsArray())
+        {
+            var parts = m!.GetValue<string>().Split(' ');
+            if (!vocab.ContainsKey(parts[0]) || !vocab.ContainsKey(parts[1]) || !vocab.ContainsKey(parts[0] + parts[1]))
+                continue;
+            merges.Add($"{parts[0]} ##{parts[1]}");
+            merges.Add($"##{parts[0]} ##{parts[1]}");
+            merges.Add($"{parts[0]} ##{parts[1]}</w>");
+            merges.Add($"##{parts[0]} ##{parts[1]}</w>");
+        }
+        var root = (JsonObject)gpt2.DeepClone();
+        root["model"] = new JsonObject
+        {
+            ["type"] = "BPE", ["dropout"] = null, ["unk_token"] = null, ["continuing_subword_prefix"] = "##",
+            ["end_of_word_suffix"] = "</w>", ["fuse_unk"] = false, ["byte_fallback"] = false, ["ignore_merges"] = false,
+            ["vocab"] = vocab, ["merges"] = merges,
+        };
+        root["added_tokens"] = new JsonArray(Added(next, "<|endoftext|>"));
+        root["decoder"] = new JsonObject
+        {
+            ["type"] = "Sequence",
+            ["decoders"] = new JsonArray(new JsonObject { ["type"] = "BPEDecoder", ["suffix"] = "</w>" }, ByteLevelPre(addPrefixSpace: false, useRegex: true)),
+        };
+        return root;
+    }
 
     /// <summary>
     /// A SentencePiece unigram tokenizer over the same pieces (scores falling with GPT-2's rank, so Viterbi prefers long,

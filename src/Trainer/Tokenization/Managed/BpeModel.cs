@@ -18,7 +18,7 @@ internal sealed class BpeModel : ITokenizerModel
     private int _cacheCount;
     private readonly Dictionary<string, int> _vocab;
     private readonly Dictionary<string, int>.AlternateLookup<ReadOnlySpan<char>> _lookup;
-    private readonly Dictionary<long, (int Rank, int NewId)> _merges;
+    private readonly MergeTable _merges;
     private readonly int[] _byteIds = new int[256];
     private readonly int[] _charIds = new int[0x3000]; // ids of single characters below U+3000, -1 when not in the vocabulary
     private readonly string? _unkToken;
@@ -35,7 +35,7 @@ internal sealed class BpeModel : ITokenizerModel
     {
         _vocab = vocab;
         _lookup = vocab.GetAlternateLookup<ReadOnlySpan<char>>();
-        _merges = merges;
+        _merges = new MergeTable(merges);
         (_unkToken, _prefix, _suffix, _fuseUnk, _byteFallback, _ignoreMerges) = (unkToken, prefix, suffix, fuseUnk, byteFallback, ignoreMerges);
         _unkId = unkToken is not null && vocab.TryGetValue(unkToken, out var u) ? u : null;
         _idToToken = new string?[vocab.Count == 0 ? 0 : vocab.Values.Max() + 1];
@@ -69,6 +69,8 @@ internal sealed class BpeModel : ITokenizerModel
         {
             if (value is not JsonValue v || !v.TryGetValue<int>(out var id))
                 throw new InvalidDataException($"{source}: tokenizer.json's vocab entry '{token}' has no integer id.");
+            if (id < 0)
+                throw new InvalidDataException($"{source}: tokenizer.json's vocab entry '{token}' has a negative id.");
             vocab[token] = id;
         }
         var prefix = TokenizerJson.OptionalString(model, "continuing_subword_prefix");
@@ -109,6 +111,61 @@ internal sealed class BpeModel : ITokenizerModel
 
     private static long Key(int a, int b) => ((long)a << 32) | (uint)b;
 
+    /// <summary>
+    /// The merges as an open-addressing table of (left id, right id) → (rank, merged id): the lookup BPE does for every
+    /// adjacent pair, without Dictionary's comparer calls.
+    /// </summary>
+    private sealed class MergeTable
+    {
+        private readonly long[] _keys;
+        private readonly int[] _ranks;
+        private readonly int[] _newIds;
+        private readonly int _mask;
+
+        public MergeTable(Dictionary<long, (int Rank, int NewId)> merges)
+        {
+            Count = merges.Count;
+            int capacity = 16;
+            while (capacity < merges.Count * 2)
+                capacity <<= 1;
+            _keys = new long[capacity];
+            Array.Fill(_keys, -1L); // keys are non-negative: ids are
+            _ranks = new int[capacity];
+            _newIds = new int[capacity];
+            _mask = capacity - 1;
+            foreach (var (key, (rank, newId)) in merges)
+            {
+                int h = PairComparer.Mix(key) & _mask;
+                while (_keys[h] != -1L)
+                    h = (h + 1) & _mask;
+                (_keys[h], _ranks[h], _newIds[h]) = (key, rank, newId);
+            }
+        }
+
+        public int Count { get; }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public bool TryGetValue(long key, out (int Rank, int NewId) value)
+        {
+            int h = PairComparer.Mix(key) & _mask;
+            while (true)
+            {
+                long k = _keys[h];
+                if (k == key)
+                {
+                    value = (_ranks[h], _newIds[h]);
+                    return true;
+                }
+                if (k == -1L)
+                {
+                    value = default;
+                    return false;
+                }
+                h = (h + 1) & _mask;
+            }
+        }
+    }
+
     // long.GetHashCode is high ^ low, so pairs (a, b) with equal a ^ b would share a bucket: mix the bits instead.
     private sealed class PairComparer : IEqualityComparer<long>
     {
@@ -116,7 +173,10 @@ internal sealed class BpeModel : ITokenizerModel
 
         public bool Equals(long x, long y) => x == y;
 
-        public int GetHashCode(long key)
+        public int GetHashCode(long key) => Mix(key);
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int Mix(long key)
         {
             ulong h = (ulong)key;
             h ^= h >> 33;
