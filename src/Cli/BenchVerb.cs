@@ -13,6 +13,7 @@ internal static class BenchVerb
         bench.Subcommands.Add(MemoryBenchmarkVerb.Create(stdout));
         bench.Subcommands.Add(EvalBenchmarkVerb.Create(stdout));
         bench.Subcommands.Add(QualityBenchmarkVerb.Create(stdout));
+        bench.Subcommands.Add(TokenizerBenchmarkVerb.Create(stdout));
         return bench;
     }
 }

@@ -20,9 +20,8 @@ public static class ByteLevelTokenizerFiles
     /// <summary>Writes tokenizer.json, tokenizer_config.json and generation_config.json into <paramref name="folder"/>.</summary>
     public static void Write(string folder)
     {
-        var byteToUnicode = ByteToUnicode();
         var vocab = new JsonObject();
-        for (int b = 0; b < 256; b++) vocab[byteToUnicode[b]] = b;
+        for (int b = 0; b < 256; b++) vocab[ByteLevelAlphabet.ByteToChar[b].ToString()] = b;
         JsonObject Added(int id, string content) => new()
         {
             ["id"] = id, ["content"] = content, ["single_word"] = false, ["lstrip"] = false, ["rstrip"] = false, ["normalized"] = false, ["special"] = true,
@@ -63,18 +62,5 @@ public static class ByteLevelTokenizerFiles
             new JsonObject { ["bos_token"] = "<|begin_of_text|>", ["eos_token"] = "<|end_of_text|>" }.ToJsonString());
         File.WriteAllText(Path.Combine(folder, "generation_config.json"),
             new JsonObject { ["bos_token_id"] = BosId, ["eos_token_id"] = EosId }.ToJsonString());
-    }
-
-    // GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256 + n in order.
-    private static string[] ByteToUnicode()
-    {
-        var map = new string[256];
-        int n = 0;
-        for (int b = 0; b < 256; b++)
-        {
-            bool printable = b is >= '!' and <= '~' or >= 0xA1 and <= 0xAC or >= 0xAE and <= 0xFF;
-            map[b] = printable ? ((char)b).ToString() : ((char)(256 + n++)).ToString();
-        }
-        return map;
     }
 }

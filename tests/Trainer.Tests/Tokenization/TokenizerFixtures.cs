@@ -53,7 +53,7 @@ internal static class TokenizerFixtures
         ["rstrip"] = false, ["normalized"] = false, ["special"] = special,
     };
 
-    private static JsonObject BosTemplate(string bos, int bosId) => new()
+    public static JsonObject BosTemplate(string bos, int bosId) => new()
     {
         ["type"] = "TemplateProcessing",
         ["single"] = new JsonArray(
