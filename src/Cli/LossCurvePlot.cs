@@ -27,7 +27,7 @@ internal static class LossCurvePlot
         plot.ShowLegend();
         var tmp = path + ".tmp";
         plot.SavePng(tmp, 900, 540);
-        File.Move(tmp, path, overwrite: true);
+        QLora.Quant.FileReplace.ReplaceFile(tmp, path);
         return true;
     }
 }

@@ -37,7 +37,7 @@ public sealed partial class TrainingCheckpoints(string checkpointsDir, int keepL
             AtomicFile.WriteAllBytes(Path.Combine(staged.Path, ManifestFile), System.Text.Encoding.UTF8.GetBytes(manifest));
             staged.Commit();
         }
-        foreach (var old in List().Skip(keepLast)) Directory.Delete(old.Path, recursive: true);
+        foreach (var old in List().Skip(keepLast)) FileReplace.DeleteDirectory(old.Path);
         return target;
     }
 
