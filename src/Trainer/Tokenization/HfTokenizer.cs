@@ -1,27 +1,24 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
-using NativeTokenizer = Tokenizers.DotNet.Tokenizer;
-using NativeTokenizerException = Tokenizers.DotNet.TokenizerException;
 
 namespace QLora.Trainer;
 
 /// <summary>
-/// A Hugging Face fast tokenizer loaded from a model folder. Encoding and decoding run in Hugging Face's own Rust
-/// <c>tokenizers</c> library (through Tokenizers.DotNet), so ids match transformers' for any tokenizer.json: byte-level
-/// BPE (GPT-2, Llama 3, Qwen2), SentencePiece-style BPE/Unigram with Metaspace and byte fallback (Llama 2, Mistral).
+/// A Hugging Face fast tokenizer loaded from a model folder. Encoding and decoding run either in Hugging Face's own Rust
+/// <c>tokenizers</c> library (through Tokenizers.DotNet; linux-x64 only), or in the managed implementation of
+/// tokenizer.json (every OS; BPE models: byte-level as in GPT-2 / Llama 3 / Qwen2, SentencePiece-style with Metaspace and
+/// byte fallback as in Llama 2 / Mistral), which gives the same ids. <see cref="TokenizerSelection"/> says which.
 /// Special tokens come from tokenizer_config.json, then special_tokens_map.json, then generation_config.json.
 /// </summary>
 public sealed class HfTokenizer : IDisposable
 {
-    private readonly NativeTokenizer _asWritten;
-    private readonly Lazy<NativeTokenizer> _withoutPostProcessor;
-    private readonly Lazy<NativeTokenizer> _specialsVisible;
+    private readonly ITokenizerEngine _engine;
     private readonly Dictionary<string, int> _tokenToId;
     private readonly string?[] _idToToken;
     private readonly HashSet<int> _specialIds;
     private bool _disposed;
 
-    private HfTokenizer(string source, string tokenizerJson, JsonObject? tokenizerConfig, JsonObject? specialTokensMap, JsonObject? generationConfig, string? chatTemplateFile)
+    private HfTokenizer(string source, string tokenizerJson, JsonObject? tokenizerConfig, JsonObject? specialTokensMap, JsonObject? generationConfig, string? chatTemplateFile, TokenizerImplementation implementation)
     {
         Source = source;
         JsonObject root;
@@ -36,10 +33,7 @@ public sealed class HfTokenizer : IDisposable
         (_tokenToId, _idToToken, _specialIds) = ReadVocabulary(root, source);
         VocabSize = _idToToken.Length;
 
-        // transformers turns off the truncation and padding a tokenizer.json may carry unless a call asks for them; so do we.
-        _asWritten = LoadNative(Variant(tokenizerJson, dropPostProcessor: false, specialsAsNormal: false), source);
-        _withoutPostProcessor = new(() => LoadNative(Variant(tokenizerJson, dropPostProcessor: true, specialsAsNormal: false), source));
-        _specialsVisible = new(() => LoadNative(Variant(tokenizerJson, dropPostProcessor: false, specialsAsNormal: true), source));
+        _engine = CreateEngine(root, tokenizerJson, source, implementation);
 
         // The tokenizer files decide; generation_config.json fills in only keys they do not mention at all
         // (Qwen2 writes "bos_token": null yet has a bos_token_id for generation: it has no BOS when tokenizing).
@@ -86,6 +80,9 @@ public sealed class HfTokenizer : IDisposable
     /// </summary>
     public bool CleanUpTokenizationSpaces { get; }
 
+    /// <summary>Which implementation encodes and decodes: <see cref="TokenizerImplementation.Native"/> or <see cref="TokenizerImplementation.Managed"/>.</summary>
+    public TokenizerImplementation Implementation => _engine.Implementation;
+
     /// <summary>Where the tokenizer came from (folder or file), for messages.</summary>
     public string Source { get; }
 
@@ -126,7 +123,12 @@ public sealed class HfTokenizer : IDisposable
     /// <exception cref="DirectoryNotFoundException">The folder does not exist.</exception>
     /// <exception cref="FileNotFoundException">The folder has no tokenizer.json.</exception>
     /// <exception cref="InvalidDataException">A file is malformed or names a token the vocabulary lacks.</exception>
-    public static HfTokenizer Load(string folder)
+    public static HfTokenizer Load(string folder) => Load(folder, TokenizerSelection.FromEnvironment());
+
+    /// <summary>Loads the tokenizer of a model folder with the given implementation (see <see cref="Load(string)"/>).</summary>
+    /// <exception cref="PlatformNotSupportedException">Native was asked for where its library is missing.</exception>
+    /// <exception cref="NotSupportedException">Managed was asked for (or is the only one here) and the file uses something it does not implement.</exception>
+    public static HfTokenizer Load(string folder, TokenizerImplementation implementation)
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(folder);
         if (!Directory.Exists(folder))
@@ -144,17 +146,55 @@ public sealed class HfTokenizer : IDisposable
             ReadOptionalObject(Path.Combine(folder, TokenizerFiles.TokenizerConfig)),
             ReadOptionalObject(Path.Combine(folder, TokenizerFiles.SpecialTokensMap)),
             ReadOptionalObject(Path.Combine(folder, TokenizerFiles.GenerationConfig)),
-            File.Exists(chatTemplatePath) ? File.ReadAllText(chatTemplatePath) : null);
+            File.Exists(chatTemplatePath) ? File.ReadAllText(chatTemplatePath) : null, implementation);
     }
 
     /// <summary>Loads a bare tokenizer.json (no config files: special tokens unset, no chat template).</summary>
     /// <exception cref="FileNotFoundException">The file does not exist.</exception>
-    public static HfTokenizer FromFile(string tokenizerJsonPath)
+    public static HfTokenizer FromFile(string tokenizerJsonPath, TokenizerImplementation? implementation = null)
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(tokenizerJsonPath);
         if (!File.Exists(tokenizerJsonPath))
             throw new FileNotFoundException($"Tokenizer file '{tokenizerJsonPath}' does not exist.", tokenizerJsonPath);
-        return new HfTokenizer(tokenizerJsonPath, File.ReadAllText(tokenizerJsonPath), null, null, null, null);
+        return new HfTokenizer(tokenizerJsonPath, File.ReadAllText(tokenizerJsonPath), null, null, null, null, implementation ?? TokenizerSelection.FromEnvironment());
+    }
+
+    // Auto: the native library where it is published (linux-x64) and loads; otherwise, or when it is missing, the managed one.
+    private static ITokenizerEngine CreateEngine(JsonObject root, string tokenizerJson, string source, TokenizerImplementation implementation)
+    {
+        switch (implementation)
+        {
+            case TokenizerImplementation.Native:
+                return new NativeTokenizerEngine(tokenizerJson, source);
+            case TokenizerImplementation.Managed:
+                return CreateManaged(root, source);
+            default:
+                if (TokenizerSelection.NativePlatform)
+                {
+                    try
+                    {
+                        return new NativeTokenizerEngine(tokenizerJson, source);
+                    }
+                    catch (PlatformNotSupportedException)
+                    {
+                        // The native library did not load: fall through to the managed tokenizer.
+                    }
+                }
+                return CreateManaged(root, source);
+        }
+    }
+
+    private static ManagedTokenizer CreateManaged(JsonObject root, string source)
+    {
+        try
+        {
+            return new ManagedTokenizer(root, source);
+        }
+        catch (InvalidDataException e)
+        {
+            var why = e.Message.StartsWith(source + ": ", StringComparison.Ordinal) ? e.Message[(source.Length + 2)..] : e.Message;
+            throw new InvalidDataException($"{source}: the managed tokenizer could not load tokenizer.json: {why}", e);
+        }
     }
 
     /// <summary>
@@ -167,17 +207,7 @@ public sealed class HfTokenizer : IDisposable
     {
         ArgumentNullException.ThrowIfNull(text);
         ObjectDisposedException.ThrowIf(_disposed, this);
-        var native = addSpecialTokens ? _asWritten : _withoutPostProcessor.Value;
-        uint[] ids;
-        try
-        {
-            ids = native.Encode(text);
-        }
-        catch (NativeTokenizerException e)
-        {
-            throw new InvalidOperationException($"{Source}: encoding failed: {e.Message}", e);
-        }
-        return Array.ConvertAll(ids, id => checked((int)id));
+        return _engine.Encode(text, addSpecialTokens);
     }
 
     /// <summary>Text of token ids, as transformers' <c>tokenizer.decode(ids, skip_special_tokens=...)</c>.</summary>
@@ -187,23 +217,13 @@ public sealed class HfTokenizer : IDisposable
     {
         ArgumentNullException.ThrowIfNull(ids);
         ObjectDisposedException.ThrowIf(_disposed, this);
-        var raw = new uint[ids.Count];
-        for (int i = 0; i < raw.Length; i++)
+        for (int i = 0; i < ids.Count; i++)
         {
             if (ids[i] < 0 || ids[i] >= VocabSize || _idToToken[ids[i]] is null)
                 throw new ArgumentOutOfRangeException(nameof(ids), ids[i], $"Token id at position {i} is not in the vocabulary of {Source} (size {VocabSize}).");
-            raw[i] = (uint)ids[i];
         }
-        var native = skipSpecialTokens ? _asWritten : _specialsVisible.Value;
-        try
-        {
-            var text = native.Decode(raw);
-            return CleanUpTokenizationSpaces ? CleanUpTokenization(text) : text;
-        }
-        catch (NativeTokenizerException e)
-        {
-            throw new InvalidOperationException($"{Source}: decoding failed: {e.Message}", e);
-        }
+        var text = _engine.Decode(ids, skipSpecialTokens);
+        return CleanUpTokenizationSpaces ? CleanUpTokenization(text) : text;
     }
 
     /// <summary>
@@ -283,17 +303,13 @@ public sealed class HfTokenizer : IDisposable
         return ChatTemplate.FromTokenizer(ChatTemplateSource, modelType, BosToken, EosToken, others);
     }
 
-    /// <summary>Releases the native tokenizers.</summary>
+    /// <summary>Releases the native tokenizers (nothing to release for the managed one).</summary>
     public void Dispose()
     {
         if (_disposed)
             return;
         _disposed = true;
-        _asWritten.Dispose();
-        if (_withoutPostProcessor.IsValueCreated)
-            _withoutPostProcessor.Value.Dispose();
-        if (_specialsVisible.IsValueCreated)
-            _specialsVisible.Value.Dispose();
+        _engine.Dispose();
     }
 
     private int? ResolveId(string? token, string key)
@@ -342,49 +358,6 @@ public sealed class HfTokenizer : IDisposable
             idToToken[id] = token;
         }
         return (tokenToId, idToToken, special);
-    }
-
-    private static NativeTokenizer LoadNative(string json, string source)
-    {
-        // The wrapper loads from a path; a private temp copy lets us load edited variants the same way.
-        var path = Path.Combine(Path.GetTempPath(), $"qlora-tokenizer-{Guid.NewGuid():N}.json");
-        File.WriteAllText(path, json);
-        try
-        {
-            return new NativeTokenizer(path);
-        }
-        catch (NativeTokenizerException e)
-        {
-            throw new InvalidDataException($"{source}: Hugging Face tokenizers could not load tokenizer.json: {e.Message}", e);
-        }
-        catch (DllNotFoundException e)
-        {
-            throw new PlatformNotSupportedException(
-                $"The Hugging Face tokenizers native library (libhf_tokenizers) is not available for {System.Runtime.InteropServices.RuntimeInformation.RuntimeIdentifier}: " +
-                "QLora.Trainer references Tokenizers.DotNet.runtime.linux-x64; add the Tokenizers.DotNet.runtime package for this platform.", e);
-        }
-        finally
-        {
-            File.Delete(path);
-        }
-    }
-
-    // The tokenizer.json the native library loads: truncation and padding off (as transformers' encode), and
-    // add_special_tokens=false: no post-processor (it only adds BOS/EOS/CLS-style ids; ByteLevel's part only moves offsets);
-    // skip_special_tokens=false: added tokens marked non-special, because the wrapper's decode always skips special ones.
-    private static string Variant(string json, bool dropPostProcessor, bool specialsAsNormal)
-    {
-        var root = JsonNode.Parse(json)!.AsObject();
-        root["truncation"] = null;
-        root["padding"] = null;
-        if (dropPostProcessor)
-            root["post_processor"] = null;
-        if (specialsAsNormal && root["added_tokens"] is JsonArray added)
-        {
-            foreach (var t in added.OfType<JsonObject>())
-                t["special"] = false;
-        }
-        return root.ToJsonString();
     }
 
     private static JsonObject? ReadOptionalObject(string path)
