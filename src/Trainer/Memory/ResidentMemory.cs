@@ -12,7 +12,7 @@ public static class ResidentMemory
     public static bool IsSupported => OperatingSystem.IsWindows() || File.Exists("/proc/self/status");
 
     /// <summary>Where the figures come from, in words (for <c>qlora doctor</c>).</summary>
-    public static string Source => OperatingSystem.IsWindows() ? "GetProcessMemoryInfo: private bytes, working set"
+    public static string Source => OperatingSystem.IsWindows() ? "GetProcessMemoryInfo: private bytes (the working set where none are reported, as under Wine), working set"
         : IsSupported ? "/proc/self/status: RssAnon, VmRSS, VmHWM" : "none on this OS";
 
     /// <summary>Resident anonymous memory now, in bytes (Windows: private bytes; 0 where unsupported).</summary>

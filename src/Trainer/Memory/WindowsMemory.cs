@@ -13,9 +13,10 @@ internal static partial class WindowsMemory
     /// Private bytes (<c>PrivateUsage</c>: the commit charge of memory only this process can use): tensors, optimizer
     /// state in RAM, the managed heap. Like Linux's RssAnon it leaves out memory-mapped files (checkpoints, paged
     /// optimizer state), the split the planner predicts; unlike RssAnon it counts committed pages not yet touched or
-    /// paged out, so it can read somewhat higher.
+    /// paged out, so it can read somewhat higher. Wine 8 reports no private bytes (0): there the working set stands in,
+    /// which also counts mapped files and so reads higher.
     /// </summary>
-    public static long PrivateBytes() => Counters() is { } c ? (long)c.PrivateUsage : 0;
+    public static long PrivateBytes() => Counters() is { } c ? (long)(c.PrivateUsage > 0 ? c.PrivateUsage : c.WorkingSetSize) : 0;
 
     /// <summary>The working set: every page resident now (private, mapped files and shared DLLs), as VmRSS.</summary>
     public static long WorkingSetBytes() => Counters() is { } c ? (long)c.WorkingSetSize : 0;

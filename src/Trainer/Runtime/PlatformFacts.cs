@@ -18,7 +18,8 @@ public static class PlatformFacts
         bool windows = OperatingSystem.IsWindows();
         var facts = new List<PlatformFact>
         {
-            new("memory", ResidentMemory.Source + (AvailableMemory.Bytes() is long a ? $"; {a / (1024.0 * 1024 * 1024):F1} GiB available now" : "")),
+            new("memory", ResidentMemory.Source + $"; this process now: {Mib(ResidentMemory.AnonymousBytes())} anonymous (private), {Mib(ResidentMemory.ResidentBytes())} resident"
+                + (AvailableMemory.Bytes() is long a ? $"; {a / (1024.0 * 1024 * 1024):F1} GiB available to a new job" : "")),
             new("native heap", windows ? "Windows process heap: large freed blocks go back to the OS, no policy needed"
                 : OperatingSystem.IsLinux() ? "glibc malloc: qlora train sets a 1 MB mmap threshold and 2 arenas (mallopt)" : "system allocator, no policy"),
             new("stop", windows
@@ -31,6 +32,8 @@ public static class PlatformFacts
         if (windows && WineVersion() is { } wine) facts.Add(new("wine", $"running under Wine {wine}, which is not Windows (README, \"Windows\": what was tested under Wine)"));
         return facts;
     }
+
+    static string Mib(long bytes) => $"{bytes / (1024.0 * 1024):F0} MiB";
 
     /// <summary>The seconds a Windows close or shutdown handler waits for the checkpoint (the Cli's StopSignals).</summary>
     public const double StopGraceSeconds = 4.5;
