@@ -54,10 +54,13 @@ fail() { say "FAIL: $*"; failures+=("$1"); }
 timed() { local name=$1; shift; local s=$(date +%s); "$@"; local rc=$?; say "$name: $(( $(date +%s) - s )) s (exit $rc)"; return $rc; }
 
 say "publishing qlora for win-x64 (self-contained) and building it for Linux (Release)"
-timed publish dotnet publish src/Cli -r win-x64 --self-contained -c Release -o "$work/win" -v q -nologo >"$work/publish.log" 2>&1 \
-  || { cat "$work/publish.log"; fail "publish"; exit 1; }
-timed build dotnet build src/Cli -c Release -v q -nologo >"$work/build.log" 2>&1 || { cat "$work/build.log"; fail "build"; exit 1; }
-LIN=(dotnet src/Cli/bin/Release/net10.0/qlora.dll)
+# Each build in its own artifacts folder: the two restores (win-x64, Linux) and a developer's own build in src/*/obj
+# never share a project.assets.json.
+timed publish dotnet publish src/Cli -r win-x64 --self-contained -c Release --artifacts-path "$work/artifacts-win" -o "$work/win" -v q -nologo \
+  >"$work/publish.log" 2>&1 || { cat "$work/publish.log"; fail "publish"; exit 1; }
+timed build dotnet build src/Cli -c Release --artifacts-path "$work/artifacts-linux" -o "$work/linux" -v q -nologo \
+  >"$work/build.log" 2>&1 || { cat "$work/build.log"; fail "build"; exit 1; }
+LIN=(dotnet "$work/linux/qlora.dll")
 WIN=("$WINE" "$work/win/qlora.exe")
 timed "wine prefix" "$WINE" cmd /c exit >/dev/null 2>&1 || true
 
@@ -124,19 +127,25 @@ if [ -f "$work/wine30/train_log.jsonl" ] && [ -f "$work/linux30/train_log.jsonl"
 fi
 
 # 3. Ctrl-C and --resume latest. Wine turns SIGINT into a console CTRL_C_EVENT for the app, the path a Ctrl-C takes on
-# Windows; the run must save a checkpoint and exit 130. set -m: a background job of a script would otherwise ignore SIGINT.
-set -m
-"${WIN[@]}" "${JOB[@]}" --Output:Dir "$work/wine-stop" >"$work/stop.wine" 2>&1 &
-pid=$!
-set +m
-for _ in $(seq 1200); do
-  n=$(grep -c '"step"' "$work/wine-stop/train_log.jsonl" 2>/dev/null || true)
-  [ "${n:-0}" -ge 14 ] && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 0.5
-done
-kill -INT "$pid" 2>/dev/null || true
-wait "$pid"; code=$?
+# Windows; the run must save a checkpoint and exit 130.
+# interrupt DIR LOG STEPS N: runs the job into DIR, sends N SIGINTs (0.3 s apart) once STEPS steps are logged, and
+# sets $code to the exit status. set -m: a background job of a script would otherwise ignore SIGINT.
+interrupt() {
+  local dir=$1 log=$2 after=$3 times=$4 pid n
+  set -m
+  "${WIN[@]}" "${JOB[@]}" --Output:Dir "$dir" >"$log" 2>&1 &
+  pid=$!
+  set +m
+  for _ in $(seq 1200); do
+    n=$(grep -c '"step"' "$dir/train_log.jsonl" 2>/dev/null || true)
+    [ "${n:-0}" -ge "$after" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  for i in $(seq "$times"); do [ "$i" -gt 1 ] && sleep 0.3; kill -INT "$pid" 2>/dev/null; done
+  wait "$pid"; code=$?
+}
+interrupt "$work/wine-stop" "$work/stop.wine" 14 1
 stopped=$(ls "$work/wine-stop/checkpoints" 2>/dev/null | tail -n 1 || true)
 if [ "$code" = 130 ] && [ -n "$stopped" ] && grep -q "continue with --resume latest" "$work/stop.wine"; then
   say "Ctrl-C under Wine: exit 130, newest checkpoint $stopped"
@@ -149,18 +158,7 @@ if timed "resume under Wine" "${WIN[@]}" "${JOB[@]}" --Output:Dir "$work/wine-st
 else tail -5 "$work/resume.wine"; fail "resume under Wine"; fi
 
 # A second Ctrl-C aborts at once without saving (TerminateProcess on Windows): exit 3.
-set -m
-"${WIN[@]}" "${JOB[@]}" --Output:Dir "$work/wine-abort" >"$work/abort.wine" 2>&1 &
-pid=$!
-set +m
-for _ in $(seq 1200); do
-  n=$(grep -c '"step"' "$work/wine-abort/train_log.jsonl" 2>/dev/null || true)
-  [ "${n:-0}" -ge 2 ] && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 0.5
-done
-kill -INT "$pid" 2>/dev/null; sleep 0.3; kill -INT "$pid" 2>/dev/null
-wait "$pid"; code=$?
+interrupt "$work/wine-abort" "$work/abort.wine" 2 2
 if [ "$code" = 3 ] && grep -q "aborted by a second Ctrl-C" "$work/abort.wine"; then say "a second Ctrl-C under Wine: exit 3, nothing saved"
 elif [ "$code" = 130 ]; then say "a second Ctrl-C under Wine came after the checkpoint of the first (exit 130): not a failure"
 else tail -5 "$work/abort.wine"; fail "double Ctrl-C under Wine (exit $code)"; fi
