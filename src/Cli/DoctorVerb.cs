@@ -31,6 +31,8 @@ internal static class DoctorVerb
         foreach (var d in r.Devices)
             o.WriteLine($"  cuda:{d.Ordinal}    {d.Name}, {d.MemoryBytes / (1024.0 * 1024 * 1024):F1} GiB, compute {d.ComputeCapability}, {d.Multiprocessors} SMs, kernels: {d.PtxTarget}");
         if (r.Devices.Count == 0) o.WriteLine($"kernels     PTX {r.PtxFallback}, when a device appears");
+        foreach (var f in r.Platform) o.WriteLine($"{f.Name,-11} {f.Value}");
+        o.WriteLine($"console     {(ConsoleAnsi.Supported ? "ANSI escape codes" : "no ANSI escape codes: the progress bar redraws with spaces")}");
         foreach (var s in r.SelfCheck) o.WriteLine($"self-check  {(s.Passed ? "ok  " : "FAIL")} {s.Name} on {s.Device}: {s.Detail}");
         foreach (var f in r.Findings) o.WriteLine($"{(f.IsError ? "error" : "note "),-11} {f.What}" + (f.ToDo.Length > 0 ? $"; to do: {f.ToDo}" : ""));
         o.WriteLine(r.Healthy ? "doctor: nothing broken" : "doctor: something is broken (see the errors above)");
@@ -61,6 +63,9 @@ internal static class DoctorVerb
             ptx_fallback = r.PtxFallback,
             self_check = r.SelfCheck.Select(s => new { name = s.Name, device = s.Device, passed = s.Passed, detail = s.Detail }),
             findings = r.Findings.Select(f => new { error = f.IsError, what = f.What, to_do = f.ToDo }),
+            platform = r.Platform.ToDictionary(f => f.Name.Replace(' ', '_'), f => f.Value),
+            wine = PlatformFacts.WineVersion(),
+            console_ansi = ConsoleAnsi.Supported,
         }));
         return r.Healthy ? 0 : 1;
     }

@@ -7,12 +7,16 @@ namespace QLora.Cli;
 /// Preloads the libtorch named by <c>QLORA_LIBTORCH</c> or <c>--libtorch</c> when the <c>qlora</c> assembly loads,
 /// before <c>Main</c> parses anything and before any code touches TorchSharp's <c>torch</c> class (its static
 /// constructor loads libtorch by name, and what is loaded first wins). The command line is read raw for that reason.
+/// On Windows it first sets the environment libtorch's native runtime reads as it loads (<see cref="WindowsNativeEnvironment"/>).
 /// </summary>
 internal static class LibTorchStartup
 {
     [ModuleInitializer]
-    internal static void Initialize() =>
+    internal static void Initialize()
+    {
+        WindowsNativeEnvironment.Apply(); // before libtorch's native runtime loads and reads it
         LibTorchPreload.Startup(Environment.GetCommandLineArgs().Skip(1).ToArray(), Environment.GetEnvironmentVariable);
+    }
 
     /// <summary>Verbs that run without a usable libtorch (they explain or touch no torch).</summary>
     private static readonly HashSet<string> NeedNoTorch = ["doctor", "--help", "-h", "-?", "--version"];

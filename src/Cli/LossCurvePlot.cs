@@ -29,7 +29,7 @@ internal static class LossCurvePlot
         try
         {
             plot.SavePng(tmp, 900, 540);
-            File.Move(tmp, path, overwrite: true);
+            Quant.FileReplace.ReplaceFile(tmp, path);
         }
         catch
         {

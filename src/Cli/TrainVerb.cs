@@ -9,7 +9,7 @@ namespace QLora.Cli;
 /// <summary>
 /// <c>qlora train [--config job.json] [--resume latest|&lt;checkpoint&gt;] [--Section:Key value ...]</c>: runs a training
 /// job from configuration (the root appsettings.json by default), with a progress line on a terminal and plain log
-/// lines otherwise; Ctrl-C (or SIGTERM) saves a checkpoint and exits. The last line is the run summary as JSON.
+/// lines otherwise; Ctrl-C, Ctrl-Break, SIGTERM or a closed terminal saves a checkpoint and exits (see <see cref="StopSignals"/>). The last line is the run summary as JSON.
 /// </summary>
 internal static class TrainVerb
 {
@@ -39,22 +39,13 @@ internal static class TrainVerb
             var job = JobConfiguration.LoadTrainJob(jobPath, r.UnmatchedTokens);
             using var reservation = r.GetValue(emulate) is { } vram
                 ? DeviceOptions.Emulate(DeviceSelector.Resolve(job.Model.Device, "Model:Device"), vram, stdout) : null;
-            using var cts = new CancellationTokenSource();
-            ConsoleCancelEventHandler onCancel = (_, e) =>
+            using var stop = new StopSignals(abort: () =>
             {
-                e.Cancel = true;
-                if (cts.IsCancellationRequested)
-                {
-                    // A second Ctrl-C: stop now, without the checkpoint the first one asked for.
-                    Console.Error.WriteLine($"qlora train: aborted by a second Ctrl-C; steps since the last checkpoint are lost (exit code {AbortedExitCode}); continue with --resume latest");
-                    OutputFolderLock.ReleaseAll();
-                    ImmediateExit.Now(AbortedExitCode);
-                }
-                Console.Error.WriteLine("qlora train: interrupted; saving a checkpoint at the end of this step (press Ctrl-C again to abort without saving)");
-                cts.Cancel();
-            };
-            Console.CancelKeyPress += onCancel;
-            using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
+                // A second Ctrl-C: stop now, without the checkpoint the first one asked for.
+                Console.Error.WriteLine($"qlora train: aborted by a second Ctrl-C; steps since the last checkpoint are lost (exit code {AbortedExitCode}); continue with --resume latest");
+                OutputFolderLock.ReleaseAll();
+                ImmediateExit.Now(AbortedExitCode);
+            });
             // Under mpirun the ranks' output is a pseudo-terminal that the launcher copies into its own: plain lines, not a bar.
             var progress = new ProgressDisplay(stdout, interactive: ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected && !MpiLaunch.IsLaunched);
             try
@@ -64,7 +55,7 @@ internal static class TrainVerb
                     Resume = r.GetValue(resume),
                     Log = progress.Line,
                     Progress = progress.Update,
-                    Cancellation = cts.Token,
+                    Cancellation = stop.Token,
                 });
                 progress.Finish();
                 int exit = result.Summary.Interrupted ? InterruptedExitCode : 0;
@@ -79,7 +70,7 @@ internal static class TrainVerb
             finally
             {
                 progress.Finish();
-                Console.CancelKeyPress -= onCancel;
+                stop.RunFinished();
             }
         });
         return cmd;
@@ -89,6 +80,7 @@ internal static class TrainVerb
     sealed class ProgressDisplay(TextWriter stdout, bool interactive)
     {
         bool _open;
+        int _lastLength;
 
         public void Line(string text)
         {
@@ -103,7 +95,10 @@ internal static class TrainVerb
             if (interactive)
             {
                 int width = 24, filled = (int)Math.Round(width * (double)p.Step / Math.Max(1, p.TotalSteps));
-                stdout.Write($"\r[{new string('#', filled)}{new string('.', width - filled)}] {text}\u001b[K");
+                var bar = $"\r[{new string('#', filled)}{new string('.', width - filled)}] {text}";
+                // Clear what a longer previous line left: ESC[K where the terminal understands it, else spaces.
+                stdout.Write(ConsoleAnsi.Supported ? bar + "\u001b[K" : bar.PadRight(Math.Max(bar.Length, _lastLength)));
+                _lastLength = bar.Length;
                 _open = true;
             }
             else if (p.Step == 1 || p.Step == p.TotalSteps || p.Step % Math.Max(1, p.TotalSteps / 20) == 0)
@@ -115,6 +110,7 @@ internal static class TrainVerb
             if (!_open) return;
             stdout.WriteLine();
             _open = false;
+            _lastLength = 0;
         }
 
         static string Clock(TimeSpan t) => t.TotalHours >= 1 ? t.ToString(@"h\:mm\:ss", CultureInfo.InvariantCulture) : t.ToString(@"m\:ss", CultureInfo.InvariantCulture);

@@ -15,7 +15,7 @@ public static class AtomicFile
                 stream.Write(bytes);
                 stream.Flush(flushToDisk: true);
             }
-            File.Move(temp, full, overwrite: true);
+            FileReplace.ReplaceFile(temp, full);
         }
         catch
         {

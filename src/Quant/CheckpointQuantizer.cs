@@ -175,7 +175,7 @@ public static class CheckpointQuantizer
 
     /// <summary>Writes config-style JSON (indented) atomically.</summary>
     public static void WriteJson(string path, JsonNode node) =>
-        AtomicFile.WriteAllBytes(path, System.Text.Encoding.UTF8.GetBytes(node.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n"));
+        AtomicFile.WriteAllBytes(path, System.Text.Encoding.UTF8.GetBytes(node.ToJsonString(new JsonSerializerOptions { WriteIndented = true, NewLine = "\n" }) + "\n"));
 
     /// <summary>The safetensors files of a model folder: the shards named by its index, or model.safetensors.</summary>
     public static IReadOnlyList<string> ListShards(string dir)

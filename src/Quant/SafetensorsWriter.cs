@@ -121,7 +121,7 @@ public sealed class SafetensorsWriter : IDisposable
         _stream!.Flush(flushToDisk: true);
         _stream.Dispose();
         _stream = null;
-        File.Move(_tempPath, _path, overwrite: true);
+        FileReplace.ReplaceFile(_tempPath, _path);
         _committed = true;
     }
 

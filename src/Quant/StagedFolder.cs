@@ -52,11 +52,11 @@ public sealed class StagedFolder : IDisposable
         if (Directory.Exists(Target))
         {
             var old = Path + ".old";
-            Directory.Move(Target, old);
-            Directory.Move(Path, Target);
-            Directory.Delete(old, recursive: true);
+            FileReplace.MoveDirectory(Target, old);
+            FileReplace.MoveDirectory(Path, Target);
+            FileReplace.DeleteDirectory(old);
         }
-        else Directory.Move(Path, Target);
+        else FileReplace.MoveDirectory(Path, Target);
         _committed = true;
     }
 

@@ -130,6 +130,30 @@ public class TrainingDataTests
     }
 
     [Fact]
+    public void AJsonlFileWithWindowsLineEndingsAndABomReadsAsTheSameSamples()
+    {
+        // What Notepad and most Windows tools write: a UTF-8 BOM and CRLF line ends (jsonlines.org allows \r\n).
+        using var dir = new TempFolder();
+        string[] lines = [
+            """{"text": "line one\r\nline two"}""",
+            """{"instruction": "add", "input": "1 2", "output": "3"}""",
+            "",
+            """{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}""",
+        ];
+        var unix = dir.File("unix.jsonl");
+        var windows = dir.File("windows.jsonl");
+        File.WriteAllText(unix, string.Join("\n", lines) + "\n");
+        File.WriteAllBytes(windows, [0xEF, 0xBB, 0xBF, .. System.Text.Encoding.UTF8.GetBytes(string.Join("\r\n", lines) + "\r\n")]);
+        var expected = JsonlDataset.Read(unix).Samples;
+        var actual = JsonlDataset.Read(windows).Samples;
+        Assert.Equal(3, actual.Count);
+        Assert.Equal("line one\r\nline two", actual[0].Text); // a CR inside a JSON string is text, kept
+        Assert.Equal("3", actual[1].ReferenceAnswer);          // not "3\r"
+        Assert.Equal("a", actual[2].ReferenceAnswer);
+        Assert.Equal(expected.Select(s => (s.Format, s.Text, s.Line, s.ReferenceAnswer)), actual.Select(s => (s.Format, s.Text, s.Line, s.ReferenceAnswer)));
+    }
+
+    [Fact]
     public void OnlyAnswerTokensAreTargetsUnlessTrainingOnThePrompt()
     {
         var (tok, template, dir) = ByteLevel();

@@ -99,7 +99,7 @@ public sealed class GgufWriter : IDisposable
         _stream.Flush(flushToDisk: true);
         _stream.Dispose();
         _stream = null;
-        File.Move(_tempPath, _path, overwrite: true);
+        FileReplace.ReplaceFile(_tempPath, _path);
         _committed = true;
     }
 

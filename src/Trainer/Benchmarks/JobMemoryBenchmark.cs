@@ -67,7 +67,7 @@ public static class JobMemoryBenchmark
         if (o.EvalRows > 0) job["Data"]!["EvalFile"] = Path.GetFullPath(eval);
         if (o.LossChunkTokens is int chunk) job["Training"]!["LossChunkTokens"] = chunk;
         string jobFile = Path.Combine(o.WorkFolder, "job.json");
-        File.WriteAllText(jobFile, job.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+        File.WriteAllText(jobFile, job.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true, NewLine = "\n" }));
         var trainJob = JobConfiguration.LoadTrainJob(jobFile, environment: false);
         var config = LlamaConfig.Load(Path.Combine(o.ModelFolder, "config.json"));
         var plan = MemoryPlanner.Plan(config, TrainingRun.PlanOptionsOf(trainJob));
@@ -92,6 +92,6 @@ public static class JobMemoryBenchmark
             }
             lines.Add(new JsonObject { ["text"] = sb.ToString() }.ToJsonString());
         }
-        File.WriteAllLines(path, lines);
+        File.WriteAllText(path, string.Concat(lines.Select(l => l + "\n"))); // LF on every OS, as JSONL tools expect
     }
 }

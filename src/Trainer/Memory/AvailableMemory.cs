@@ -4,7 +4,8 @@ namespace QLora.Trainer;
 
 /// <summary>
 /// How much memory this machine can give a new job now: Linux's <c>MemAvailable</c> (free plus reclaimable cache),
-/// capped by the cgroup's limit when the process runs in a container; elsewhere what .NET reports as available to it.
+/// capped by the cgroup's limit when the process runs in a container; Windows: available physical memory
+/// (<c>GlobalMemoryStatusEx</c>: free and standby pages); elsewhere what .NET reports as available to it.
 /// The trainer compares a job's planned peak with this when no Memory:Budget is set.
 /// </summary>
 public static class AvailableMemory
@@ -12,7 +13,7 @@ public static class AvailableMemory
     /// <summary>Bytes available, or null where it cannot be told.</summary>
     public static long? Bytes()
     {
-        long? available = MemInfo("MemAvailable:");
+        long? available = OperatingSystem.IsWindows() ? WindowsMemory.AvailablePhysicalBytes() : MemInfo("MemAvailable:");
         var limit = CgroupRoom();
         if (limit is long l) available = available is long a ? Math.Min(a, l) : l;
         if (available is null)

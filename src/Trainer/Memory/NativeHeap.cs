@@ -8,6 +8,9 @@ namespace QLora.Trainer;
 /// stays resident; over a 7B training step that kept ~1.6 GB of freed tensors counted as resident anonymous memory.
 /// <see cref="UseLeanPolicy"/> fixes the threshold at 1 MB (larger tensors are mapped and returned to the system on
 /// free) and caps the arenas, as PyTorch users do with <c>MALLOC_MMAP_THRESHOLD_</c> / <c>MALLOC_ARENA_MAX</c>.
+/// Windows has no such knob and needs none: the CRT's malloc is the process heap, which serves blocks above about
+/// 512 KB (every activation-sized tensor) straight from VirtualAlloc and gives them back with VirtualFree on free, so
+/// there the policy is a no-op.
 /// </summary>
 public static partial class NativeHeap
 {
@@ -15,7 +18,7 @@ public static partial class NativeHeap
     private const int ArenaMax = -8;      // M_ARENA_MAX
 
     /// <summary>
-    /// Applies the policy (Linux with glibc; elsewhere nothing) and returns whether it took effect. Call it at process
+    /// Applies the policy (Linux with glibc; elsewhere, Windows included, nothing) and returns whether it took effect. Call it at process
     /// start, before the threads that allocate tensors exist.
     /// </summary>
     public static bool UseLeanPolicy(int mmapThresholdBytes = 1 << 20, int arenas = 2)

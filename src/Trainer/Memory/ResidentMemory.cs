@@ -1,23 +1,28 @@
 namespace QLora.Trainer;
 
 /// <summary>
-/// The process's resident memory as Linux reports it in <c>/proc/self/status</c>. On the CPU backend "device memory"
-/// is resident anonymous memory (<c>RssAnon</c>): tensors, optimizer state in RAM; memory-mapped checkpoint files and
-/// paged optimizer files are file-backed and not counted, which is exactly the split the memory planner predicts.
+/// The process's memory as the OS reports it. On the CPU backend "device memory" is anonymous memory: tensors,
+/// optimizer state in RAM; memory-mapped checkpoint files and paged optimizer files are file-backed and not counted,
+/// which is exactly the split the memory planner predicts. Linux: <c>/proc/self/status</c> (RssAnon, VmRSS, VmHWM).
+/// Windows: <c>GetProcessMemoryInfo</c> (private bytes, working set, peak working set; see <see cref="WindowsMemory"/>).
 /// </summary>
 public static class ResidentMemory
 {
-    /// <summary>True where <c>/proc/self/status</c> exists (Linux); elsewhere the readers return 0.</summary>
-    public static bool IsSupported => File.Exists("/proc/self/status");
+    /// <summary>True on Linux (<c>/proc/self/status</c>) and Windows; elsewhere the readers return 0.</summary>
+    public static bool IsSupported => OperatingSystem.IsWindows() || File.Exists("/proc/self/status");
 
-    /// <summary>Resident anonymous memory now, in bytes (0 where unsupported).</summary>
-    public static long AnonymousBytes() => ReadField("RssAnon:");
+    /// <summary>Where the figures come from, in words (for <c>qlora doctor</c>).</summary>
+    public static string Source => OperatingSystem.IsWindows() ? "GetProcessMemoryInfo: private bytes (the working set where none are reported, as under Wine), working set"
+        : IsSupported ? "/proc/self/status: RssAnon, VmRSS, VmHWM" : "none on this OS";
 
-    /// <summary>Total resident memory now (anonymous + file-backed + shared), in bytes.</summary>
-    public static long ResidentBytes() => ReadField("VmRSS:");
+    /// <summary>Resident anonymous memory now, in bytes (Windows: private bytes; 0 where unsupported).</summary>
+    public static long AnonymousBytes() => OperatingSystem.IsWindows() ? WindowsMemory.PrivateBytes() : ReadField("RssAnon:");
+
+    /// <summary>Total resident memory now (anonymous + file-backed + shared), in bytes (Windows: the working set).</summary>
+    public static long ResidentBytes() => OperatingSystem.IsWindows() ? WindowsMemory.WorkingSetBytes() : ReadField("VmRSS:");
 
     /// <summary>The kernel's high-water mark of total resident memory since the process started, in bytes.</summary>
-    public static long PeakResidentBytes() => ReadField("VmHWM:");
+    public static long PeakResidentBytes() => OperatingSystem.IsWindows() ? WindowsMemory.PeakWorkingSetBytes() : ReadField("VmHWM:");
 
     // The sampler reads this every millisecond or so: a per-thread open handle and buffer, re-read with pread at offset
     // 0 (procfs regenerates the file), keep a read allocation-free, so that measuring does not itself grow the managed

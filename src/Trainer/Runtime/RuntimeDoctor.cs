@@ -16,7 +16,8 @@ public sealed record DoctorFinding(bool IsError, string What, string ToDo);
 public sealed record DoctorReport(
     string Os, string DotNet, string TorchSharp, LibTorchPreload Preload, IReadOnlyList<string> MappedLibraries,
     bool? CudaAvailable, int CudaDeviceCount, string? DriverLibrary, int? DriverVersion, IReadOnlyList<DoctorDevice> Devices,
-    string PtxFallback, IReadOnlyList<SelfCheckLine> SelfCheck, IReadOnlyList<DoctorFinding> Findings)
+    string PtxFallback, IReadOnlyList<SelfCheckLine> SelfCheck, IReadOnlyList<DoctorFinding> Findings,
+    IReadOnlyList<PlatformFact> Platform)
 {
     /// <summary>True when nothing is broken (a machine without a GPU can be healthy).</summary>
     public bool Healthy => Findings.All(f => !f.IsError);
@@ -104,7 +105,8 @@ public static class RuntimeDoctor
         }
         mapped.AddRange(MappedLibraries());
         return new DoctorReport(RuntimeInformation.OSDescription + " " + RuntimeInformation.OSArchitecture, RuntimeInformation.FrameworkDescription,
-            torchSharp, preload, mapped, cudaAvailable, cudaCount, driverLibrary, driverVersion, devices, ptxFallback, selfCheck, findings);
+            torchSharp, preload, mapped, cudaAvailable, cudaCount, driverLibrary, driverVersion, devices, ptxFallback, selfCheck, findings,
+            PlatformFacts.Collect());
     }
 
     /// <summary>Where the libtorch in use comes from, in words.</summary>
@@ -116,12 +118,16 @@ public static class RuntimeDoctor
         _ => "none",
     };
 
-    /// <summary>The libtorch and shim files this process has mapped (Linux: /proc/self/maps), which is where they really came from.</summary>
+    /// <summary>
+    /// The libtorch and shim files this process has mapped (Linux: /proc/self/maps; Windows: the loaded modules), which
+    /// is where they really came from.
+    /// </summary>
     public static IReadOnlyList<string> MappedLibraries()
     {
+        var names = LibTorchFiles.All.Append(LibTorchFiles.Shim).ToHashSet();
+        if (OperatingSystem.IsWindows()) return PlatformFacts.LoadedModules(names);
         const string maps = "/proc/self/maps";
         if (!File.Exists(maps)) return [];
-        var names = LibTorchFiles.All.Append(LibTorchFiles.Shim).ToHashSet();
         return File.ReadLines(maps).Select(l => l.IndexOf('/') is var i and >= 0 ? l[i..] : null)
             .Where(p => p != null && names.Contains(Path.GetFileName(p))).Distinct().Order(StringComparer.Ordinal).ToList()!;
     }

@@ -106,7 +106,7 @@ public sealed class RunOutputFolder(string dir)
     public void DiscardPreviousRun(Action<string>? log)
     {
         if (!Directory.Exists(Aside)) return;
-        Directory.Delete(Aside, recursive: true);
+        FileReplace.DeleteDirectory(Aside);
         log?.Invoke($"removed the previous run's results kept in {Aside}");
     }
 
@@ -117,12 +117,12 @@ public sealed class RunOutputFolder(string dir)
         foreach (var e in OwnEntries()) // what the replacing run wrote: its own files, no complete checkpoint
         {
             var path = Path.Combine(Dir, e);
-            if (Directory.Exists(path)) Directory.Delete(path, recursive: true);
-            else File.Delete(path);
+            if (Directory.Exists(path)) FileReplace.DeleteDirectory(path);
+            else FileReplace.DeleteFile(path);
         }
         var back = new RunOutputFolder(Aside).OwnEntries();
         foreach (var e in back) Move(Path.Combine(Aside, e), Path.Combine(Dir, e));
-        Directory.Delete(Aside, recursive: true);
+        FileReplace.DeleteDirectory(Aside);
         log?.Invoke($"restored the previous run's {back.Count} files and checkpoints from {Aside} (the run that replaced them ended without a checkpoint)");
     }
 
@@ -157,7 +157,7 @@ public sealed class RunOutputFolder(string dir)
     static void Move(string from, string to)
     {
         Directory.CreateDirectory(Path.GetDirectoryName(to)!);
-        if (Directory.Exists(from)) Directory.Move(from, to);
-        else File.Move(from, to);
+        if (Directory.Exists(from)) FileReplace.MoveDirectory(from, to);
+        else FileReplace.MoveFile(from, to);
     }
 }

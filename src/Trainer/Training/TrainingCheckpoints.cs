@@ -33,11 +33,11 @@ public sealed partial class TrainingCheckpoints(string checkpointsDir, int keepL
             write(staged.Path);
             var files = Directory.GetFiles(staged.Path).Select(Path.GetFileName).Order(StringComparer.Ordinal)
                 .ToDictionary(f => f!, f => new ManifestEntry(new FileInfo(Path.Combine(staged.Path, f!)).Length, Digest(Path.Combine(staged.Path, f!))));
-            var manifest = JsonSerializer.Serialize(new Manifest(step, files), new JsonSerializerOptions { WriteIndented = true });
+            var manifest = JsonSerializer.Serialize(new Manifest(step, files), new JsonSerializerOptions { WriteIndented = true, NewLine = "\n" });
             AtomicFile.WriteAllBytes(Path.Combine(staged.Path, ManifestFile), System.Text.Encoding.UTF8.GetBytes(manifest));
             staged.Commit();
         }
-        foreach (var old in List().Skip(keepLast)) Directory.Delete(old.Path, recursive: true);
+        foreach (var old in List().Skip(keepLast)) FileReplace.DeleteDirectory(old.Path);
         return target;
     }
 

@@ -220,6 +220,7 @@ public sealed class TrainingRun
         bool interrupted = false;
         using (var trainLog = ranks.IsRoot ? new StreamWriter(Path.Combine(_out, "train_log.jsonl"), append: resumeFrom is not null) : new StreamWriter(Stream.Null))
         {
+            trainLog.NewLine = "\n"; // JSONL with LF on every OS (Windows' WriteLine would end lines with CRLF)
             while (_state.Step < totalSteps)
             {
                 if (ranks.Enabled ? _stopAgreed : _run.Cancellation.IsCancellationRequested) { interrupted = true; break; }
