@@ -11,7 +11,7 @@ namespace QLora.Trainer;
 public static class EvalDataset
 {
     /// <summary>
-    /// Reads <paramref name="path"/> (strict UTF-8); samples are parsed as <see cref="JsonlDataset.Parse"/> does, with
+    /// Reads <paramref name="path"/> (strict UTF-8); samples are parsed as <see cref="JsonlDataset.Read"/> does (lines bounded as there), with
     /// <paramref name="format"/> for every sample line or null for detection. A malformed line stops the read with a
     /// <see cref="DataFormatException"/> naming the file and line.
     /// </summary>
@@ -20,27 +20,12 @@ public static class EvalDataset
         InputPaths.RequireFile("the eval data", path, "a JSONL file");
         var samples = new List<TrainingSample>();
         var items = new List<MultipleChoiceItem>();
-        int lineNo = 0;
-        using var reader = new StreamReader(path, new UTF8Encoding(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true));
-        while (true)
+        int lineNo = JsonlDataset.ForEachLine(path, JsonlDataset.DefaultMaxLineBytes, (line, n) =>
         {
-            string? line;
-            try { line = reader.ReadLine(); }
-            catch (DecoderFallbackException) { throw new DataFormatException($"{path}:{lineNo + 1}: not valid UTF-8; the file must be UTF-8 encoded"); }
-            if (line is null) break;
-            lineNo++;
-            if (string.IsNullOrWhiteSpace(line)) continue;
-            try
-            {
-                using var doc = JsonDocument.Parse(line);
-                if (MultipleChoiceItem.IsItem(doc.RootElement)) items.Add(MultipleChoiceItem.Parse(doc.RootElement, lineNo));
-                else samples.Add(JsonlDataset.Parse(line, format, lineNo));
-            }
-            catch (Exception e) when (e is JsonException or FormatException or InvalidOperationException)
-            {
-                throw new DataFormatException($"{path}:{lineNo}: {e.Message.ReplaceLineEndings(" ")}");
-            }
-        }
+            using var doc = JsonDocument.Parse(line);
+            if (MultipleChoiceItem.IsItem(doc.RootElement)) items.Add(MultipleChoiceItem.Parse(doc.RootElement, n));
+            else samples.Add(JsonlDataset.Parse(line, format, n));
+        }, message => throw new DataFormatException(message));
         if (samples.Count == 0 && items.Count == 0) throw new DataFormatException($"{path}: no samples and no multiple-choice items ({lineNo} lines)");
         return (samples, items);
     }

@@ -30,12 +30,32 @@ public static class JsonlDataset
     /// </summary>
     public static Result Read(string path, SampleFormat? format = null, bool skipMalformed = false, int maxLineBytes = DefaultMaxLineBytes)
     {
+        var samples = new List<TrainingSample>();
+        int skipped = 0;
+        string? first = null;
+        int lines = ForEachLine(path, maxLineBytes, (bytes, lineNo) => samples.Add(Parse(bytes, format, lineNo)), message =>
+        {
+            if (!skipMalformed) throw new DataFormatException(message + " (set Data:MalformedLines to skip to skip such lines)");
+            skipped++;
+            first ??= message;
+        });
+        if (samples.Count == 0) throw new DataFormatException($"{path}: no samples ({lines} lines, {skipped} malformed)");
+        return new Result(samples, skipped, first);
+    }
+
+    /// <summary>
+    /// The one line walker of every JSONL input: calls <paramref name="onLine"/> with each non-blank line's UTF-8 bytes
+    /// (a leading BOM and a trailing CR removed; valid until the next line) and its 1-based number. A line that is not
+    /// strict UTF-8 or is longer than <paramref name="maxLineBytes"/> (never held whole), or whose
+    /// <paramref name="onLine"/> throws a JSON, format or invalid-operation error, goes to <paramref name="onMalformed"/>
+    /// as "file:line: what is wrong". Returns the number of lines.
+    /// </summary>
+    public static int ForEachLine(string path, int maxLineBytes, Action<ReadOnlyMemory<byte>, int> onLine, Action<string> onMalformed)
+    {
         if (Directory.Exists(path)) throw new IOException($"dataset {path} is a folder; a JSONL file is expected");
         if (!File.Exists(path)) throw new FileNotFoundException($"dataset {path} does not exist");
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxLineBytes);
-        var samples = new List<TrainingSample>();
-        int skipped = 0, lineNo = 0;
-        string? first = null;
+        int lineNo = 0;
         using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1);
         var lines = new LineReader(stream, maxLineBytes);
         var utf8 = new System.Text.UTF8Encoding(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
@@ -55,18 +75,14 @@ public static class JsonlDataset
                         throw new FormatException($"not valid UTF-8 (byte 0x{(e.BytesUnknown is { Length: > 0 } u ? u[0] : 0):X2} at byte {e.Index + 1} of the line); the file must be UTF-8 encoded");
                     }
                 }
-                if (bytes.Span.IndexOfAnyExcept(" \t\r\n"u8) >= 0) samples.Add(Parse(bytes, format, lineNo));
+                if (bytes.Span.IndexOfAnyExcept(" \t\r\n"u8) >= 0) onLine(bytes, lineNo);
             }
             catch (Exception e) when (e is JsonException or FormatException or InvalidOperationException)
             {
-                var message = $"{path}:{lineNo}: {e.Message.ReplaceLineEndings(" ")}";
-                if (!skipMalformed) throw new DataFormatException(message + " (set Data:MalformedLines to skip to skip such lines)");
-                skipped++;
-                first ??= message;
+                onMalformed($"{path}:{lineNo}: {e.Message.ReplaceLineEndings(" ")}");
             }
         }
-        if (samples.Count == 0) throw new DataFormatException($"{path}: no samples ({lineNo} lines, {skipped} malformed)");
-        return new Result(samples, skipped, first);
+        return lineNo;
     }
 
     /// <summary>
