@@ -84,7 +84,7 @@ internal static class CudaDequantBenchmark
             for (long i = 0; i < outBytes; i += 2)
                 if (*(ushort*)(expected + i) != *(ushort*)(actual + i)) mismatches++;
 
-            double dqS = Median(dq), cpS = Median(copy);
+            double dqS = BenchStatistics.Median(dq), cpS = BenchStatistics.Median(copy);
             long dequantBytes = packedBytes + blocks + nested.Absmax.LongLength * 4 + outBytes;
             long copyBytes = 2 * outBytes;
             double dqGbps = dequantBytes / dqS / 1e9, cpGbps = copyBytes / cpS / 1e9, ratio = dqGbps / cpGbps;
@@ -111,11 +111,5 @@ internal static class CudaDequantBenchmark
             NativeMemory.AlignedFree(expected);
             NativeMemory.AlignedFree(actual);
         }
-    }
-
-    private static double Median(List<double> xs)
-    {
-        var s = xs.OrderBy(x => x).ToList();
-        return s.Count % 2 == 1 ? s[s.Count / 2] : (s[s.Count / 2 - 1] + s[s.Count / 2]) / 2;
     }
 }

@@ -81,18 +81,18 @@ internal static class DequantBenchmark
                     stream.Add(sw.Elapsed.TotalSeconds);
                 }
                 // The copy baseline is the faster of memmove and a non-temporal streaming copy: the machine's best.
-                double dqS = Median(dq), cpS = Math.Min(Median(memmove), Median(stream));
+                double dqS = BenchStatistics.Median(dq), cpS = Math.Min(BenchStatistics.Median(memmove), BenchStatistics.Median(stream));
                 double dqGbps = dequantBytes / dqS / 1e9, cpGbps = copyBytes / cpS / 1e9;
                 double ratio = dqGbps / cpGbps;
                 string cpu = CpuName();
                 o.WriteLine($"machine: {cpu}, {Environment.ProcessorCount} threads, SIMD path {FourBitDequantizer.BestPath}");
                 o.WriteLine($"NF4 + double quant -> bf16, {n:N0} weights, blocksize {blocksize}, median of {repeats}");
                 o.WriteLine($"  dequantize: {dqS * 1e3,8:F1} ms  {dqGbps,6:F2} GB/s  ({dequantBytes / 1e6:N0} MB moved: packed + absmax read, bf16 written)  {n / dqS / 1e9:F2} G weights/s");
-                o.WriteLine($"  copy:       {cpS * 1e3,8:F1} ms  {cpGbps,6:F2} GB/s  ({copyBytes / 1e6:N0} MB moved: bf16-sized buffer read + written; best of memmove {Median(memmove) * 1e3:F1} ms and streaming copy {Median(stream) * 1e3:F1} ms)");
+                o.WriteLine($"  copy:       {cpS * 1e3,8:F1} ms  {cpGbps,6:F2} GB/s  ({copyBytes / 1e6:N0} MB moved: bf16-sized buffer read + written; best of memmove {BenchStatistics.Median(memmove) * 1e3:F1} ms and streaming copy {BenchStatistics.Median(stream) * 1e3:F1} ms)");
                 o.WriteLine($"  ratio dequant/copy bandwidth: {ratio:F2} (target >= 0.80)");
                 o.WriteLine(Json.Line(new
                 {
-                    bench = "dequant", device = "cpu", weights = n, blocksize, repeats, dequant_s = dqS, copy_s = cpS, memmove_s = Median(memmove), stream_copy_s = Median(stream),
+                    bench = "dequant", device = "cpu", weights = n, blocksize, repeats, dequant_s = dqS, copy_s = cpS, memmove_s = BenchStatistics.Median(memmove), stream_copy_s = BenchStatistics.Median(stream),
                     dequant_gbps = Math.Round(dqGbps, 3), copy_gbps = Math.Round(cpGbps, 3), ratio = Math.Round(ratio, 3),
                     weights_per_s = Math.Round(n / dqS), path = FourBitDequantizer.BestPath.ToString(), threads = Environment.ProcessorCount, cpu,
                 }));
@@ -138,12 +138,6 @@ internal static class DequantBenchmark
             if (k < len) Buffer.MemoryCopy(s + k, d + k, len - k, len - k);
             System.Runtime.Intrinsics.X86.Sse.StoreFence();
         });
-    }
-
-    private static double Median(List<double> xs)
-    {
-        var s = xs.OrderBy(x => x).ToList();
-        return s.Count % 2 == 1 ? s[s.Count / 2] : (s[s.Count / 2 - 1] + s[s.Count / 2]) / 2;
     }
 
     internal static string CpuName()

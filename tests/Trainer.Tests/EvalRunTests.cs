@@ -160,4 +160,40 @@ public class QualityBenchmarkTests
         Assert.False(QualityBenchmark.Targets([Row("bf16", 0.100, 0.98), Row("nf4+dq", 0.100, 0.95)])!.Value.Met);
         Assert.Null(QualityBenchmark.Targets([Row("nf4", 0.1, 0.9)]));
     }
+
+    [Fact]
+    public void WithSeveralSeedsTheTargetsAreTheMediansOfThePerSeedDifferences()
+    {
+        static QualityBenchmark.Row Row(string name, int seed, double loss, double em, double? mc = null) => new(QualityBenchmark.Variants.Single(v => v.Name == name),
+            new EvalRun.Report(), null, new EvalRun.Report { EvalLoss = loss, ExactMatch = em }, mc is null ? null : new EvalRun.Report { MultipleChoiceAccuracy = mc },
+            new TrainSummary(), 1, seed);
+        // Per seed: +10 %, +1 %, -1 % (loss) and -3, +1, 0 points (exact match); medians +1 % and 0 points: met, although
+        // seed 1 alone is not. Pairs are matched by seed, not by order.
+        QualityBenchmark.Row[] rows =
+        [
+            Row("bf16", 1, 0.100, 0.95, 0.99), Row("bf16", 2, 0.200, 0.90, 1.00), Row("bf16", 3, 0.100, 0.97, 0.98),
+            Row("nf4+dq", 3, 0.099, 0.97, 0.97), Row("nf4+dq", 1, 0.110, 0.92, 1.00), Row("nf4+dq", 2, 0.202, 0.91, 0.99),
+        ];
+        var t = QualityBenchmark.Targets(rows)!.Value;
+        Assert.Equal(0.01, t.LossRatio, 9);
+        Assert.Equal(0.0, t.ExactMatchPoints, 9);
+        Assert.True(t.Met);
+        Assert.False(QualityBenchmark.Targets(rows.Where(r => r.Seed == 1).ToList())!.Value.Met);
+
+        var summary = QualityBenchmark.SeedSummary(rows).ToList();
+        Assert.Equal(4, summary.Count); // header, rule, bf16, nf4+dq
+        Assert.Equal("| bf16 | 3 | 0.1000 (0.1000–0.2000) | 95 (90–97) | 99 (98–100) |", summary[2]);
+        Assert.Equal("| nf4+dq | 3 | 0.1100 (0.0990–0.2020) | 92 (91–97) | 99 (97–100) |", summary[3]);
+        Assert.Empty(QualityBenchmark.SeedSummary(rows.Where(r => r.Seed == 2).ToList()));
+        Assert.Contains(" seed |", QualityBenchmark.Table(rows).First());
+    }
+
+    [Fact]
+    public void TheMedianIsTheMiddleValueOrTheMeanOfTheMiddleTwo()
+    {
+        Assert.Equal(3.0, BenchStatistics.Median([5.0, 1.0, 3.0]));
+        Assert.Equal(2.5, BenchStatistics.Median([4.0, 1.0, 2.0, 3.0]));
+        Assert.Equal(-7.0, BenchStatistics.Median([-7.0]));
+        Assert.Throws<ArgumentException>(() => BenchStatistics.Median([]));
+    }
 }

@@ -83,12 +83,6 @@ public static class EvalBenchmark
         }
         int n = Evaluation.ExactMatchCount(samples, new EvalSection { ExactMatchSamples = o.Samples });
         int identical = sequential.LastAnswers.Zip(batched.LastAnswers).Count(p => p.First.SequenceEqual(p.Second));
-        return new Result(n, o.BatchSize, Median(seqTimes), Median(batTimes), seqScore, batScore, identical, seqTimes, batTimes);
-    }
-
-    static double Median(List<double> xs)
-    {
-        var s = xs.Order().ToList();
-        return s.Count % 2 == 1 ? s[s.Count / 2] : (s[s.Count / 2 - 1] + s[s.Count / 2]) / 2;
+        return new Result(n, o.BatchSize, BenchStatistics.Median(seqTimes), BenchStatistics.Median(batTimes), seqScore, batScore, identical, seqTimes, batTimes);
     }
 }

@@ -48,7 +48,7 @@ public static class MemoryBenchmark
         int StreamLoads, int StreamSyncLoads, int StreamMaxResident, long StreamLayerBytes, double StreamWaitSeconds)
     {
         /// <summary>The step time reported: the median of the steps after the first when there are any, else the first.</summary>
-        public double ReportedStepSeconds => StepSeconds.Count == 1 ? StepSeconds[0] : Median(StepSeconds.Skip(1).ToList());
+        public double ReportedStepSeconds => StepSeconds.Count == 1 ? StepSeconds[0] : BenchStatistics.Median(StepSeconds.Skip(1).ToList());
     }
 
     /// <summary>Runs the measurement, reporting progress to <paramref name="log"/>; the sampler's baseline is taken first thing.</summary>
@@ -142,10 +142,4 @@ public static class MemoryBenchmark
     }
 
     private static string Gb(long bytes) => $"{bytes / 1e9:F2} GB";
-
-    private static double Median(List<double> xs)
-    {
-        var s = xs.OrderBy(x => x).ToList();
-        return s.Count % 2 == 1 ? s[s.Count / 2] : (s[s.Count / 2 - 1] + s[s.Count / 2]) / 2;
-    }
 }

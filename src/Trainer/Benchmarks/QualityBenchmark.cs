@@ -39,35 +39,50 @@ public static class QualityBenchmark
         public required string OutputRoot { get; init; }
         /// <summary>The variants to run (all five by default).</summary>
         public IReadOnlyList<Variant>? Only { get; init; }
+        /// <summary>
+        /// Training seeds (Training:Seed): every variant is trained once per seed, so the spread between runs can be told
+        /// from the cost of the base's precision. Null: the job's own seed.
+        /// </summary>
+        public IReadOnlyList<int>? Seeds { get; init; }
         /// <summary>Progress lines.</summary>
         public Action<string>? Log { get; init; }
     }
 
     /// <summary>One variant's figures.</summary>
     public sealed record Row(Variant Variant, EvalRun.Report Base, EvalRun.Report? BaseChoices, EvalRun.Report Tuned, EvalRun.Report? TunedChoices,
-        TrainSummary Training, double TrainSeconds);
+        TrainSummary Training, double TrainSeconds, int Seed = 0);
 
     /// <summary>Trains and evaluates every variant.</summary>
     public static IReadOnlyList<Row> Run(Options o)
     {
         var log = o.Log ?? (_ => { });
         var evalFile = o.Job.Data.EvalFile ?? throw new ArgumentException("the job has no Data:EvalFile to evaluate on; set one (the quick start's is data/quickstart/eval.jsonl)");
+        var seeds = o.Seeds is { Count: > 0 } given ? given : [o.Job.Training.Seed];
         var rows = new List<Row>();
         foreach (var v in o.Only ?? Variants)
         {
-            var job = JobFor(o.Job, v, Path.Combine(o.OutputRoot, v.Name.Replace('+', '-')));
-            log($"== {v.Name}: the base before training");
-            EvalRun.Report Eval(string data, string? adapter) => EvalRun.Run(job, new EvalRun.Options { Data = data, Adapter = adapter, Log = log });
-            var before = Eval(evalFile, null);
-            var beforeChoices = o.ChoicesFile is { } cf ? Eval(cf, null) : null;
-            log($"== {v.Name}: training {job.Training.MaxSteps} steps into {job.Output.Dir}");
-            var sw = Stopwatch.StartNew();
-            var trained = TrainingRun.Run(job, new TrainingRun.RunOptions { Log = log });
-            double seconds = sw.Elapsed.TotalSeconds;
-            log($"== {v.Name}: base + adapter");
-            var after = Eval(evalFile, job.Output.Dir);
-            var afterChoices = o.ChoicesFile is { } cf2 ? Eval(cf2, job.Output.Dir) : null;
-            rows.Add(new Row(v, before, beforeChoices, after, afterChoices, trained.Summary, seconds));
+            // The base before training does not depend on the training seed: scored once per variant.
+            (EvalRun.Report Scores, EvalRun.Report? Choices)? before = null;
+            foreach (int seed in seeds)
+            {
+                var folder = v.Name.Replace('+', '-') + (seeds.Count > 1 ? $"-seed{seed}" : "");
+                var job = JobFor(o.Job, v, Path.Combine(o.OutputRoot, folder));
+                job.Training.Seed = seed;
+                EvalRun.Report Eval(string data, string? adapter) => EvalRun.Run(job, new EvalRun.Options { Data = data, Adapter = adapter, Log = log });
+                if (before is null)
+                {
+                    log($"== {v.Name}: the base before training");
+                    before = (Eval(evalFile, null), o.ChoicesFile is { } cf ? Eval(cf, null) : null);
+                }
+                log($"== {v.Name}, seed {seed}: training {job.Training.MaxSteps} steps into {job.Output.Dir}");
+                var sw = Stopwatch.StartNew();
+                var trained = TrainingRun.Run(job, new TrainingRun.RunOptions { Log = log });
+                double seconds = sw.Elapsed.TotalSeconds;
+                log($"== {v.Name}, seed {seed}: base + adapter");
+                var after = Eval(evalFile, job.Output.Dir);
+                var afterChoices = o.ChoicesFile is { } cf2 ? Eval(cf2, job.Output.Dir) : null;
+                rows.Add(new Row(v, before.Value.Scores, before.Value.Choices, after, afterChoices, trained.Summary, seconds, seed));
+            }
         }
         return rows;
     }
@@ -93,21 +108,57 @@ public static class QualityBenchmark
     {
         static string F(double? x, string format) => x is double d ? d.ToString(format, System.Globalization.CultureInfo.InvariantCulture) : "-";
         static string P(double? x) => x is double d ? (100 * d).ToString("F0", System.Globalization.CultureInfo.InvariantCulture) + " %" : "-";
-        yield return "| base | eval loss before | ppl before | EM before | MC acc before | eval loss after | ppl after | EM after | MC acc after | MC acc_norm after | train s |";
-        yield return "|---|---|---|---|---|---|---|---|---|---|---|";
+        bool seeds = rows.Select(r => r.Seed).Distinct().Count() > 1;
+        yield return "| base |" + (seeds ? " seed |" : "") + " eval loss before | ppl before | EM before | MC acc before | eval loss after | ppl after | EM after | MC acc after | MC acc_norm after | train s |";
+        yield return "|---|" + (seeds ? "---|" : "") + "---|---|---|---|---|---|---|---|---|---|";
         foreach (var r in rows)
-            yield return $"| {r.Variant.Name} | {F(r.Base.EvalLoss, "F4")} | {F(r.Base.EvalPerplexity, "F3")} | {P(r.Base.ExactMatch)} | {P(r.BaseChoices?.MultipleChoiceAccuracy)} | " +
+            yield return $"| {r.Variant.Name} |{(seeds ? $" {r.Seed} |" : "")} {F(r.Base.EvalLoss, "F4")} | {F(r.Base.EvalPerplexity, "F3")} | {P(r.Base.ExactMatch)} | {P(r.BaseChoices?.MultipleChoiceAccuracy)} | " +
                 $"{F(r.Tuned.EvalLoss, "F4")} | {F(r.Tuned.EvalPerplexity, "F3")} | {P(r.Tuned.ExactMatch)} | {P(r.TunedChoices?.MultipleChoiceAccuracy)} | {P(r.TunedChoices?.MultipleChoiceAccuracyNorm)} | {F(r.TrainSeconds, "F0")} |";
     }
 
-    /// <summary>The QLoRA targets: NF4+DQ's eval loss within 2 % of the 16-bit base's and exact match within 2 points; null when either was not run.</summary>
+    /// <summary>
+    /// The QLoRA targets: NF4+DQ's eval loss within 2 % of the 16-bit base's and exact match within 2 points, compared
+    /// seed by seed (the two runs of a seed share the LoRA initialisation and data order) and judged on the medians of
+    /// the per-seed differences; null when no seed has both variants.
+    /// </summary>
     public static (double LossRatio, double ExactMatchPoints, bool Met)? Targets(IReadOnlyList<Row> rows)
     {
-        var bf16 = rows.FirstOrDefault(r => r.Variant.Name == "bf16");
-        var nf4dq = rows.FirstOrDefault(r => r.Variant.Name == "nf4+dq");
-        if (bf16?.Tuned.EvalLoss is not double l16 || nf4dq?.Tuned.EvalLoss is not double l4) return null;
-        double ratio = l4 / l16 - 1, points = 100 * ((nf4dq.Tuned.ExactMatch ?? 0) - (bf16.Tuned.ExactMatch ?? 0));
-        return (ratio, points, Math.Abs(ratio) <= 0.02 && Math.Abs(points) <= 2);
+        var ratios = new List<double>();
+        var points = new List<double>();
+        foreach (var seed in rows.Select(r => r.Seed).Distinct())
+        {
+            var bf16 = rows.FirstOrDefault(r => r.Seed == seed && r.Variant.Name == "bf16");
+            var nf4dq = rows.FirstOrDefault(r => r.Seed == seed && r.Variant.Name == "nf4+dq");
+            if (bf16?.Tuned.EvalLoss is not double l16 || nf4dq?.Tuned.EvalLoss is not double l4) continue;
+            ratios.Add(l4 / l16 - 1);
+            points.Add(100 * ((nf4dq.Tuned.ExactMatch ?? 0) - (bf16.Tuned.ExactMatch ?? 0)));
+        }
+        if (ratios.Count == 0) return null;
+        double ratio = BenchStatistics.Median(ratios), p = BenchStatistics.Median(points);
+        return (ratio, p, Math.Abs(ratio) <= 0.02 && Math.Abs(p) <= 2);
+    }
+
+    /// <summary>
+    /// Per variant over its seeds: the medians and ranges of the after-training eval loss, exact match and multiple-choice
+    /// accuracy (one line each; empty with one seed).
+    /// </summary>
+    public static IEnumerable<string> SeedSummary(IReadOnlyList<Row> rows)
+    {
+        if (rows.Select(r => r.Seed).Distinct().Count() < 2) yield break;
+        static string Range(IReadOnlyList<double> x, string format, double scale = 1)
+        {
+            string F(double v) => (v * scale).ToString(format, System.Globalization.CultureInfo.InvariantCulture);
+            return $"{F(BenchStatistics.Median(x))} ({F(x.Min())}–{F(x.Max())})";
+        }
+        yield return "| base | seeds | eval loss after, median (min–max) | EM after, % | MC acc after, % |";
+        yield return "|---|---|---|---|---|";
+        foreach (var g in rows.GroupBy(r => r.Variant.Name))
+        {
+            var loss = g.Where(r => r.Tuned.EvalLoss is double).Select(r => r.Tuned.EvalLoss!.Value).ToList();
+            var em = g.Where(r => r.Tuned.ExactMatch is double).Select(r => r.Tuned.ExactMatch!.Value).ToList();
+            var mc = g.Where(r => r.TunedChoices?.MultipleChoiceAccuracy is double).Select(r => r.TunedChoices!.MultipleChoiceAccuracy!.Value).ToList();
+            yield return $"| {g.Key} | {g.Count()} | {(loss.Count > 0 ? Range(loss, "F4") : "-")} | {(em.Count > 0 ? Range(em, "F0", 100) : "-")} | {(mc.Count > 0 ? Range(mc, "F0", 100) : "-")} |";
+        }
     }
 
     // Variant names keep their '+' (the default encoder writes \u002B).
@@ -124,10 +175,10 @@ public static class QualityBenchmark
         var t = Targets(rows);
         return JsonSerializer.Serialize(new
         {
-            bench = "quality", steps,
+            bench = "quality", steps, seeds = rows.Select(r => r.Seed).Distinct(),
             variants = rows.Select(r => new
             {
-                name = r.Variant.Name, quant_type = r.Variant.QuantType, double_quant = r.Variant.DoubleQuant,
+                name = r.Variant.Name, seed = r.Seed, quant_type = r.Variant.QuantType, double_quant = r.Variant.DoubleQuant,
                 before = Scores(r.Base, r.BaseChoices), after = Scores(r.Tuned, r.TunedChoices),
                 train_loss = r.Training.TrainLoss, train_s = Math.Round(r.TrainSeconds, 1),
             }),

@@ -85,7 +85,7 @@ public static class TokenizerBenchmark
                 nativeRuns.Add(Pass(native, texts));
             log($"run {r + 1}: managed {managedRuns[^1]:F3} s" + (native is null ? "" : $", native {nativeRuns[^1]:F3} s"));
         }
-        Side Make(string name, List<double> runs, double cold) => new(name, Median(runs), tokens / Median(runs), cold, runs);
+        Side Make(string name, List<double> runs, double cold) => new(name, BenchStatistics.Median(runs), tokens / BenchStatistics.Median(runs), cold, runs);
         return new Result(texts.Count, chars, tokens, Make("managed", managedRuns, managedCold),
             native is null ? null : Make("native", nativeRuns, nativeCold), identical);
     }
@@ -160,11 +160,5 @@ public static class TokenizerBenchmark
             output.Add(text[start..end]);
             start = end;
         }
-    }
-
-    private static double Median(List<double> xs)
-    {
-        var s = xs.Order().ToList();
-        return s.Count % 2 == 1 ? s[s.Count / 2] : (s[s.Count / 2 - 1] + s[s.Count / 2]) / 2;
     }
 }

@@ -94,7 +94,7 @@ public static class TrainBenchmark
             if (i > 0) { qTimes.Add(tq); dTimes.Add(td); } // step 0 warms up
             log?.Invoke($"step {i}{(i == 0 ? " (warm-up)" : "")}: qlora {tq:F2} s, dense bf16 {td:F2} s");
         }
-        double qlora = Median(qTimes), dense = Median(dTimes);
+        double qlora = BenchStatistics.Median(qTimes), dense = BenchStatistics.Median(dTimes);
         var stats = q.Stats;
 
         int tokens = o.Batch * o.Sequence;
@@ -163,7 +163,7 @@ public static class TrainBenchmark
         }
         // Rank 0's figures are the ones reported: its step includes waiting for the slowest rank at the all-reduce.
         return new DataParallelResult(ranks.WorldSize, torch.get_num_threads(), o.Batch, o.Batch * o.Sequence, parallel.Stats.LoraParams,
-            Median(singles), Median(steps), Median(reduces), Median(waits));
+            BenchStatistics.Median(singles), BenchStatistics.Median(steps), BenchStatistics.Median(reduces), BenchStatistics.Median(waits));
     }
 
     static LlamaConfig ConfigOf(Options o) => new()
@@ -279,12 +279,6 @@ public static class TrainBenchmark
             device.Synchronize();
             times.Add(sw.Elapsed.TotalSeconds);
         }
-        return 2.0 * n * n * (double)n / Median(times) / 1e9;
-    }
-
-    private static double Median(List<double> xs)
-    {
-        var s = xs.OrderBy(x => x).ToList();
-        return s.Count % 2 == 1 ? s[s.Count / 2] : (s[s.Count / 2 - 1] + s[s.Count / 2]) / 2;
+        return 2.0 * n * n * (double)n / BenchStatistics.Median(times) / 1e9;
     }
 }
