@@ -6,8 +6,8 @@
 #
 #   scripts/wine-check.sh [work-folder]      (default: a new folder under /tmp, removed at the end unless KEEP=1)
 #
-# Steps: publish; qlora plan and inspect (output identical to Linux); the quick start shortened to 30 steps on Linux
-# and under Wine (losses compared in tiers, see "Losses" below); a Ctrl-C (SIGINT, which Wine delivers to the app as
+# Steps: publish; qlora plan and inspect (output identical to Linux); the quick start shortened to 30 steps in float32
+# on Linux and under Wine (losses compared in tiers, see "Losses" below) and to 2 steps in its own bf16; a Ctrl-C (SIGINT, which Wine delivers to the app as
 # a console CTRL_C_EVENT, the path of a Ctrl-C on Windows) during a Wine run, then --resume latest to step 30 (the
 # losses equal the uninterrupted Wine run's bit for bit); a double Ctrl-C (exit 3); qlora merge (merged weights equal
 # to Linux's byte for byte) and qlora generate (greedy text equal to Linux's) under Wine.
@@ -74,8 +74,12 @@ for verb in "plan --model models/tiny-llama-base" "inspect models/tiny-llama-bas
   else tail -5 "$work/$name.wine"; fail "$name under Wine"; fi
 done
 
-# 2. The quick start shortened to 30 steps (exact-match generation off to keep the leg short; generate is checked below).
-JOB=(train --Training:MaxSteps 30 --Output:SaveEveryNSteps 10 --Output:KeepLast 5 --Eval:ExactMatch false --Eval:EveryNSteps 30)
+# 2. The quick start shortened to 30 steps, in float32 (exact-match generation off to keep the leg short; generate is
+# checked below). Why float32: bf16 on a CPU without native bf16 (AVX2 only, e.g. AMD EPYC) runs through libtorch's
+# emulated kernels, ten times slower than float32 (this leg took 32 minutes in bf16 there, against 15 allowed), and
+# bf16's rounding (2^-8), amplified by training, would leave nothing to compare after step ~5. The quick start's own
+# dtype gets its own short check (2b).
+JOB=(train --Training:MaxSteps 30 --Output:SaveEveryNSteps 10 --Output:KeepLast 5 --Eval:ExactMatch false --Eval:EveryNSteps 30 --Model:ComputeDType float32)
 timed "train 30 steps on Linux" "${LIN[@]}" "${JOB[@]}" --Output:Dir "$work/linux30" >"$work/train.linux" 2>&1 || { tail -5 "$work/train.linux"; fail "train (Linux)"; }
 # The app's wall time, CPU time and peak resident memory (GNU time, when installed).
 wine_train() {
@@ -86,14 +90,13 @@ timed "train 30 steps under Wine" wine_train wine30 --Output:Dir "$work/wine30" 
 [ -f "$work/wine30.time" ] && say "train under Wine: $(cat "$work/wine30.time")"
 
 # Losses, Wine vs Linux. The Linux and Windows libtorch packages are different builds of the same sources (GCC and GNU
-# OpenMP vs MSVC and Intel OpenMP), so a kernel may round differently in the last bit; everything else (tokenizer ids,
-# data order, NF4 dequantization, the optimizer) is the same C#. Measured here: the step-1 loss is bit-identical (the
-# forward pass of the same weights), the step-1 gradient norm differs by ~1e-5 relative (the backward kernels), steps
-# 2-5 by at most 5e-4; from step ~9, where the learning rate peaks (2e-3) with gradient norms of 5-20, the training
-# amplifies those last bits into different trajectories (up to 17 % apart at step 13) that land at the same quality.
-# So the check is tiered: step 1 within 1e-6 relative (rounding only), steps 1-5 within 2e-3 (a few updates of rounding
-# differences), and the final eval loss within 10 % (the same result of training), each far below the changes a real
-# defect makes (a wrong token id, tensor or update moves step 1 or the first steps by far more).
+# OpenMP vs MSVC, Intel OpenMP and MKL), so a kernel may sum in another order and round differently in the last bit;
+# everything else (tokenizer ids, data order, NF4 dequantization, the optimizer) is the same C#. Measured in float32
+# (2026-12-02, 2-core AMD EPYC VM): step 1 bit-identical, steps 1-11 within 5e-7 relative (float32's unit roundoff is
+# 6e-8: a few roundings), then training amplifies those last bits through the learning-rate peak (2e-3 at step 11) to
+# at most 4e-4 by step 30; the eval losses differ by 9e-5. The limits, each a few times what was measured and far below
+# what a real defect moves (a wrong token id, tensor or update changes the first steps' losses by 1e-2 or more):
+# step 1 within 1e-6, steps 1-10 within 1e-5, every step within 2e-3, the eval loss within 1e-3.
 compare_losses() { python3 - "$@" <<'PY'
 import json, sys
 a, b, mode = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -107,24 +110,41 @@ def steps(path):
 x, y = steps(a), steps(b)
 if sorted(x) != sorted(y) or not x: print(f"steps differ: {sorted(x)} vs {sorted(y)}"); sys.exit(1)
 rel = lambda k: abs(x[k] - y[k]) / max(abs(x[k]), 1e-12)
+worst = lambda ks: max([rel(k) for k in ks if k in x] or [0])
 if mode == "identical":
     bad = [k for k in x if x[k] != y[k]]
     print(f"steps {min(x)}-{max(x)}: " + ("identical" if not bad else f"differ at steps {bad[:5]}")); sys.exit(1 if bad else 0)
-ok = rel(1) <= 1e-6 and all(rel(k) <= 2e-3 for k in range(1, 6) if k in x)
-print(f"step 1 {x[1]:.8f} vs {y[1]:.8f} (relative {rel(1):.2g}, limit 1e-6), steps 1-5 max relative {max(rel(k) for k in range(1, 6) if k in x):.2g} (limit 2e-3), "
-      f"steps 6-{max(x)} max relative {max([rel(k) for k in x if k > 5] or [0]):.2g} (not limited), last {x[max(x)]:.4f} vs {y[max(x)]:.4f}")
+if mode == "bf16":  # bf16's unit roundoff is 3.9e-3: step 1 (the same weights' forward) within 1e-3, step 2 within 5e-3
+    ok = rel(1) <= 1e-3 and worst([2]) <= 5e-3
+    print(f"bf16 step 1 {x[1]:.6f} vs {y[1]:.6f} (relative {rel(1):.2g}, limit 1e-3), step 2 relative {worst([2]):.2g} (limit 5e-3)")
+    sys.exit(0 if ok else 1)
+ok = rel(1) <= 1e-6 and worst(range(1, 11)) <= 1e-5 and worst(x) <= 2e-3
+print(f"step 1 {x[1]:.8f} vs {y[1]:.8f} (relative {rel(1):.2g}, limit 1e-6), steps 1-10 max relative {worst(range(1, 11)):.2g} (limit 1e-5), "
+      f"steps 1-{max(x)} max relative {worst(x):.2g} (limit 2e-3), last {x[max(x)]:.6f} vs {y[max(x)]:.6f}")
 sys.exit(0 if ok else 1)
 PY
 }
 eval_loss() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["eval_loss"])' "$1"; }
 if [ -f "$work/wine30/train_log.jsonl" ] && [ -f "$work/linux30/train_log.jsonl" ]; then
   if r=$(compare_losses "$work/linux30/train_log.jsonl" "$work/wine30/train_log.jsonl" tiered); then say "losses Wine vs Linux: $r"
-  else say "losses Wine vs Linux: $r"; fail "losses: the first steps differ beyond rounding"; fi
+  else say "losses Wine vs Linux: $r"; fail "losses: Wine and Linux differ beyond rounding"; fi
   el=$(eval_loss "$work/linux30/run_summary.json"); ew=$(eval_loss "$work/wine30/run_summary.json")
-  if python3 -c 'import sys; a, b = map(float, sys.argv[1:]); sys.exit(0 if abs(a - b) <= 0.1 * a and max(a, b) < 1.0 else 1)' "$el" "$ew"; then
-    say "eval loss after 30 steps: Linux $el, Wine $ew (within 10 %)"
-  else fail "eval loss after 30 steps: Linux $el, Wine $ew (not within 10 %, or not below 1.0)"; fi
+  if python3 -c 'import sys; a, b = map(float, sys.argv[1:]); sys.exit(0 if abs(a - b) <= 1e-3 * a and max(a, b) < 1.0 else 1)' "$el" "$ew"; then
+    say "eval loss after 30 steps: Linux $el, Wine $ew (within 1e-3 relative)"
+  else fail "eval loss after 30 steps: Linux $el, Wine $ew (not within 1e-3 relative, or not below 1.0)"; fi
 fi
+
+# 2b. The quick start's own compute dtype, bf16, for 2 steps: the Windows libtorch's bf16 kernels against Linux's.
+# Measured: step 1 bit-identical on an Intel Xeon with native bf16, 3.4e-5 relative on an AMD EPYC without (emulated
+# bf16, summed in another order); steps 1-5 within 1e-3 there.
+# No eval file and no multiple choice: in emulated bf16 they would take minutes (Data:EvalFile "" holds out a few
+# training samples instead, the same ones on both sides).
+BF16=(train --Training:MaxSteps 2 --Output:SaveEveryNSteps 0 --Eval:ExactMatch false --Eval:EveryNSteps 0 --Data:EvalFile "" --Eval:ChoicesFile "")
+"${LIN[@]}" "${BF16[@]}" --Output:Dir "$work/linux-bf16" >"$work/bf16.linux" 2>&1 || { tail -5 "$work/bf16.linux"; fail "bf16 train (Linux)"; }
+if timed "train 2 steps in bf16 under Wine" "${WIN[@]}" "${BF16[@]}" --Output:Dir "$work/wine-bf16" >"$work/bf16.wine" 2>&1; then
+  if r=$(compare_losses "$work/linux-bf16/train_log.jsonl" "$work/wine-bf16/train_log.jsonl" bf16); then say "losses Wine vs Linux: $r"
+  else say "losses Wine vs Linux: $r"; fail "bf16 losses: Wine and Linux differ beyond bf16 rounding"; fi
+else tail -5 "$work/bf16.wine"; fail "bf16 train under Wine"; fi
 
 # 3. Ctrl-C and --resume latest. Wine turns SIGINT into a console CTRL_C_EVENT for the app, the path a Ctrl-C takes on
 # Windows; the run must save a checkpoint and exit 130.
@@ -181,7 +201,7 @@ done
 
 total=$(( $(date +%s) - t0 ))
 if [ ${#failures[@]} -eq 0 ]; then
-  say "all checks passed under $("$WINE" --version 2>/dev/null) in ${total} s (plan, inspect, train 30 steps, Ctrl-C + resume, merge, generate)"
+  say "all checks passed under $("$WINE" --version 2>/dev/null) in ${total} s (plan, inspect, train 30 steps in float32 and 2 in bf16, Ctrl-C + resume, merge, generate)"
   exit 0
 fi
 say "${#failures[@]} check(s) failed in ${total} s: ${failures[*]}"
