@@ -24,7 +24,7 @@ public static class EvalDataset
         {
             using var doc = JsonDocument.Parse(line);
             if (MultipleChoiceItem.IsItem(doc.RootElement)) items.Add(MultipleChoiceItem.Parse(doc.RootElement, n));
-            else samples.Add(JsonlDataset.Parse(line, format, n));
+            else samples.Add(JsonlDataset.Parse(doc.RootElement, format, n));
         }, message => throw new DataFormatException(message));
         if (samples.Count == 0 && items.Count == 0) throw new DataFormatException($"{path}: no samples and no multiple-choice items ({lineNo} lines)");
         return (samples, items);

@@ -136,13 +136,6 @@ public static class JsonlDataset
         }
     }
 
-    /// <summary>Parses one JSON line.</summary>
-    public static TrainingSample Parse(string line, SampleFormat? format, int lineNo)
-    {
-        using var doc = JsonDocument.Parse(line);
-        return Parse(doc.RootElement, format, lineNo);
-    }
-
     /// <summary>Parses one JSON line from its UTF-8 bytes, in place.</summary>
     public static TrainingSample Parse(ReadOnlyMemory<byte> line, SampleFormat? format, int lineNo)
     {
@@ -150,7 +143,8 @@ public static class JsonlDataset
         return Parse(doc.RootElement, format, lineNo);
     }
 
-    private static TrainingSample Parse(JsonElement root, SampleFormat? format, int lineNo)
+    /// <summary>Parses one line's already-parsed JSON (a reader that looks at the line first parses it once).</summary>
+    public static TrainingSample Parse(JsonElement root, SampleFormat? format, int lineNo)
     {
         if (root.ValueKind != JsonValueKind.Object) throw new FormatException($"a JSON object is required, found {root.ValueKind}");
         var detected = format ?? Detect(root);
