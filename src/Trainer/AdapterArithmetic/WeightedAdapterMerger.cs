@@ -30,7 +30,6 @@ namespace QLora.Trainer;
 /// </summary>
 public static class WeightedAdapterMerger
 {
-    private const string Prefix = "base_model.model.";
 
     /// <summary>What a merge wrote.</summary>
     public sealed record Report(AdapterCombination Combination, int Modules, int Rank, string DType, long OutputBytes);
@@ -79,7 +78,7 @@ public static class WeightedAdapterMerger
             int rank = NewRank(inputs, combination, options.SvdRank);
             var modules = inputs.SelectMany(i => i.Modules.Keys).Distinct().Order(StringComparer.Ordinal).ToList();
             // The first adapter's dtype, as PEFT keeps it.
-            var dtype = TorchDTypes.ToScalarType(inputs[0].Reader.GetInfo($"{Prefix}{inputs[0].Modules.Keys.Order(StringComparer.Ordinal).First()}.lora_A.weight"));
+            var dtype = TorchDTypes.ToScalarType(inputs[0].Reader.GetInfo(PeftAdapter.LoraAKey(inputs[0].Modules.Keys.Order(StringComparer.Ordinal).First())));
 
             using var output = StagedFolder.Create(outputFolder, overwrite);
             var weightsPath = Path.Combine(output.Path, PeftAdapter.WeightsFile);
@@ -89,15 +88,15 @@ public static class WeightedAdapterMerger
                 foreach (var m in modules)
                 {
                     var shape = projections[m];
-                    writer.Declare($"{Prefix}{m}.lora_A.weight", TorchDTypes.ToTensorDType(dtype), [rank, shape[1]]);
-                    writer.Declare($"{Prefix}{m}.lora_B.weight", TorchDTypes.ToTensorDType(dtype), [shape[0], rank]);
+                    writer.Declare(PeftAdapter.LoraAKey(m), TorchDTypes.ToTensorDType(dtype), [rank, shape[1]]);
+                    writer.Declare(PeftAdapter.LoraBKey(m), TorchDTypes.ToTensorDType(dtype), [shape[0], rank]);
                 }
                 foreach (var m in modules)
                 {
                     using var scope = NewDisposeScope();
                     var (a, b) = Combine(inputs, options, combination, m, rank, projections[m]);
-                    writer.Write($"{Prefix}{m}.lora_A.weight", a.to(dtype).contiguous().bytes);
-                    writer.Write($"{Prefix}{m}.lora_B.weight", b.to(dtype).contiguous().bytes);
+                    writer.Write(PeftAdapter.LoraAKey(m), a.to(dtype).contiguous().bytes);
+                    writer.Write(PeftAdapter.LoraBKey(m), b.to(dtype).contiguous().bytes);
                 }
                 writer.Commit();
                 bytes = writer.DataBytes;
@@ -132,9 +131,8 @@ public static class WeightedAdapterMerger
         var modules = new Dictionary<string, Module>(StringComparer.Ordinal);
         foreach (var t in reader.Tensors)
         {
-            if (!t.Name.StartsWith(Prefix, StringComparison.Ordinal) || !t.Name.EndsWith(".lora_A.weight", StringComparison.Ordinal)) continue;
-            var module = t.Name[Prefix.Length..^".lora_A.weight".Length];
-            var bKey = $"{Prefix}{module}.lora_B.weight";
+            if (PeftAdapter.ModuleOfLoraA(t.Name) is not { } module) continue;
+            var bKey = PeftAdapter.LoraBKey(module);
             long outDim = reader.Contains(bKey) && reader.GetInfo(bKey).Shape.Length == 2 ? reader.GetInfo(bKey).Shape[0] : -1;
             if (t.Shape.Length == 2) modules[module] = new Module((int)t.Shape[0], outDim, t.Shape[1]);
         }
@@ -184,7 +182,7 @@ public static class WeightedAdapterMerger
 
     private static Tensor ReadF64(Input input, string module, string part)
     {
-        var key = $"{Prefix}{module}.{part}.weight";
+        var key = PeftAdapter.Key(module, part);
         using var stored = TorchDTypes.FromBytes(input.Reader.GetSpan(key), input.Reader.GetInfo(key));
         return stored.to(ScalarType.Float64);
     }

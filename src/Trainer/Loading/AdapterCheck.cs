@@ -10,7 +10,6 @@ namespace QLora.Trainer;
 /// </summary>
 public static class AdapterCheck
 {
-    const string Prefix = "base_model.model.";
 
     /// <summary>
     /// Checks the adapter weights <paramref name="weightsPath"/> against <paramref name="options"/> (its config) and the
@@ -30,8 +29,8 @@ public static class AdapterCheck
         {
             if (!options.IsTarget(module)) continue;
             int r = options.RankFor(module); // r, or its rank_pattern entry
-            var parts = new List<(string Key, long[] Expected)> { ($"{Prefix}{module}.lora_A.weight", [r, shape[1]]), ($"{Prefix}{module}.lora_B.weight", [shape[0], r]) };
-            if (options.UseDora) parts.Add(($"{Prefix}{module}{PeftAdapter.MagnitudeSuffix}", [shape[0]]));
+            var parts = new List<(string Key, long[] Expected)> { (PeftAdapter.LoraAKey(module), [r, shape[1]]), (PeftAdapter.LoraBKey(module), [shape[0], r]) };
+            if (options.UseDora) parts.Add((PeftAdapter.MagnitudeKey(module), [shape[0]]));
             foreach (var (key, expected) in parts)
             {
                 if (!names.Contains(key))
@@ -65,12 +64,12 @@ public static class AdapterCheck
     /// </summary>
     public static string ModuleOf(string weightsPath, string key, bool dora)
     {
-        if (key.StartsWith(Prefix, StringComparison.Ordinal))
+        if (key.StartsWith(PeftAdapter.KeyPrefix, StringComparison.Ordinal))
         {
             foreach (var suffix in new[] { ".lora_A.weight", ".lora_B.weight" })
-                if (key.EndsWith(suffix, StringComparison.Ordinal)) return key[Prefix.Length..^suffix.Length];
+                if (key.EndsWith(suffix, StringComparison.Ordinal)) return key[PeftAdapter.KeyPrefix.Length..^suffix.Length];
             if (key.EndsWith(PeftAdapter.MagnitudeSuffix, StringComparison.Ordinal))
-                return dora ? key[Prefix.Length..^PeftAdapter.MagnitudeSuffix.Length]
+                return dora ? key[PeftAdapter.KeyPrefix.Length..^PeftAdapter.MagnitudeSuffix.Length]
                     : throw new InvalidDataException($"{weightsPath}: {key} is a DoRA magnitude vector, but adapter_config.json has use_dora false");
         }
         throw new InvalidDataException($"{weightsPath}: unexpected tensor {key} (expected base_model.model.<module>.lora_A/B.weight{(dora ? " or .lora_magnitude_vector" : "")})");

@@ -12,7 +12,6 @@ namespace QLora.Trainer;
 /// </summary>
 public sealed class MergedWeights : IDisposable
 {
-    private const string Prefix = "base_model.model.";
     private readonly SafetensorsReader? _adapter;
     private readonly SafetensorsModelWeights _weights;
     private readonly Dictionary<string, string> _deltas; // weight key -> module
@@ -68,8 +67,7 @@ public sealed class MergedWeights : IDisposable
                 AdapterCheck.Verify(adapter.Path, options!, projections); // every tensor, shape and value, before anything is written
                 foreach (var t in adapter.Tensors)
                 {
-                    if (!t.Name.StartsWith(Prefix, StringComparison.Ordinal) || !t.Name.EndsWith(".lora_A.weight", StringComparison.Ordinal)) continue;
-                    var module = t.Name[Prefix.Length..^".lora_A.weight".Length];
+                    if (PeftAdapter.ModuleOfLoraA(t.Name) is not { } module) continue;
                     if (!weights.Contains(module + ".weight"))
                         throw new InvalidDataException($"{adapter.Path}: {t.Name} targets {module}, which the base model does not have");
                     deltas[module + ".weight"] = module;
@@ -119,8 +117,8 @@ public sealed class MergedWeights : IDisposable
         else throw new ArgumentException($"{name} is not a floating-point tensor", nameof(name));
         if (!_deltas.TryGetValue(name, out var module)) return w;
         using var scope = NewDisposeScope();
-        var a = ReadAdapter($"{Prefix}{module}.lora_A.weight");
-        var b = ReadAdapter($"{Prefix}{module}.lora_B.weight");
+        var a = ReadAdapter(PeftAdapter.LoraAKey(module));
+        var b = ReadAdapter(PeftAdapter.LoraBKey(module));
         if (a.shape[0] != b.shape[1] || b.shape[0] != w.shape[0] || a.shape[1] != w.shape[1])
             throw new InvalidDataException($"{_adapter!.Path}: {module} has A [{string.Join(", ", a.shape)}] and B [{string.Join(", ", b.shape)}], which do not fit the base weight [{string.Join(", ", w.shape)}]");
         var own = Options!.ForModule(module); // rank_pattern / alpha_pattern
@@ -130,7 +128,7 @@ public sealed class MergedWeights : IDisposable
         w.Dispose();
         if (own.UseDora)
         {
-            var m = ReadAdapter($"{Prefix}{module}{PeftAdapter.MagnitudeSuffix}");
+            var m = ReadAdapter(PeftAdapter.MagnitudeKey(module));
             if (m.dim() != 1 || m.shape[0] != merged.shape[0])
                 throw new InvalidDataException($"{_adapter!.Path}: {module}{PeftAdapter.MagnitudeSuffix} has shape [{string.Join(", ", m.shape)}], the base weight needs [{merged.shape[0]}]");
             var norm = linalg.vector_norm(merged, 2, [1], false);

@@ -19,9 +19,27 @@ public static class PeftAdapter
     public const string ConfigFile = "adapter_config.json";
     /// <summary>The weights file name.</summary>
     public const string WeightsFile = "adapter_model.safetensors";
-    private const string Prefix = "base_model.model.";
+    /// <summary>What every key of adapter_model.safetensors starts with, before the module's name.</summary>
+    public const string KeyPrefix = "base_model.model.";
     /// <summary>The key suffix of a DoRA magnitude vector in adapter_model.safetensors (PEFT's saved form).</summary>
     public const string MagnitudeSuffix = ".lora_magnitude_vector";
+    private const string LoraASuffix = ".lora_A.weight";
+
+    /// <summary>The adapter_model.safetensors key of a module's LoRA matrix (<paramref name="part"/>: lora_A or lora_B).</summary>
+    public static string Key(string module, string part) => $"{KeyPrefix}{module}.{part}.weight";
+
+    /// <summary>The key of a module's lora_A matrix [r, in].</summary>
+    public static string LoraAKey(string module) => Key(module, "lora_A");
+
+    /// <summary>The key of a module's lora_B matrix [out, r].</summary>
+    public static string LoraBKey(string module) => Key(module, "lora_B");
+
+    /// <summary>The key of a module's DoRA magnitude vector [out].</summary>
+    public static string MagnitudeKey(string module) => $"{KeyPrefix}{module}{MagnitudeSuffix}";
+
+    /// <summary>The module whose lora_A matrix <paramref name="key"/> names, or null for any other key.</summary>
+    public static string? ModuleOfLoraA(string key) =>
+        key.StartsWith(KeyPrefix, StringComparison.Ordinal) && key.EndsWith(LoraASuffix, StringComparison.Ordinal) ? key[KeyPrefix.Length..^LoraASuffix.Length] : null;
 
     /// <summary>Writes <paramref name="adapter"/> of <paramref name="model"/> into <paramref name="folder"/>; each file atomically.</summary>
     public static void Save(LlamaForCausalLM model, LoraOptions options, string folder, string adapter = "default", string? baseModel = null)
@@ -34,9 +52,9 @@ public static class PeftAdapter
             foreach (var (name, layer) in model.LoraLayers)
             {
                 if (!layer.Adapters.Contains(adapter)) continue;
-                parts.Add(($"{Prefix}{name}.lora_A.weight", layer.LoraA(adapter).detach().cpu().contiguous())); // a GPU model's adapters are copied to the host
-                parts.Add(($"{Prefix}{name}.lora_B.weight", layer.LoraB(adapter).detach().cpu().contiguous()));
-                if (layer.Magnitude(adapter) is { } m) parts.Add(($"{Prefix}{name}{MagnitudeSuffix}", m.detach().cpu().contiguous()));
+                parts.Add((LoraAKey(name), layer.LoraA(adapter).detach().cpu().contiguous())); // a GPU model's adapters are copied to the host
+                parts.Add((LoraBKey(name), layer.LoraB(adapter).detach().cpu().contiguous()));
+                if (layer.Magnitude(adapter) is { } m) parts.Add((MagnitudeKey(name), m.detach().cpu().contiguous()));
             }
             if (parts.Count == 0) throw new ArgumentException($"no layer has an adapter named '{adapter}'");
             foreach (var (key, t) in parts) writer.Declare(key, TorchDTypes.ToTensorDType(t.dtype), t.shape);
@@ -219,10 +237,10 @@ public static class PeftAdapter
             var layer = model.LoraLayers.Single(l => l.Name == name).Layer;
             var parts = new List<(string Key, Tensor Target)>
             {
-                ($"{Prefix}{name}.lora_A.weight", layer.LoraA(adapterName)),
-                ($"{Prefix}{name}.lora_B.weight", layer.LoraB(adapterName)),
+                (LoraAKey(name), layer.LoraA(adapterName)),
+                (LoraBKey(name), layer.LoraB(adapterName)),
             };
-            if (layer.Magnitude(adapterName) is { } magnitude) parts.Add(($"{Prefix}{name}{MagnitudeSuffix}", magnitude));
+            if (layer.Magnitude(adapterName) is { } magnitude) parts.Add((MagnitudeKey(name), magnitude));
             foreach (var (key, target) in parts)
             {
                 if (!keys.Remove(key))
