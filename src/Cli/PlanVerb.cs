@@ -26,6 +26,8 @@ internal static class PlanVerb
         var noOffload = new Option<bool>("--no-offload") { Description = "keep the checkpointed layer inputs in device memory instead of offloading them to the host" };
         var noHostEmbedding = new Option<bool>("--no-host-embedding") { Description = "keep the input embedding table in device memory (it stays in host memory by default when untied)" };
         var mlpTile = new Option<int>("--mlp-tile") { Description = "sequence-tiled MLP: tokens per tile, each checkpointed on its own (0: off)", DefaultValueFactory = _ => d.MlpTileTokens };
+        var normTile = new Option<int>("--norm-tile") { Description = "token-tiled RMSNorms: tokens per tile; each norm saves its input instead of a float32 copy (0: off)", DefaultValueFactory = _ => d.NormTileTokens };
+        var byGroup = new Option<bool>("--attention-by-group") { Description = "grouped-query attention a K/V group at a time, recomputed in backward (no repeated K/V heads)" };
         var maxSeq = new Option<bool>("--max-seq") { Description = "also find the longest sequence (a multiple of 1024) that fits --budget with these settings" };
         var ranks = new Option<int>("--ranks") { Description = "data-parallel ranks (processes under mpirun/srun): adds the throughput model", DefaultValueFactory = _ => 1 };
         var microBatches = new Option<int?>("--micro-batches") { Description = "micro-batches per optimizer step across all ranks (default: one per rank)" };
@@ -33,7 +35,7 @@ internal static class PlanVerb
         var device = DeviceOptions.Device("the device to plan for: auto (a CUDA device if this machine can use one, else the CPU), cpu, cuda or cuda:N; cuda adds the CUDA context and library workspaces (estimated)");
         var cmd = new Command("plan", "Predict a QLoRA job's peak memory (NF4+DQ base, bf16 compute, LoRA on all linear layers, checkpointing, paged AdamW) and check it against a budget.")
         {
-            model, budget, stream, seq, batch, rank, dora, dropout, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, maxSeq, ranks, microBatches, noQuant, device,
+            model, budget, stream, seq, batch, rank, dora, dropout, bits, chunk, noCheckpointing, noOffload, noHostEmbedding, mlpTile, normTile, byGroup, maxSeq, ranks, microBatches, noQuant, device,
         };
         cmd.SetAction(r =>
         {
@@ -43,7 +45,7 @@ internal static class PlanVerb
             {
                 SequenceLength = r.GetValue(seq), MicroBatch = r.GetValue(batch), LoraRank = r.GetValue(rank), UseDora = r.GetValue(dora), LoraDropout = r.GetValue(dropout), OptimizerBits = r.GetValue(bits),
                 LossChunkTokens = r.GetValue(chunk), GradientCheckpointing = !r.GetValue(noCheckpointing), LayerStreaming = r.GetValue(stream), BudgetBytes = r.GetValue(budget) is { } b ? ByteSize.Parse(b) : null,
-                OffloadCheckpoints = !r.GetValue(noOffload), HostEmbedding = !r.GetValue(noHostEmbedding), MlpTileTokens = r.GetValue(mlpTile),
+                OffloadCheckpoints = !r.GetValue(noOffload), HostEmbedding = !r.GetValue(noHostEmbedding), MlpTileTokens = r.GetValue(mlpTile), NormTileTokens = r.GetValue(normTile), AttentionByGroup = r.GetValue(byGroup),
                 QuantizeBase = !r.GetValue(noQuant),
                 Device = DeviceSelector.PlanTarget(DeviceRequest.Parse(r.GetValue(device), "--device")),
             };
@@ -58,7 +60,8 @@ internal static class PlanVerb
             stdout.WriteLine($"job: {options.MicroBatch} x {options.SequenceLength} tokens, {(options.UseDora ? "DoRA" : "LoRA")} r={options.LoraRank} on {string.Join(", ", options.LoraTargets)}, " +
                 $"{(options.GradientCheckpointing ? "checkpointing" : "no checkpointing")}, {(options.PagedOptimizer ? "paged " : "")}{options.OptimizerBits}-bit AdamW, " +
                 $"loss chunk {options.LossChunkTokens}{(options.QuantizeBase ? "" : ", 16-bit base (no quantization)")}{(options.LayerStreaming ? $", layer streaming ({options.StreamingWindow} resident)" : "")}" +
-                $"{(options.GradientCheckpointing && options.OffloadCheckpoints ? ", offloaded checkpoints" : "")}{(options.MlpTileTokens > 0 ? $", MLP in tiles of {options.MlpTileTokens} tokens" : "")}; " +
+                $"{(options.GradientCheckpointing && options.OffloadCheckpoints ? ", offloaded checkpoints" : "")}{(options.MlpTileTokens > 0 ? $", MLP in tiles of {options.MlpTileTokens} tokens" : "")}" +
+                $"{(options.NormTileTokens > 0 ? $", norms in tiles of {options.NormTileTokens} tokens" : "")}{(options.AttentionByGroup ? ", attention by K/V group" : "")}; " +
                 $"on {(options.Device == QLora.Kernels.DeviceKind.Cuda ? "a CUDA device" : "the CPU")}");
             stdout.WriteLine(plan.ToTable());
             var doraCost = MemoryPlanner.DoraWeightNormCost(config, options);

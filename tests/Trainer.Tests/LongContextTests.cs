@@ -33,6 +33,17 @@ public class LongContextTests
         return (loss, model.TrainableParameters().ToDictionary(p => p.Name, p => p.Parameter.grad!.detach().clone().to(ScalarType.Float64)));
     }
 
+    /// <summary>Every gradient of <paramref name="actual"/> within <paramref name="tolerance"/> of the largest of its <paramref name="expected"/> counterpart.</summary>
+    private static void AssertSameGradients(Dictionary<string, Tensor> expected, Dictionary<string, Tensor> actual, double tolerance)
+    {
+        foreach (var (name, g) in expected)
+        {
+            double scale = g.abs().max().item<double>() + 1e-12;
+            double diff = (g - actual[name]).abs().max().item<double>();
+            Assert.True(diff <= tolerance * scale, $"{name}: max difference {diff:E3} against gradients up to {scale:E3}");
+        }
+    }
+
     [Theory]
     [InlineData(ScalarType.Float32)]
     [InlineData(ScalarType.BFloat16)]
@@ -52,14 +63,113 @@ public class LongContextTests
         var plain = Step(dtype, _ => { });
         var tiled = Step(dtype, m => { m.MlpTileTokens = 24; m.OffloadCheckpoints = true; }); // 80 tokens: tiles of 24, 24, 24, 8
         Assert.Equal(plain.Loss, tiled.Loss, tolerance);
-        foreach (var (name, g) in plain.Grads)
-        {
-            double scale = g.abs().max().item<double>() + 1e-12;
-            double diff = (g - tiled.Grads[name]).abs().max().item<double>();
-            Assert.True(diff <= tolerance * scale, $"{name}: max difference {diff:E3} against gradients up to {scale:E3}");
-        }
+        AssertSameGradients(plain.Grads, tiled.Grads, tolerance);
         // and it really computed something different from nothing: the gradients are not all zero
         Assert.Contains(plain.Grads.Values, g => g.abs().max().item<double>() > 0);
+    }
+
+    [Theory]
+    [InlineData(ScalarType.Float32, 1e-5)]
+    [InlineData(ScalarType.BFloat16, 2e-2)]
+    public void TiledNormsGiveTheSameLossAndGradientsUpToRounding(ScalarType dtype, double tolerance)
+    {
+        var plain = Step(dtype, _ => { });
+        var tiled = Step(dtype, m => { m.NormTileTokens = 24; m.MlpTileTokens = 24; m.OffloadCheckpoints = true; }); // 80 tokens: 24, 24, 24, 8
+        Assert.Equal(plain.Loss, tiled.Loss, tolerance);
+        AssertSameGradients(plain.Grads, tiled.Grads, tolerance);
+    }
+
+    [Theory]
+    [InlineData(ScalarType.Float32, 1e-5)]
+    [InlineData(ScalarType.BFloat16, 2e-2)]
+    public void AttentionByGroupGivesTheSameLossAndGradientsUpToRounding(ScalarType dtype, double tolerance)
+    {
+        var plain = Step(dtype, _ => { }); // 4 query heads over 2 K/V heads
+        var grouped = Step(dtype, m => { m.AttentionByGroup = true; m.OffloadCheckpoints = true; });
+        Assert.Equal(plain.Loss, grouped.Loss, tolerance);
+        AssertSameGradients(plain.Grads, grouped.Grads, tolerance);
+    }
+
+    /// <summary>Attention by group against SDPA over repeated K/V heads: the same output bit for bit, and the same q, k, v gradients up to float32 summation order.</summary>
+    [Fact]
+    public void AttentionByGroupEqualsRepeatedHeads()
+    {
+        var gen = new Generator(12);
+        using var q0 = randn([2, 6, 21, 8], generator: gen);
+        using var k0 = randn([2, 2, 21, 8], generator: gen);
+        using var v0 = randn([2, 2, 21, 8], generator: gen);
+        using var g = randn([2, 6, 21, 8], generator: gen);
+        var (q1, k1, v1) = (q0.clone().requires_grad_(true), k0.clone().requires_grad_(true), v0.clone().requires_grad_(true));
+        var (q2, k2, v2) = (q0.clone().requires_grad_(true), k0.clone().requires_grad_(true), v0.clone().requires_grad_(true));
+        var expected = nn.functional.scaled_dot_product_attention(q1, k1.repeat_interleave(3, 1), v1.repeat_interleave(3, 1), is_casual: true);
+        expected.backward([g]);
+        var actual = GroupedQueryAttention.Apply(q2, k2, v2);
+        actual.backward([g]);
+        Assert.True(actual.detach().eq(expected.detach()).all().item<bool>(), "outputs differ");
+        foreach (var (a, e) in new[] { (q2, q1), (k2, k1), (v2, v1) })
+            Assert.True(a.grad!.allclose(e.grad!, rtol: 1e-5, atol: 1e-6), $"gradients differ by {(a.grad! - e.grad!).abs().max().item<float>():E3}");
+        using (no_grad()) Assert.True(GroupedQueryAttention.Apply(q0, k0, v0).eq(expected.detach()).all().item<bool>(), "the no-grad path differs");
+    }
+
+    /// <summary>
+    /// The tiled norm's hand-written backward against autograd's derivative of the plain formula in float64 (Llama's
+    /// weight · cast(x·r) and Gemma's (1 + weight)·x·r), and its output against the plain form bit for bit.
+    /// </summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void TheTiledNormsGradientIsTheDerivativeOfThePlainNorm(bool unitOffset)
+    {
+        var gen = new Generator(7);
+        using var norm = new RmsNorm(48, 1e-5, ScalarType.Float32, unitOffset);
+        using (no_grad()) norm.weight.normal_(1, 0.3, gen);
+        using var x = (randn([2, 37, 48], generator: gen) * 3).requires_grad_(true);
+        using var g = randn([2, 37, 48], generator: gen);
+        // float64 reference: the formula, differentiated by autograd
+        using var x64 = x.detach().to(ScalarType.Float64).requires_grad_(true);
+        using var w64 = norm.weight.detach().to(ScalarType.Float64);
+        using var y64 = x64 * (x64.pow(2).mean([-1L], keepdim: true) + 1e-5).rsqrt() * (unitOffset ? w64 + 1.0 : w64);
+        y64.backward([g.to(ScalarType.Float64)]);
+        using var plain = norm.forward(x.detach());
+        norm.TileTokens = 10; // 74 tokens: tiles of 10 and a last one of 4
+        using var y = norm.forward(x);
+        Assert.True(y.detach().eq(plain).all().item<bool>(), "the tiled output differs from the plain one");
+        y.backward([g]);
+        double scale = x64.grad!.abs().max().item<double>();
+        double diff = (x.grad!.to(ScalarType.Float64) - x64.grad!).abs().max().item<double>();
+        Assert.True(diff <= 1e-5 * scale, $"max difference {diff:E3} against gradients up to {scale:E3}");
+        Assert.True(scale > 0.1);
+    }
+
+    /// <summary>
+    /// RoPE a head at a time through its own node against transformers' whole-tensor formula x·cos + rotate_half(x)·sin
+    /// differentiated by autograd: the same element-wise operations, so the same output and input gradient bit for bit,
+    /// on a transposed (non-contiguous) query as the attention makes it.
+    /// </summary>
+    [Theory]
+    [InlineData(ScalarType.Float32)]
+    [InlineData(ScalarType.BFloat16)]
+    public void RopeByHeadEqualsTheWholeTensorFormulaBitForBit(ScalarType dtype)
+    {
+        var gen = new Generator(3);
+        var rope = new RotaryEmbedding(16, 10000, null);
+        var positions = arange(0, 29, dtype: ScalarType.Int64).view(1, 29).repeat(2, 1);
+        var (cos, sin) = rope.CosSin(positions, dtype);
+        using var raw = randn([2, 29, 3, 16], generator: gen).to(dtype); // [B, T, heads, d], as q_proj's output is split
+        using var g = randn([2, 3, 29, 16], generator: gen).to(dtype);
+        var x1 = raw.clone().requires_grad_(true);
+        var x2 = raw.clone().requires_grad_(true);
+        // the reference: transformers' formula on the whole tensor
+        var q = x1.transpose(1, 2);
+        var rotated = cat([-q.narrow(-1, 8, 8), q.narrow(-1, 0, 8)], -1);
+        var expected = q * cos.unsqueeze(1) + rotated * sin.unsqueeze(1);
+        expected.backward([g]);
+        var actual = RotaryEmbedding.Apply(x2.transpose(1, 2), cos, sin);
+        actual.backward([g]);
+        Assert.True(actual.detach().eq(expected.detach()).all().item<bool>(), "outputs differ");
+        Assert.True(x2.grad!.eq(x1.grad!).all().item<bool>(), "input gradients differ");
+        Assert.True(x1.grad!.abs().max().to(ScalarType.Float32).item<float>() > 0.1f);
+        using (no_grad()) Assert.True(RotaryEmbedding.Apply(raw.transpose(1, 2), cos, sin).eq(expected.detach()).all().item<bool>(), "the no-grad path differs");
     }
 
     [Theory]
@@ -98,11 +208,7 @@ public class LongContextTests
             results.Add(((sum / n).item<float>(), model.TrainableParameters().ToDictionary(p => p.Name, p => p.Parameter.grad!.to(ScalarType.Float64))));
         }
         Assert.Equal(results[0].Loss, results[1].Loss, tolerance);
-        foreach (var (name, g) in results[0].Grads)
-        {
-            double scale = g.abs().max().item<double>() + 1e-12, diff = (g - results[1].Grads[name]).abs().max().item<double>();
-            Assert.True(diff <= tolerance * scale, $"{name}: max difference {diff:E3} against gradients up to {scale:E3}");
-        }
+        AssertSameGradients(results[0].Grads, results[1].Grads, tolerance);
     }
 
     [Fact]

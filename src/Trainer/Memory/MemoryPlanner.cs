@@ -213,6 +213,8 @@ public static class MemoryPlanner
         if (o.GradientCheckpointing && !o.OffloadCheckpoints) Try("offloaded checkpoints (layer inputs in host memory)", o with { OffloadCheckpoints = true });
         if (o.AttentionMask) Try("segment attention for packed rows (no [T, T] mask)", o with { AttentionMask = false, SegmentAttention = true });
         if (o.MlpTileTokens == 0 && o.SequenceLength > 4096) Try("sequence-tiled MLP (tiles of 4096 tokens)", o with { MlpTileTokens = 4096 });
+        if (o.NormTileTokens == 0 && o.SequenceLength > 4096) Try("token-tiled RMSNorms (tiles of 4096 tokens)", o with { NormTileTokens = 4096 });
+        if (!o.AttentionByGroup && cfg.NumKeyValueHeads < cfg.NumAttentionHeads) Try("attention by K/V group (no repeated K/V heads)", o with { AttentionByGroup = true });
         for (int b = o.MicroBatch / 2; b >= 1; b /= 2)
             if (Try($"micro-batch {b} instead of {o.MicroBatch} (raise gradient accumulation to keep the batch)", o with { MicroBatch = b })) break;
         for (int t = o.SequenceLength / 2; t >= 128; t /= 2)
@@ -226,8 +228,11 @@ public static class MemoryPlanner
         {
             GradientCheckpointing = true, OffloadCheckpoints = true, PagedOptimizer = true, AttentionMask = false, SegmentAttention = o.AttentionMask || o.SegmentAttention, OptimizerBits = 8, LossChunkTokens = Math.Min(o.LossChunkTokens, 256),
             MlpTileTokens = o.MlpTileTokens > 0 ? o.MlpTileTokens : o.SequenceLength > 4096 ? 4096 : 0,
+            NormTileTokens = o.NormTileTokens > 0 ? o.NormTileTokens : o.SequenceLength > 4096 ? 4096 : 0,
+            AttentionByGroup = o.AttentionByGroup || (o.SequenceLength > 4096 && cfg.NumKeyValueHeads < cfg.NumAttentionHeads),
         };
-        string freeText = "offloaded checkpointing, paged 8-bit optimizer, loss chunk 256" + (free.MlpTileTokens > 0 ? $", MLP in tiles of {free.MlpTileTokens}" : "") + (free.SegmentAttention ? ", segment attention" : "");
+        string freeText = "offloaded checkpointing, paged 8-bit optimizer, loss chunk 256" + (free.MlpTileTokens > 0 ? $", MLP in tiles of {free.MlpTileTokens}" : "")
+            + (free.NormTileTokens > 0 ? $", norms in tiles of {free.NormTileTokens}" : "") + (free.AttentionByGroup ? ", attention by K/V group" : "") + (free.SegmentAttention ? ", segment attention" : "");
         foreach (var (baseOptions, switches) in new[]
                  {
                      (free, freeText),

@@ -52,6 +52,10 @@ public sealed record PlanOptions
     public bool OffloadCheckpoints { get; init; } = true;
     /// <summary>Sequence-tiled MLP: tokens per tile, each tile checkpointed on its own (0: off; see <see cref="LlamaMlp.TileTokens"/>).</summary>
     public int MlpTileTokens { get; init; }
+    /// <summary>Token-tiled RMSNorms: tokens per tile (0: off; see <see cref="RmsNorm.TileTokens"/>).</summary>
+    public int NormTileTokens { get; init; }
+    /// <summary>Grouped-query attention a K/V group at a time, recomputed in backward (see <see cref="GroupedQueryAttention"/>).</summary>
+    public bool AttentionByGroup { get; init; }
     /// <summary>AdamW state bits: 32 (float32 moments) or 8 (blockwise 8-bit moments).</summary>
     public int OptimizerBits { get; init; } = 32;
     /// <summary>Paged optimizer: state in host memory, one tensor's state brought into device memory per update.</summary>
@@ -118,6 +122,7 @@ public sealed record PlanOptions
                      ("QuantBlocksize", QuantBlocksize), ("LossChunkTokens", LossChunkTokens), ("StreamingWindow", StreamingWindow) })
             if (v <= 0) throw new ArgumentException($"{name} {v}: must be positive");
         if (MlpTileTokens < 0) throw new ArgumentException($"MlpTileTokens {MlpTileTokens}: must be 0 (off) or positive");
+        if (NormTileTokens < 0) throw new ArgumentException($"NormTileTokens {NormTileTokens}: must be 0 (off) or positive");
         if (!(LoraDropout >= 0 && LoraDropout < 1)) throw new ArgumentException($"LoraDropout {LoraDropout}: must be in [0, 1)");
         if (SequenceLength < 2) throw new ArgumentException($"SequenceLength {SequenceLength}: needs at least 2 tokens for a next-token loss");
         foreach (var t in LoraTargets)

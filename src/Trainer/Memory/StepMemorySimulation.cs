@@ -232,7 +232,7 @@ internal sealed class StepMemorySimulation
         }
         _phase = "forward: final norm";
         var finalSaved = new List<Buf>();
-        var hidden = Norm(fwd, grad: true, finalSaved);
+        var hidden = Norm(fwd, h, grad: true, finalSaved);
         End(fwd, null, hidden);
 
         // ---- loss (CausalLmLoss.Compute: chunks checkpointed) ----
@@ -337,9 +337,12 @@ internal sealed class StepMemorySimulation
         Free(Alloc(LayerWorkingSet, optimizerUpdateBytes));
     }
 
+    private bool NormTiled => _o.NormTileTokens > 0 && _n > _o.NormTileTokens;
+
     /// <summary>RmsNorm.forward: float32 copy, square, mean, rsqrt, product, cast back, scale. Saves x32 and rsqrt.</summary>
-    private Buf Norm(Scope outer, bool grad, List<Buf>? saved)
+    private Buf Norm(Scope outer, Buf input, bool grad, List<Buf>? saved)
     {
+        if (NormTiled) return TiledNorm(outer, input, grad, saved);
         var s = new Scope();
         var x32 = _c != 4 ? A(s, LayerWorkingSet, _n * _h * 4) : null;
         var square = A(s, LayerWorkingSet, _n * _h * 4);    // pow
@@ -364,9 +367,61 @@ internal sealed class StepMemorySimulation
         return o;
     }
 
+    /// <summary>
+    /// The token-tiled RmsNorm (<see cref="RmsNorm.TileTokens"/>): one output and a float32 scale per token, then per
+    /// tile (its temporaries live until the tile ends) the float32 copy, square, mean, scale, product, cast and weight
+    /// product. Saves the input itself and the scales.
+    /// </summary>
+    private Buf TiledNorm(Scope outer, Buf input, bool grad, List<Buf>? saved)
+    {
+        var s = new Scope();
+        var o = A(s, LayerWorkingSet, _n * _h * _c);
+        var scales = grad ? A(s, LayerWorkingSet, _n * 4) : null;
+        for (long start = 0; start < _n; start += _o.NormTileTokens)
+        {
+            long t = Math.Min(_o.NormTileTokens, _n - start);
+            var tile = new Scope();
+            if (_c != 4) A(tile, LayerWorkingSet, t * _h * 4);   // float32 copy
+            A(tile, LayerWorkingSet, t * _h * 4);                // square
+            A(tile, LayerWorkingSet, t * 4 * 3);                 // mean, + eps, rsqrt
+            A(tile, LayerWorkingSet, t * _h * 4);                // product
+            if (_c != 4) A(tile, LayerWorkingSet, t * _h * _c);  // cast back
+            A(tile, LayerWorkingSet, t * _h * _c);               // weight · normed, then copied into the output
+            End(tile, null);
+        }
+        if (grad)
+        {
+            Save(input, saved);
+            Save(scales!, saved);
+        }
+        End(s, outer, o);
+        return o;
+    }
+
+    /// <summary>Backward of the tiled RmsNorm: one input gradient, and per tile g·w, its float32 widening, the float32 input, g·x, r·g, x·r³·mean(g·x) and the difference.</summary>
+    private Buf TiledNormBackward()
+    {
+        var result = Alloc(LayerWorkingSet, _n * _h * _c);
+        for (long start = 0; start < _n; start += _o.NormTileTokens)
+        {
+            long t = Math.Min(_o.NormTileTokens, _n - start);
+            var tile = new List<Buf> { Alloc(LayerWorkingSet, t * _h * _c) };       // g · w
+            if (_c != 4) tile.Add(Alloc(LayerWorkingSet, t * _h * 4));             // widened
+            if (_c != 4) tile.Add(Alloc(LayerWorkingSet, t * _h * 4));             // x in float32
+            tile.Add(Alloc(LayerWorkingSet, t * _h * 4));                          // g · x
+            tile.Add(Alloc(LayerWorkingSet, t * 4 * 3));                           // mean, r³, r³ · mean
+            tile.Add(Alloc(LayerWorkingSet, t * _h * 4));                          // r · g
+            tile.Add(Alloc(LayerWorkingSet, t * _h * 4));                          // x · r³ · mean
+            tile.Add(Alloc(LayerWorkingSet, t * _h * 4));                          // the difference, copied into the result
+            foreach (var b in tile) Free(b);
+        }
+        return result;
+    }
+
     /// <summary>RmsNorm backward: the weight product, the float32 chain (about three float32 temporaries) and the cast back.</summary>
     private Buf NormBackward(Buf g)
     {
+        if (NormTiled) return TiledNormBackward();
         var t = new[]
         {
             Alloc(LayerWorkingSet, _n * _h * _c), Alloc(LayerWorkingSet, _n * _h * 4),
@@ -494,24 +549,32 @@ internal sealed class StepMemorySimulation
         return gxLora ?? gx;
     }
 
+    /// <summary>RotaryEmbedding.Apply: one output, then a head at a time −x₂, the cat, x·cos, rotated·sin and the sum (freed with the head).</summary>
     private Buf Rope(Scope outer, long width)
     {
         var s = new Scope();
-        A(s, LayerWorkingSet, _n * width / 2 * _c);  // −x2
-        A(s, LayerWorkingSet, _n * width * _c);      // cat
-        A(s, LayerWorkingSet, _n * width * _c);      // x·cos
-        A(s, LayerWorkingSet, _n * width * _c);      // rotated·sin
         var o = A(s, LayerWorkingSet, _n * width * _c);
+        RopeHeads(width);
         End(s, outer, o);
         return o;
     }
 
+    /// <summary>RoPE's backward: one input gradient, then a head at a time g·sin, −u₁, the cat, g·cos and the sum.</summary>
     private Buf RopeBackward(long width)
     {
-        var t = new[] { Alloc(LayerWorkingSet, _n * width * _c), Alloc(LayerWorkingSet, _n * width * _c), Alloc(LayerWorkingSet, _n * width * _c) };
         var result = Alloc(LayerWorkingSet, _n * width * _c);
-        foreach (var x in t) Free(x);
+        RopeHeads(width);
         return result;
+    }
+
+    private void RopeHeads(long width)
+    {
+        long head = _n * _cfg.HeadDim * _c;
+        for (long h = 0; h < width / _cfg.HeadDim; h++)
+        {
+            var t = new[] { Alloc(LayerWorkingSet, head / 2), Alloc(LayerWorkingSet, head), Alloc(LayerWorkingSet, head), Alloc(LayerWorkingSet, head), Alloc(LayerWorkingSet, head) };
+            foreach (var b in t) Free(b);
+        }
     }
 
     private long ScoreBytes => (long)_o.MicroBatch * _cfg.NumAttentionHeads * _o.SequenceLength * (long)_o.SequenceLength * _c;
@@ -520,11 +583,11 @@ internal sealed class StepMemorySimulation
     private Buf LayerForward(Scope outer, Buf input, bool grad, LayerSaved? ls)
     {
         var d = new Scope();
-        var n1 = Norm(d, grad, ls?.Norm1);
+        var n1 = Norm(d, input, grad, ls?.Norm1);
         var attention = Attention(d, n1, grad, ls?.Attention);
         var h = A(d, LayerWorkingSet, _n * _h * _c);         // h = x + attn
         Drop(attention); Drop(n1);
-        var n2 = Norm(d, grad, ls?.Norm2);
+        var n2 = Norm(d, h, grad, ls?.Norm2);
         var mlp = Mlp(d, n2, grad, ls?.Mlp);
         var o = A(d, LayerWorkingSet, _n * _h * _c);         // h + mlp
         Drop(mlp); Drop(n2); Drop(h);
@@ -543,6 +606,7 @@ internal sealed class StepMemorySimulation
         var kr = Rope(s, _kv);
         Drop(kOut);
         Buf kx = kr, vx = vOut;
+        if (ByGroup) return AttentionByGroup(s, outer, qr, kr, vOut, grad, saved);
         if (_kv != _q)
         {
             kx = A(s, AttentionBuffers, _n * _q * _c);   // repeat_interleave of K and V heads
@@ -579,12 +643,58 @@ internal sealed class StepMemorySimulation
             Save(vx, saved, vx == vOut ? SavedActivations : AttentionBuffers);
             Save(o, saved);
         }
-        var merged = A(s, LayerWorkingSet, _n * _q * _c);    // the heads back in token order (a copy)
-        Drop(o); Drop(qr); Drop(kx); Drop(vx);
+        return MergeAndProject(s, outer, grad, saved, o, qr, kx, vx);
+    }
+
+    /// <summary>The heads back in token order (a copy), the inputs' handles dropped, then o_proj; ends the attention's scope.</summary>
+    private Buf MergeAndProject(Scope s, Scope outer, bool grad, List<Buf>? saved, Buf o, params Buf[] dropped)
+    {
+        var merged = A(s, LayerWorkingSet, _n * _q * _c);
+        Drop(o);
+        foreach (var b in dropped) Drop(b);
         var result = Proj(s, merged, _q, _h, "o_proj", grad, saved);
         Drop(merged);
         End(s, outer, result);
         return result;
+    }
+
+    /// <summary>GroupedQueryAttention applies: GQA, causal, no mask and no segments (what LlamaAttention checks).</summary>
+    private bool ByGroup => _o.AttentionByGroup && _kv != _q && !_o.AttentionMask && !_o.SegmentAttention;
+
+    /// <summary>
+    /// GroupedQueryAttention: one output, each group's SDPA output and log-sum-exp freed with the group; saves q, k and v
+    /// at their own widths (not the output), then the merge and o_proj as in <see cref="Attention"/>.
+    /// </summary>
+    private Buf AttentionByGroup(Scope s, Scope outer, Buf qr, Buf kr, Buf vOut, bool grad, List<Buf>? saved)
+    {
+        var o = A(s, LayerWorkingSet, _n * _q * _c);
+        AttentionGroups(backward: false);
+        if (grad)
+        {
+            Save(qr, saved);
+            Save(kr, saved);
+            Save(vOut, saved);
+        }
+        return MergeAndProject(s, outer, grad, saved, o, qr, kr, vOut);
+    }
+
+    /// <summary>Per K/V group: SDPA's output and log-sum-exp; in backward (the group recomputed) also its q gradient and the expanded K and V gradients, summed to one head each.</summary>
+    private void AttentionGroups(bool backward)
+    {
+        long groups = _cfg.NumKeyValueHeads, heads = _cfg.NumAttentionHeads / groups, width = heads * _cfg.HeadDim;
+        for (long g = 0; g < groups; g++)
+        {
+            var t = new List<Buf> { Alloc(LayerWorkingSet, _n * width * _c), Alloc(AttentionBuffers, _n * heads * 4) };
+            if (backward)
+            {
+                t.Add(Alloc(LayerWorkingSet, _n * width * _c));            // q gradient
+                t.Add(Alloc(LayerWorkingSet, _n * width * _c));            // expanded K gradient
+                t.Add(Alloc(LayerWorkingSet, _n * width * _c));            // expanded V gradient
+                t.Add(Alloc(LayerWorkingSet, _n * _cfg.HeadDim * _c));     // summed to one head
+                t.Add(Alloc(LayerWorkingSet, _n * _cfg.HeadDim * _c));
+            }
+            foreach (var b in t) Free(b);
+        }
     }
 
     private bool MlpTiled => _o.MlpTileTokens > 0 && _n > _o.MlpTileTokens;
@@ -701,14 +811,25 @@ internal sealed class StepMemorySimulation
         // attention
         var gMerged = ProjBackward(gH, _q, _h, "o_proj", pins);
         Buf? gScores = null, gScores2 = null;
+        Buf gq, gk, gv;
+        if (ByGroup)
+        {
+            gq = Alloc(LayerWorkingSet, _n * _q * _c);
+            gk = Alloc(LayerWorkingSet, _n * _kv * _c);
+            gv = Alloc(LayerWorkingSet, _n * _kv * _c);
+            AttentionGroups(backward: true);
+            Free(gMerged);
+        }
+        else
+        {
         if (_o.AttentionMask)
         {
             gScores = Alloc(AttentionBuffers, ScoreBytes);
             gScores2 = Alloc(AttentionBuffers, ScoreBytes);
         }
-        var gq = Alloc(LayerWorkingSet, _n * _q * _c);
-        var gk = Alloc(LayerWorkingSet, _n * _q * _c);
-        var gv = Alloc(LayerWorkingSet, _n * _q * _c);
+        gq = Alloc(LayerWorkingSet, _n * _q * _c);
+        gk = Alloc(LayerWorkingSet, _n * _q * _c);
+        gv = Alloc(LayerWorkingSet, _n * _q * _c);
         Free(gScores); Free(gScores2);
         Free(gMerged);
         if (_kv != _q)
@@ -717,6 +838,7 @@ internal sealed class StepMemorySimulation
             var gv2 = Alloc(LayerWorkingSet, _n * _kv * _c);
             Free(gk); Free(gv);
             gk = gk2; gv = gv2;
+        }
         }
         var gqr = RopeBackward(_q);
         Free(gq);

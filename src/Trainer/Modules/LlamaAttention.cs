@@ -28,6 +28,12 @@ public sealed class LlamaAttention : ProjectionHost
         register_module("k_norm", kNorm);
     }
 
+    /// <summary>
+    /// Grouped-query attention a K/V group at a time (<see cref="GroupedQueryAttention"/>) instead of over repeated K/V
+    /// heads, for causal attention without a mask, a cache or segments: less memory, one more attention forward in backward.
+    /// </summary>
+    public bool AttentionByGroup { get; set; }
+
     /// <summary>Qwen3's query norm (HF <c>q_norm</c>), or null.</summary>
     public RmsNorm? QNorm { get; }
 
@@ -96,7 +102,8 @@ public sealed class LlamaAttention : ProjectionHost
             prefix = cache.Length > 0;
             (k, v) = cache.Append(layer, k, v);
         }
-        if (nkv != nh)
+        bool byGroup = AttentionByGroup && nkv != nh && segments is null && mask is null && cache is null && _config.Gemma?.AttnLogitSoftcapping is null;
+        if (nkv != nh && !byGroup)
         {
             int rep = nh / nkv;
             using (var grouped = k) k = grouped.repeat_interleave(rep, 1);
@@ -119,7 +126,8 @@ public sealed class LlamaAttention : ProjectionHost
         }
         double factor = scale * Math.Sqrt(hd); // SDPA divides by √head_dim itself
         if (factor != 1.0) using (var unscaled = q) q = unscaled * factor;
-        if (segments is not null && cache is null) attn = SegmentedAttention(q, k, v, segments);
+        if (byGroup) attn = GroupedQueryAttention.Apply(q, k, v);
+        else if (segments is not null && cache is null) attn = SegmentedAttention(q, k, v, segments);
         else if (mask is not null) attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask: mask);
         else if (!prefix) attn = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true);
         else

@@ -72,6 +72,35 @@ public sealed class LlamaForCausalLM : nn.Module
             foreach (var l in model.layers) l.mlp.TileTokens = value;
         }
     }
+    /// <summary>
+    /// Token-tiled RMSNorms: tokens per tile of every norm over the hidden size (each layer's and the final one; 0: off),
+    /// which then save their input and a float32 scale per token instead of a float32 copy of the input and compute
+    /// their gradient tile by tile (see <see cref="RmsNorm.TileTokens"/>).
+    /// </summary>
+    public int NormTileTokens
+    {
+        get => model.norm.TileTokens;
+        set
+        {
+            ArgumentOutOfRangeException.ThrowIfNegative(value);
+            model.norm.TileTokens = value;
+            foreach (var l in model.layers)
+                foreach (var n in new[] { l.input_layernorm, l.post_attention_layernorm, l.pre_feedforward_layernorm, l.post_feedforward_layernorm })
+                    if (n is not null) n.TileTokens = value;
+        }
+    }
+    /// <summary>
+    /// Grouped-query attention a K/V group at a time with no repeated K/V heads, recomputed per group in backward
+    /// (<see cref="GroupedQueryAttention"/>); only models with fewer K/V heads than query heads are affected.
+    /// </summary>
+    public bool AttentionByGroup
+    {
+        get => model.layers.Count > 0 && model.layers[0].self_attn.AttentionByGroup;
+        set
+        {
+            foreach (var l in model.layers) l.self_attn.AttentionByGroup = value;
+        }
+    }
     /// <summary>Tokens per chunk of the loss's logits (<see cref="DefaultLossChunkTokens"/> unless set).</summary>
     public int LossChunkTokens { get; set; } = DefaultLossChunkTokens;
     /// <summary>

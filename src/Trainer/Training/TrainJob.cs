@@ -262,6 +262,18 @@ public sealed class TrainingSection
     /// </summary>
     public int MlpTileTokens { get; set; }
     /// <summary>
+    /// Token-tiled RMSNorms: tokens per tile (0: off). Each norm saves its input and one float32 scale per token instead
+    /// of a float32 copy of the input, and computes its gradient tile by tile: for long sequences. Same loss; gradients
+    /// equal up to float32 rounding.
+    /// </summary>
+    public int NormTileTokens { get; set; }
+    /// <summary>
+    /// Grouped-query attention a key/value group at a time, without repeated K/V heads, each group recomputed in
+    /// backward: for long sequences on models with fewer K/V heads than query heads (Llama 3, Qwen). Same loss; K/V
+    /// gradients equal up to summation order; one more attention forward per layer.
+    /// </summary>
+    public bool AttentionByGroup { get; set; }
+    /// <summary>
     /// Packed rows attend segment by segment on the memory-efficient attention path instead of through a [T, T] mask
     /// whose size grows with the square of the row; same result up to rounding.
     /// </summary>
@@ -291,6 +303,7 @@ public sealed class TrainingSection
         TrainJob.OneOf(e, "Training:Optimizer", Optimizer, "adamw", "adamw8bit");
         TrainJob.Check(e, LossChunkTokens is >= 1 and <= 1 << 20, "Training:LossChunkTokens", LossChunkTokens, "an integer from 1 to 1048576");
         TrainJob.Check(e, MlpTileTokens is >= 0 and <= 1 << 20, "Training:MlpTileTokens", MlpTileTokens, "0 (off) or a tile of up to 1048576 tokens");
+        TrainJob.Check(e, NormTileTokens is >= 0 and <= 1 << 20, "Training:NormTileTokens", NormTileTokens, "0 (off) or a tile of up to 1048576 tokens");
         TrainJob.Check(e, MaxConsecutiveBadSteps >= 1, "Training:MaxConsecutiveBadSteps", MaxConsecutiveBadSteps, "a positive integer");
         TrainJob.Check(e, Threads is >= 0 and <= 1024, "Training:Threads", Threads, "0 (default) or a thread count");
         TrainJob.OneOf(e, "Training:DataParallel", DataParallel, "auto", "off");

@@ -143,6 +143,8 @@ public sealed class TrainingRun
         model.GradientCheckpointing = t.GradientCheckpointing;
         model.OffloadCheckpoints = t.GradientCheckpointing && t.OffloadCheckpoints;
         model.MlpTileTokens = t.MlpTileTokens;
+        model.NormTileTokens = t.NormTileTokens;
+        model.AttentionByGroup = t.AttentionByGroup;
         model.SegmentAttention = t.SegmentAttention;
         model.LossChunkTokens = t.LossChunkTokens;
         var lora = LoraOptionsOf(_job.Lora);
@@ -597,6 +599,8 @@ public sealed class TrainingRun
         GradientCheckpointing = job.Training.GradientCheckpointing,
         OffloadCheckpoints = job.Training.OffloadCheckpoints,
         MlpTileTokens = job.Training.MlpTileTokens,
+        NormTileTokens = job.Training.NormTileTokens,
+        AttentionByGroup = job.Training.AttentionByGroup,
         OptimizerBits = job.Training.Optimizer.Equals("adamw8bit", StringComparison.OrdinalIgnoreCase) ? 8 : 32,
         PagedOptimizer = job.Training.PagedOptimizer,
         LossChunkTokens = job.Training.LossChunkTokens,

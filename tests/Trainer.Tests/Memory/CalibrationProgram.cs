@@ -12,11 +12,12 @@ public static class CalibrationProgram
 {
     public static int Main(string[] args)
     {
-        if (args.Length != 18 || args[0] != "measure-step") return 0;
+        if (args.Length != 20 || args[0] != "measure-step") return 0;
         int[] v = args[1..].Select(a => int.Parse(a, CultureInfo.InvariantCulture)).ToArray();
         var config = StepMemoryMeasurement.Config(v[0], v[1], v[2], v[3], v[4], v[5]);
         var o = new PlanOptions { SequenceLength = v[6], MicroBatch = v[7], LossChunkTokens = v[8], GradientCheckpointing = v[9] != 0, OffloadCheckpoints = v[10] != 0, MlpTileTokens = v[11],
-            LoraRank = v[12], LoraDropout = v[13] / 1000.0, OptimizerBits = v[14], PagedOptimizer = v[15] != 0, UseDora = v[16] != 0 };
+            LoraRank = v[12], LoraDropout = v[13] / 1000.0, OptimizerBits = v[14], PagedOptimizer = v[15] != 0, UseDora = v[16] != 0,
+            NormTileTokens = v[17], AttentionByGroup = v[18] != 0 };
         var (_, step) = StepMemoryMeasurement.Measure(config, o, Console.WriteLine);
         Console.WriteLine(step.ToString(CultureInfo.InvariantCulture));
         return 0;
@@ -29,7 +30,8 @@ public static class CalibrationProgram
         psi.ArgumentList.Add(typeof(CalibrationProgram).Assembly.Location);
         foreach (var a in new object[] { "measure-step", c.HiddenSize, c.IntermediateSize, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads,
                      c.VocabSize, o.SequenceLength, o.MicroBatch, o.LossChunkTokens, o.GradientCheckpointing ? 1 : 0, o.OffloadCheckpoints ? 1 : 0, o.MlpTileTokens,
-                     o.LoraRank, (int)Math.Round(o.LoraDropout * 1000), o.OptimizerBits, o.PagedOptimizer ? 1 : 0, o.UseDora ? 1 : 0 })
+                     o.LoraRank, (int)Math.Round(o.LoraDropout * 1000), o.OptimizerBits, o.PagedOptimizer ? 1 : 0, o.UseDora ? 1 : 0,
+                     o.NormTileTokens, o.AttentionByGroup ? 1 : 0 })
             psi.ArgumentList.Add(Convert.ToString(a, CultureInfo.InvariantCulture)!);
         using var p = Process.Start(psi)!;
         var stderr = p.StandardError.ReadToEndAsync();

@@ -45,6 +45,16 @@ public class PlannerCalibrationTests(ITestOutputHelper output)
             new PlanOptions { SequenceLength = 3072, MicroBatch = 1, LossChunkTokens = 256, OffloadCheckpoints = true, MlpTileTokens = 512 });
 
     /// <summary>
+    /// All the long-context mechanisms together on a model with 4 query heads per K/V head: offloaded checkpoints, the
+    /// tiled MLP, token-tiled norms and attention by K/V group (the planner's saved q, k, v at their own widths and the
+    /// per-group recompute in backward against what libtorch's SDPA really keeps for an expanded K/V head).
+    /// </summary>
+    [Fact]
+    public void LongSequenceWithTiledNormsAndAttentionByGroup() =>
+        AssertTransientWithin15Percent(StepMemoryMeasurement.Config(256, 2048, 3, 8, 2, 1000),
+            new PlanOptions { SequenceLength = 2048, MicroBatch = 1, LossChunkTokens = 256, OffloadCheckpoints = true, MlpTileTokens = 512, NormTileTokens = 512, AttentionByGroup = true });
+
+    /// <summary>
     /// A large rank on a hidden-256 model, where the LoRA parts outweigh the model: the saved x·Aᵀ of every adapted
     /// projection, the cast A and B, their gradients, the dropout copies and noise, and the gradient norm's float64 copy
     /// (a training step once left those copies to the finalizer: 16 bytes per LoRA parameter per step, +150 MB here, so
@@ -117,6 +127,8 @@ internal static partial class StepMemoryMeasurement
         model.GradientCheckpointing = o.GradientCheckpointing;
         model.OffloadCheckpoints = o.GradientCheckpointing && o.OffloadCheckpoints;
         model.MlpTileTokens = o.MlpTileTokens;
+        model.NormTileTokens = o.NormTileTokens;
+        model.AttentionByGroup = o.AttentionByGroup;
         model.LossChunkTokens = o.LossChunkTokens;
         model.train();
         using var _m = model;
