@@ -549,32 +549,24 @@ internal sealed class StepMemorySimulation
         return gxLora ?? gx;
     }
 
-    /// <summary>RotaryEmbedding.Apply: one output, then a head at a time −x₂, the cat, x·cos, rotated·sin and the sum (freed with the head).</summary>
     private Buf Rope(Scope outer, long width)
     {
         var s = new Scope();
+        A(s, LayerWorkingSet, _n * width / 2 * _c);  // −x2
+        A(s, LayerWorkingSet, _n * width * _c);      // cat
+        A(s, LayerWorkingSet, _n * width * _c);      // x·cos
+        A(s, LayerWorkingSet, _n * width * _c);      // rotated·sin
         var o = A(s, LayerWorkingSet, _n * width * _c);
-        RopeHeads(width);
         End(s, outer, o);
         return o;
     }
 
-    /// <summary>RoPE's backward: one input gradient, then a head at a time g·sin, −u₁, the cat, g·cos and the sum.</summary>
     private Buf RopeBackward(long width)
     {
+        var t = new[] { Alloc(LayerWorkingSet, _n * width * _c), Alloc(LayerWorkingSet, _n * width * _c), Alloc(LayerWorkingSet, _n * width * _c) };
         var result = Alloc(LayerWorkingSet, _n * width * _c);
-        RopeHeads(width);
+        foreach (var x in t) Free(x);
         return result;
-    }
-
-    private void RopeHeads(long width)
-    {
-        long head = _n * _cfg.HeadDim * _c;
-        for (long h = 0; h < width / _cfg.HeadDim; h++)
-        {
-            var t = new[] { Alloc(LayerWorkingSet, head / 2), Alloc(LayerWorkingSet, head), Alloc(LayerWorkingSet, head), Alloc(LayerWorkingSet, head), Alloc(LayerWorkingSet, head) };
-            foreach (var b in t) Free(b);
-        }
     }
 
     private long ScoreBytes => (long)_o.MicroBatch * _cfg.NumAttentionHeads * _o.SequenceLength * (long)_o.SequenceLength * _c;

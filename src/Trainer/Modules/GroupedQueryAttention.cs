@@ -57,6 +57,7 @@ public static class GroupedQueryAttention
 
         public override List<Tensor> backward(torch.autograd.AutogradContext ctx, List<Tensor> grads)
         {
+            ReturnedGradients.Release();
             var grad = grads[0];
             if (grad is null || grad.IsInvalid) return [null!, null!, null!];
             try
@@ -83,7 +84,7 @@ public static class GroupedQueryAttention
                 var result = new List<Tensor> { gq.MoveToOuterDisposeScope(), gk.MoveToOuterDisposeScope(), gv.MoveToOuterDisposeScope() };
                 grad.Dispose(); // our handles: autograd keeps what it still needs
                 foreach (var t in saved) t.Dispose();
-                return result;
+                return ReturnedGradients.Keep(result);
             }
             catch (Exception e)
             {

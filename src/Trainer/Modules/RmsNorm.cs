@@ -102,6 +102,7 @@ public sealed class RmsNorm : FrozenWeightModule
 
         public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
         {
+            ReturnedGradients.Release();
             if (grad.IsInvalid) return [null!, null!];
             try
             {
@@ -130,7 +131,7 @@ public sealed class RmsNorm : FrozenWeightModule
                 var result = gx.view(x.shape).MoveToOuterDisposeScope();
                 grad.Dispose(); // our handles on the output gradient and the saved tensors: autograd keeps what it still needs
                 foreach (var t in saved) t.Dispose();
-                return [result, null!];
+                return ReturnedGradients.Keep([result, null!]);
             }
             catch (Exception e)
             {

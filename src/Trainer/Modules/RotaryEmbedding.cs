@@ -1,4 +1,3 @@
-using TorchSharp;
 using static TorchSharp.torch;
 
 namespace QLora.Trainer;
@@ -61,73 +60,16 @@ public sealed class RotaryEmbedding
         return (emb.cos().to(dtype).MoveToOuterDisposeScope(), emb.sin().to(dtype).MoveToOuterDisposeScope());
     }
 
-    /// <summary>
-    /// x·cos + rotate_half(x)·sin for x of shape [B, heads, T, d] and cos/sin [B, T, d], one head at a time into one
-    /// output laid out as x is, through its own autograd node: the backward is the same rotation transposed,
-    /// g·cos + rotate_half_T(g·sin) with rotate_half_T(u) = [u₂, −u₁], also a head at a time. The same operations as the
-    /// whole-tensor formula element by element (so the same values, bit for bit), with temporaries of one head instead
-    /// of four of the whole query: at long context those were among a layer's largest tensors.
-    /// </summary>
-    public static Tensor Apply(Tensor x, Tensor cos, Tensor sin) =>
-        is_grad_enabled() && x.requires_grad ? RopeFunction.apply(x, cos, sin) : Rotate(x, cos, sin, transpose: false);
-
-    // The rotation (or its transpose) of every head of x, a head at a time.
-    private static Tensor Rotate(Tensor x, Tensor cos, Tensor sin, bool transpose)
+    /// <summary>x·cos + rotate_half(x)·sin for x of shape [B, heads, T, d] and cos/sin [B, T, d].</summary>
+    public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
     {
         using var scope = NewDisposeScope();
         long half = x.shape[^1] / 2;
-        var y = empty_like(x); // preserves x's layout, as the element-wise formula's output does
+        var x1 = x.narrow(-1, 0, half);
+        var x2 = x.narrow(-1, half, half);
+        var rotated = cat([-x2, x1], -1);
         var c = cos.unsqueeze(1);
         var s = sin.unsqueeze(1);
-        for (long head = 0; head < x.shape[1]; head++)
-        {
-            using var headScope = NewDisposeScope();
-            var xh = x.narrow(1, head, 1);
-            if (!transpose)
-            {
-                var rotated = cat([-xh.narrow(-1, half, half), xh.narrow(-1, 0, half)], -1);
-                y.narrow(1, head, 1).copy_(xh * c + rotated * s);
-            }
-            else
-            {
-                var u = xh * s;
-                var rotated = cat([u.narrow(-1, half, half), -u.narrow(-1, 0, half)], -1);
-                y.narrow(1, head, 1).copy_(xh * c + rotated);
-            }
-        }
-        return y.MoveToOuterDisposeScope();
-    }
-
-    /// <summary>RoPE's autograd node: saves only cos and sin (x is not needed: the map is linear in x).</summary>
-    private sealed class RopeFunction : torch.autograd.SingleTensorFunction<RopeFunction>
-    {
-        public override string Name => "RopeBackward";
-
-        public override Tensor forward(torch.autograd.AutogradContext ctx, params object[] vars)
-        {
-            var x = (Tensor)vars[0];
-            ctx.set_materialize_grads(false); // as Linear4bit: no cached output is touched in backward
-            ctx.save_data("thread", Environment.CurrentManagedThreadId);
-            ctx.save_for_backward([(Tensor)vars[1], (Tensor)vars[2]]);
-            return Rotate(x, (Tensor)vars[1], (Tensor)vars[2], transpose: false);
-        }
-
-        public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
-        {
-            if (grad.IsInvalid) return [null!, null!, null!];
-            try
-            {
-                var saved = ctx.get_saved_variables();
-                var gx = Rotate(grad, saved[0], saved[1], transpose: true);
-                grad.Dispose(); // our handles: autograd keeps what it still needs
-                foreach (var t in saved) t.Dispose();
-                return [gx, null!, null!];
-            }
-            catch (Exception e)
-            {
-                Checkpoint.RecordFailure(e, ctx.get_data("thread") as int?);
-                return [null!, null!, null!];
-            }
-        }
+        return (x * c + rotated * s).MoveToOuterDisposeScope();
     }
 }
