@@ -23,6 +23,9 @@ internal static class MemoryBenchmarkVerb
         var heads = new Option<int?>("--heads") { Description = "override num_attention_heads (head_dim = hidden / heads)" };
         var kvHeads = new Option<int?>("--kv-heads") { Description = "override num_key_value_heads" };
         var vocab = new Option<int?>("--vocab") { Description = "override vocab_size" };
+        var mlpTile = new Option<int>("--mlp-tile") { Description = "sequence-tiled MLP: tokens per tile (0: off), as Training:MlpTileTokens" };
+        var normTile = new Option<int>("--norm-tile") { Description = "token-tiled RMSNorms: tokens per tile (0: off), as Training:NormTileTokens" };
+        var byGroup = new Option<bool>("--attention-by-group") { Description = "grouped-query attention a K/V group at a time, as Training:AttentionByGroup" };
         var fromFolder = new Option<string?>("--from-folder") { Description = "measure a whole real qlora train job (load, steps, eval, checkpoint, adapter, loss plot) on this Hugging Face folder" };
         var writeFolder = new Option<string?>("--write-folder") { Description = "first write the preset's random weights into --from-folder: 'dense' (bf16 shards, as downloaded) or 'bnb-4bit'; kept when it already holds them" };
         var shardBytes = new Option<long>("--shard-bytes") { Description = "largest shard of a written dense folder, in bytes", DefaultValueFactory = _ => 5_000_000_000 };
@@ -31,7 +34,7 @@ internal static class MemoryBenchmarkVerb
         var emulate = DeviceOptions.EmulateVram();
         var cmd = new Command("memory", "Peak resident (device) memory and time of one QLoRA step (random NF4 base of a real shape, LoRA on all linear layers, checkpointing, paged AdamW), optionally streaming the layers from disk; with --from-folder, of a whole qlora train job.")
         {
-            preset, stream, seq, rank, steps, window, scratch, lossChunk, layers, hidden, intermediate, heads, kvHeads, vocab, fromFolder, writeFolder, shardBytes, evalRows, device, emulate,
+            preset, stream, seq, rank, steps, window, scratch, lossChunk, layers, hidden, intermediate, heads, kvHeads, vocab, fromFolder, writeFolder, shardBytes, evalRows, mlpTile, normTile, byGroup, device, emulate,
         };
         // A usage error (exit code 2), as when a required option is missing: the preset may only be left out for --from-folder.
         cmd.Validators.Add(c =>
@@ -48,11 +51,13 @@ internal static class MemoryBenchmarkVerb
             using var reservation = DeviceOptions.Emulate(on, r.GetValue(emulate), stdout);
             using var sampler = on.CreateMemorySampler(); // the baseline: before anything is loaded (the context and any emulation reservation exist)
             string? name = r.GetValue(preset);
+            if (r.GetValue(mlpTile) < 0 || r.GetValue(normTile) < 0) throw new ArgumentException("--mlp-tile and --norm-tile take 0 (off) or a positive number of tokens");
+            var longContext = new LongContextSwitches(r.GetValue(mlpTile), r.GetValue(normTile), r.GetValue(byGroup));
             if (name is null)
             {
                 if (r.GetValue(fromFolder) is not { } existing || r.GetValue(writeFolder) is not null)
                     throw new ArgumentException("--preset is required (a model shape to generate), unless --from-folder names an existing model folder");
-                return RunJob(stdout, sampler, leanHeap, Path.GetFileName(Path.GetFullPath(existing).TrimEnd('/')), null, existing, null, 0, r.GetValue(seq), r.GetValue(steps),
+                return RunJob(longContext, stdout, sampler, leanHeap, Path.GetFileName(Path.GetFullPath(existing).TrimEnd('/')), null, existing, null, 0, r.GetValue(seq), r.GetValue(steps),
                     r.GetValue(evalRows), r.GetValue(rank), r.GetValue(stream), r.GetValue(window), r.GetValue(lossChunk), r.GetValue(scratch)!);
             }
             var config = ModelPresets.Get(name);
@@ -80,14 +85,14 @@ internal static class MemoryBenchmarkVerb
             try { config.Validate(); }
             catch (FormatException e) { throw new ArgumentException(e.Message); }
             if (r.GetValue(fromFolder) is { } folder)
-                return RunJob(stdout, sampler, leanHeap, name, config, folder, r.GetValue(writeFolder), r.GetValue(shardBytes), r.GetValue(seq), r.GetValue(steps),
+                return RunJob(longContext, stdout, sampler, leanHeap, name, config, folder, r.GetValue(writeFolder), r.GetValue(shardBytes), r.GetValue(seq), r.GetValue(steps),
                     r.GetValue(evalRows), r.GetValue(rank), r.GetValue(stream), r.GetValue(window), r.GetValue(lossChunk), r.GetValue(scratch)!);
             if (r.GetValue(writeFolder) is not null) throw new ArgumentException("--write-folder writes the folder of --from-folder; give both");
             var o = new MemoryBenchmark.Options
             {
                 Preset = name.ToLowerInvariant(), Config = config, Sequence = r.GetValue(seq), Rank = r.GetValue(rank), Steps = r.GetValue(steps),
                 Stream = r.GetValue(stream), StreamWindow = r.GetValue(window), ScratchFolder = r.GetValue(scratch)!, LossChunkTokens = r.GetValue(lossChunk),
-                Device = on,
+                Device = on, LongContext = longContext,
             };
             string cpu = DequantBenchmark.CpuName();
             int cores = Environment.ProcessorCount;
@@ -118,6 +123,7 @@ internal static class MemoryBenchmarkVerb
                 // The generated in-memory model has no mapped file to read the embedding from; the streamed one loads from its folder.
                 HostEmbedding = o.Stream,
                 Device = on.Kind,
+                MlpTileTokens = o.LongContext.MlpTileTokens, NormTileTokens = o.LongContext.NormTileTokens, AttentionByGroup = o.LongContext.AttentionByGroup,
             });
             long planned = on.IsCuda ? plan.PeakBytes - PlanOptions.CudaContextBytes : plan.PeakBytes;
             double planError = (double)measured / planned - 1;
@@ -127,6 +133,7 @@ internal static class MemoryBenchmarkVerb
             {
                 bench = "memory", preset = o.Preset, overrides, layers = config.NumHiddenLayers, seq = o.Sequence, rank = o.Rank, steps = o.Steps,
                 loss_chunk = o.LossChunkTokens,
+                mlp_tile = o.LongContext.MlpTileTokens, norm_tile = o.LongContext.NormTileTokens, attention_by_group = o.LongContext.AttentionByGroup,
                 stream = o.Stream, window = o.Stream ? o.StreamWindow : (int?)null,
                 device = on.Name, emulated_vram_bytes = reservation is null ? (long?)null : ByteSize.Parse(r.GetValue(emulate)!),
                 measured_peak_bytes = measured, baseline_bytes = res.BaselineBytes, peak_above_baseline_bytes = res.PeakBytes - res.BaselineBytes,
@@ -143,7 +150,7 @@ internal static class MemoryBenchmarkVerb
     }
 
     /// <summary>--from-folder: writes the folder if asked, then measures a whole train job on it beside its plan.</summary>
-    private static int RunJob(TextWriter stdout, PeakMemorySampler sampler, bool leanHeap, string presetName, LlamaConfig? config, string folder,
+    private static int RunJob(LongContextSwitches longContext, TextWriter stdout, PeakMemorySampler sampler, bool leanHeap, string presetName, LlamaConfig? config, string folder,
         string? write, long shardBytes, int seq, int steps, int evalRows, int rank, bool stream, int window, int? lossChunk, string scratch)
     {
         if (write is not null)
@@ -164,7 +171,7 @@ internal static class MemoryBenchmarkVerb
         var result = JobMemoryBenchmark.Run(new JobMemoryBenchmark.Options
         {
             ModelFolder = folder, WorkFolder = Path.Combine(scratch, "job-" + Path.GetFileName(Path.GetFullPath(folder).TrimEnd('/'))), Sequence = seq, Steps = steps,
-            EvalRows = evalRows, Rank = rank, Stream = stream, StreamWindow = window, LossChunkTokens = lossChunk,
+            EvalRows = evalRows, Rank = rank, Stream = stream, StreamWindow = window, LossChunkTokens = lossChunk, LongContext = longContext,
         }, sampler, stdout.WriteLine);
         var summary = result.Run.Summary;
         sampler.Phase = "loss plot";

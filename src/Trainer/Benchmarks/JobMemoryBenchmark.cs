@@ -34,6 +34,8 @@ public static class JobMemoryBenchmark
         public int StreamWindow { get; init; } = 2;
         /// <summary>Tokens per loss chunk (null: the job default).</summary>
         public int? LossChunkTokens { get; init; }
+        /// <summary>MLP tiles, norm tiles and attention by K/V group, written into the job's Training section.</summary>
+        public LongContextSwitches LongContext { get; init; } = new();
     }
 
     /// <summary>The figures of one job.</summary>
@@ -66,6 +68,9 @@ public static class JobMemoryBenchmark
         };
         if (o.EvalRows > 0) job["Data"]!["EvalFile"] = Path.GetFullPath(eval);
         if (o.LossChunkTokens is int chunk) job["Training"]!["LossChunkTokens"] = chunk;
+        job["Training"]!["MlpTileTokens"] = o.LongContext.MlpTileTokens;
+        job["Training"]!["NormTileTokens"] = o.LongContext.NormTileTokens;
+        job["Training"]!["AttentionByGroup"] = o.LongContext.AttentionByGroup;
         string jobFile = Path.Combine(o.WorkFolder, "job.json");
         File.WriteAllText(jobFile, job.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true, NewLine = "\n" }));
         var trainJob = JobConfiguration.LoadTrainJob(jobFile, environment: false);

@@ -34,6 +34,8 @@ public static class MemoryBenchmark
         public int? LossChunkTokens { get; init; }
         /// <summary>Offloaded checkpoints (<see cref="LlamaForCausalLM.OffloadCheckpoints"/>).</summary>
         public bool OffloadCheckpoints { get; init; } = true;
+        /// <summary>MLP tiles, norm tiles and attention by K/V group (all off by default).</summary>
+        public LongContextSwitches LongContext { get; init; } = new();
         /// <summary>Folder of the streamed checkpoint (written if it does not hold these weights yet).</summary>
         public string ScratchFolder { get; init; } = Path.Combine("scratch", "bench-memory");
         /// <summary>The device the model and the step live on (the sampler should read this device's memory).</summary>
@@ -95,6 +97,7 @@ public static class MemoryBenchmark
             model.ApplyLora(new LoraOptions { Rank = o.Rank, Alpha = 2 * o.Rank }, new Generator(1));
             model.GradientCheckpointing = true;
             model.OffloadCheckpoints = o.OffloadCheckpoints;
+            o.LongContext.Apply(model);
             if (o.LossChunkTokens is int chunk) model.LossChunkTokens = chunk;
             model.train();
             long lora = model.TrainableParameters().Sum(p => p.Parameter.numel());
