@@ -91,9 +91,7 @@ public static class EvalRun
 
         using var model = HfModelLoader.Load(modelPath, TrainingRun.LoaderOptionsOf(job, device.Torch), log);
         tokenizer.EnsureMatchesEmbedding(model.Config.VocabSize);
-        model.MlpTileTokens = job.Training.MlpTileTokens;
-        model.NormTileTokens = job.Training.NormTileTokens;
-        model.AttentionByGroup = job.Training.AttentionByGroup;
+        job.Training.LongContext.Apply(model);
         model.SegmentAttention = job.Training.SegmentAttention;
         model.LossChunkTokens = job.Training.LossChunkTokens;
         if (o.Adapter is { } adapter)

@@ -273,6 +273,9 @@ public sealed class TrainingSection
     /// gradients equal up to summation order; one more attention forward per layer.
     /// </summary>
     public bool AttentionByGroup { get; set; }
+    /// <summary>The three long-context switches above, to set on a model.</summary>
+    [JsonIgnore]
+    public LongContextSwitches LongContext => new(MlpTileTokens, NormTileTokens, AttentionByGroup);
     /// <summary>
     /// Packed rows attend segment by segment on the memory-efficient attention path instead of through a [T, T] mask
     /// whose size grows with the square of the row; same result up to rounding.

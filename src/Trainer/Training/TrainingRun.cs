@@ -142,9 +142,7 @@ public sealed class TrainingRun
         sampler.Phase = "lora";
         model.GradientCheckpointing = t.GradientCheckpointing;
         model.OffloadCheckpoints = t.GradientCheckpointing && t.OffloadCheckpoints;
-        model.MlpTileTokens = t.MlpTileTokens;
-        model.NormTileTokens = t.NormTileTokens;
-        model.AttentionByGroup = t.AttentionByGroup;
+        t.LongContext.Apply(model);
         model.SegmentAttention = t.SegmentAttention;
         model.LossChunkTokens = t.LossChunkTokens;
         var lora = LoraOptionsOf(_job.Lora);

@@ -128,9 +128,7 @@ internal static partial class StepMemoryMeasurement
         model.ApplyLora(new LoraOptions { Rank = o.LoraRank, Alpha = 2 * o.LoraRank, Dropout = o.LoraDropout, TargetModules = o.LoraTargets, UseDora = o.UseDora }, new Generator(4));
         model.GradientCheckpointing = o.GradientCheckpointing;
         model.OffloadCheckpoints = o.GradientCheckpointing && o.OffloadCheckpoints;
-        model.MlpTileTokens = o.MlpTileTokens;
-        model.NormTileTokens = o.NormTileTokens;
-        model.AttentionByGroup = o.AttentionByGroup;
+        new LongContextSwitches(o.MlpTileTokens, o.NormTileTokens, o.AttentionByGroup).Apply(model);
         model.LossChunkTokens = o.LossChunkTokens;
         model.train();
         using var _m = model;
