@@ -33,6 +33,42 @@ public class CudaDriverTests
     }
 
     [SkippableFact]
+    public unsafe void AnAsyncCopyOnACopyStreamWaitsForTheComputeStreamsEvent()
+    {
+        // Layer streaming's protocol: the compute stream (0) writes a slot, records an event; a copy on a non-blocking
+        // stream that waits for that event lands after it, and synchronizing the copy's event makes it visible.
+        Skip.IfNot(CudaDriver.TryGetShared(out var driver, out var reason), reason);
+        var launcher = CudaKernelLauncher.ForDevice(0);
+        launcher.MakeCurrent();
+        const int Bytes = 1 << 20;
+        ulong slot = driver!.Allocate(Bytes);
+        nint staging = driver.AllocateHost(Bytes);
+        nint stream = driver.CreateStream(CudaDriver.StreamNonBlocking);
+        nint released = driver.CreateEvent(CudaDriver.EventDisableTiming), ready = driver.CreateEvent(CudaDriver.EventDisableTiming);
+        try
+        {
+            new Span<byte>((void*)staging, Bytes).Fill(7);
+            Assert.Equal(0, driver.TryMemset(slot, 1, Bytes)); // compute's last use of the slot
+            driver.RecordEvent(released, 0);
+            driver.StreamWaitEvent(stream, released);
+            driver.CopyToDeviceAsync(slot, (void*)staging, Bytes, stream);
+            driver.RecordEvent(ready, stream);
+            driver.SynchronizeEvent(ready);
+            var back = new byte[Bytes];
+            fixed (byte* b = back) driver.CopyToHost(b, slot, Bytes);
+            Assert.All(back, v => Assert.Equal(7, v));
+        }
+        finally
+        {
+            driver.DestroyEvent(released);
+            driver.DestroyEvent(ready);
+            driver.DestroyStream(stream);
+            driver.FreeHost(staging);
+            driver.Free(slot);
+        }
+    }
+
+    [SkippableFact]
     public unsafe void CudaDequantizerMatchesReferenceOnTheDevice()
     {
         Skip.IfNot(CudaDriver.TryGetShared(out var driver, out var reason), reason);

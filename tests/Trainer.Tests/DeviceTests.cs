@@ -9,7 +9,7 @@ namespace QLora.Trainer.Tests;
 /// <summary>The device switch: parsing, resolution on a machine without a GPU, and what the CUDA path relies on that the CPU can prove.</summary>
 public class DeviceTests
 {
-    private static bool CudaUsable => cuda.is_available() && DeviceSelector.Diagnose(0).Count == 0;
+    internal static bool CudaUsable => cuda.is_available() && DeviceSelector.Diagnose(0).Count == 0;
 
     [Theory]
     [InlineData(null, DeviceRequestKind.Auto, -1)]

@@ -142,4 +142,130 @@ public class LayerStreamerTests
         CheckpointQuantizer.QuantizeFolder(dir.File("dense"), dir.File("bnb"), new QuantizeOptions());
         Assert.Throws<ArgumentOutOfRangeException>(() => HfModelLoader.Load(dir.File("bnb"), new HfModelLoader.Options { Streaming = true, StreamWindow = 0 }));
     }
+
+    /// <summary>
+    /// What a device's layer buffers need from the streamer (<see cref="CudaLayerBuffers"/>): buffers are rented and
+    /// returned on the compute thread (a return records the compute stream), a buffer is filled once per rental and
+    /// never returned before its fill ended, and once returned it is reused by the next layer. This pool reuses its
+    /// buffers as the CUDA slots do, slows every fill down (a copy that is still running when compute wants the layer),
+    /// and overwrites a buffer with garbage as soon as it is returned: the streamed step still equals the loaded
+    /// model's bit for bit only if nothing reads a layer after its return or before its fill.
+    /// </summary>
+    private sealed unsafe class ReusingSlowBuffers(int computeThread) : ILayerBuffers
+    {
+        private readonly Lock _lock = new();
+        private readonly Dictionary<nint, long> _capacity = [];
+        private readonly HashSet<nint> _rented = [], _filled = [], _free = [];
+        public List<string> Violations { get; } = [];
+        public int Fills;
+
+        private void Check(bool ok, string what) { if (!ok) lock (_lock) Violations.Add(what); }
+
+        public nint Rent(long bytes)
+        {
+            Check(Environment.CurrentManagedThreadId == computeThread, "Rent off the compute thread");
+            lock (_lock)
+            {
+                nint b = _free.FirstOrDefault(f => _capacity[f] >= bytes);
+                if (b == 0)
+                {
+                    b = (nint)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)Math.Max(bytes, 1), 64);
+                    _capacity[b] = Math.Max(bytes, 1);
+                }
+                _free.Remove(b);
+                _rented.Add(b);
+                return b;
+            }
+        }
+
+        public void Fill(nint buffer, long bytes, Action<nint> write)
+        {
+            lock (_lock)
+            {
+                Check(_rented.Contains(buffer), "Fill of a buffer not rented");
+                Check(!_filled.Contains(buffer), "second Fill in one rental");
+            }
+            Thread.Sleep(15); // the copy is late
+            write(buffer);
+            lock (_lock) _filled.Add(buffer);
+            Interlocked.Increment(ref Fills);
+        }
+
+        public void Return(nint buffer)
+        {
+            Check(Environment.CurrentManagedThreadId == computeThread, "Return off the compute thread");
+            lock (_lock)
+            {
+                Check(_rented.Remove(buffer), "Return of a buffer not rented");
+                Check(_filled.Remove(buffer), "Return before the buffer's fill ended");
+                new Span<byte>((void*)buffer, (int)_capacity[buffer]).Fill(0xFF); // the next layer's copy lands at once
+                _free.Add(buffer);
+            }
+        }
+
+        public void Dispose()
+        {
+            foreach (var b in _capacity.Keys) System.Runtime.InteropServices.NativeMemory.AlignedFree((void*)b);
+            _capacity.Clear();
+        }
+    }
+
+    [Theory]
+    [InlineData(2)]
+    [InlineData(3)]
+    public void LateCopiesIntoReusedBuffersAreWaitedForAndNeverReadAfterTheirReturn(int window)
+    {
+        using var dir = new TempFolder();
+        var folder = BnbFolder(dir);
+        using var loaded = HfModelLoader.Load(folder);
+        var buffers = new ReusingSlowBuffers(Environment.CurrentManagedThreadId);
+        var checkpoint = SafetensorsCheckpoint.Open(folder);
+        var config = LlamaConfig.Load(Path.Combine(folder, "config.json"));
+        var streamer = new LayerStreamer(checkpoint, Layers, window, CPU, buffers);
+        using var streamed = LlamaForCausalLM.FromWeights(config, new SafetensorsModelWeights(checkpoint), projections: streamer);
+        foreach (var m in new[] { loaded, streamed })
+        {
+            AddLora(m);
+            m.GradientCheckpointing = true;
+        }
+        var ids = tensor(new long[] { 5, 1, 2, 3, 40, 50, 60, 7, 9, 11 }).unsqueeze(0);
+        var (lossA, gradsA) = Step(loaded, ids);
+        var (lossB, gradsB) = Step(streamed, ids);
+        var (lossA2, _) = Step(loaded, ids);
+        var (lossB2, _) = Step(streamed, ids); // a second step starts from layer 0 again, into reused buffers
+        Assert.Empty(buffers.Violations);
+        Assert.Equal(BitConverter.SingleToInt32Bits(lossA), BitConverter.SingleToInt32Bits(lossB));
+        Assert.Equal(BitConverter.SingleToInt32Bits(lossA2), BitConverter.SingleToInt32Bits(lossB2));
+        foreach (var (name, g) in gradsA) AssertSameBits(g, gradsB[name], name);
+        Assert.Equal(streamer.Loads, buffers.Fills); // every copy went through the buffers
+        Assert.True(streamer.Loads > window, $"{streamer.Loads} loads: no buffer was reused"); // so returned buffers were filled again
+        Assert.True(streamer.WaitSeconds > 0, "the late copies were not waited for");
+        Assert.InRange(streamer.MaxResidentLayers, 1, window);
+    }
+
+    [SkippableFact]
+    public void OnCudaTheStreamedModelEqualsTheLoadedModelBitForBit()
+    {
+        Skip.IfNot(DeviceTests.CudaUsable, "needs a CUDA device, a CUDA libtorch and the NVIDIA driver");
+        var device = DeviceSelector.Resolve("cuda").Torch;
+        using var dir = new TempFolder();
+        var folder = BnbFolder(dir);
+        using var loaded = HfModelLoader.Load(folder, new HfModelLoader.Options { Device = device });
+        using var streamed = HfModelLoader.Load(folder, new HfModelLoader.Options { Streaming = true, StreamWindow = 2, Device = device });
+        foreach (var m in new[] { loaded, streamed })
+        {
+            AddLora(m);
+            m.GradientCheckpointing = true;
+        }
+        var ids = tensor(new long[] { 5, 1, 2, 3, 40, 50, 60, 7, 9, 11 }, device: device).unsqueeze(0);
+        for (int step = 0; step < 2; step++)
+        {
+            var (lossA, gradsA) = Step(loaded, ids);
+            var (lossB, gradsB) = Step(streamed, ids);
+            Assert.Equal(BitConverter.SingleToInt32Bits(lossA), BitConverter.SingleToInt32Bits(lossB));
+            foreach (var (name, g) in gradsA) AssertSameBits(g, gradsB[name], name);
+        }
+        Assert.InRange(streamed.Streamer!.MaxResidentLayers, 1, 2);
+        Assert.Equal(device.type, streamed.Streamer.Device.type);
+    }
 }

@@ -174,7 +174,7 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
         if (_streamed is not null)
         {
             // Streamed: the layer's resident copy (brought in now if the schedule did not prefetch it).
-            var streamedOutput = empty([OutFeatures, InFeatures], dtype: dt);
+            var streamedOutput = empty([OutFeatures, InFeatures], dtype: dt, device: _streamed.Layer.Streamer.Device);
             DequantizerFor(streamedOutput.device).Dequantize(_streamed.Layer.Streamer.Pointers(_streamed), floatType, TensorMemory.DataPointer(streamedOutput));
             return streamedOutput;
         }
@@ -212,8 +212,8 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
     {
         if (input.shape[^1] != InFeatures)
             throw new ArgumentException($"input's last dimension is {input.shape[^1]}, this layer takes {InFeatures}");
-        if (_streamed is not null && input.device_type != DeviceType.CPU)
-            throw new NotSupportedException("layer streaming runs on the CPU backend only: its resident layer copies are host buffers");
+        if (_streamed is not null && input.device_type != _streamed.Layer.Streamer.Device.type)
+            throw new ArgumentException($"input on {input.device}, the streamed layer's weights on {_streamed.Layer.Streamer.Device}");
         var x = input.dtype == ComputeDType ? input : input.to(ComputeDType);
         return Linear4bitFunction.apply(x, this);
     }

@@ -183,8 +183,8 @@ public sealed class LlamaForCausalLM : nn.Module
         // Each module is moved to the device as soon as it is built (its host copy freed), so host memory never holds
         // more than one tensor of a model that lives on a GPU.
         bool onDevice = device is not null && device.type != DeviceType.CPU;
-        if (onDevice && projections is LayerStreamer)
-            throw new NotSupportedException("layer streaming runs on the CPU backend only for now (its copy stream to a GPU is not written yet); load the model on the CPU, or without streaming");
+        if (projections is LayerStreamer streaming && (streaming.Device.type != (device?.type ?? DeviceType.CPU) || (onDevice && streaming.Device.index != device!.index)))
+            throw new ArgumentException($"the layer streamer copies to {streaming.Device}, the model is built on {device?.ToString() ?? "cpu"}: create the streamer for the model's device");
         T Place<T>(T module) where T : nn.Module => onDevice ? (T)module.to(device!) : module;
         void Check(string name, long[] shape)
         {

@@ -1,6 +1,6 @@
 using System.Diagnostics;
-using System.Runtime.InteropServices;
 using QLora.Quant;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace QLora.Trainer;
@@ -13,6 +13,8 @@ namespace QLora.Trainer;
 /// layer is released to make room. <see cref="Acquire"/> starts copying the next layer on a background task while the
 /// current one computes. A 4-bit weight used while its layer is not resident (e.g. backward without checkpointing)
 /// is brought in synchronously, so results never depend on the schedule: they equal the non-streamed model's bit for bit.
+/// On a CUDA device the resident buffers are device memory, filled through page-locked staging buffers on a copy
+/// stream of the project's own (<see cref="CudaLayerBuffers"/>); the residency logic is the same.
 /// The streamer owns the checkpoint and closes it on <see cref="Dispose"/>.
 /// </summary>
 public sealed unsafe class LayerStreamer : IFourBitProjectionFactory, IDisposable
@@ -21,22 +23,37 @@ public sealed unsafe class LayerStreamer : IFourBitProjectionFactory, IDisposabl
     private readonly StreamedLayerWeights[] _layers;
     private readonly LinkedList<int> _resident = new(); // least recently used first
     private readonly object _lock = new();
+    private readonly ILayerBuffers _buffers;
     private long _waitTicks;
     private bool _disposed;
 
     /// <summary>
     /// Streams the decoder layers of <paramref name="checkpoint"/> (a bnb-4bit checkpoint of <paramref name="layers"/>
-    /// layers), keeping at most <paramref name="window"/> resident. Takes ownership of the checkpoint.
+    /// layers), keeping at most <paramref name="window"/> resident on <paramref name="device"/> (default: the CPU backend).
+    /// Takes ownership of the checkpoint.
     /// </summary>
-    public LayerStreamer(SafetensorsCheckpoint checkpoint, int layers, int window = 2)
+    public LayerStreamer(SafetensorsCheckpoint checkpoint, int layers, int window = 2, Device? device = null)
+        : this(checkpoint, layers, window, device ?? CPU, device is { type: DeviceType.CUDA } d
+            ? new CudaLayerBuffers(QLora.Kernels.CudaKernelLauncher.ForDevice(Math.Max(0, d.index)))
+            : new HostLayerBuffers())
+    {
+    }
+
+    /// <summary>Streams into <paramref name="buffers"/> (tests use this to slow or watch the copies).</summary>
+    internal LayerStreamer(SafetensorsCheckpoint checkpoint, int layers, int window, Device device, ILayerBuffers buffers)
     {
         ArgumentNullException.ThrowIfNull(checkpoint);
         if (window < 1) throw new ArgumentOutOfRangeException(nameof(window), $"stream window {window}: at least one layer must be resident");
         ArgumentOutOfRangeException.ThrowIfNegative(layers);
         _checkpoint = checkpoint;
         Window = window;
+        Device = device;
+        _buffers = buffers;
         _layers = Enumerable.Range(0, layers).Select(i => new StreamedLayerWeights(this, i)).ToArray();
     }
+
+    /// <summary>The device the resident layers live on and the streamed projections compute on.</summary>
+    public Device Device { get; }
 
     /// <summary>Most layers resident at once.</summary>
     public int Window { get; }
@@ -142,7 +159,7 @@ public sealed unsafe class LayerStreamer : IFourBitProjectionFactory, IDisposabl
     private void Admit(int index)
     {
         var layer = _layers[index];
-        layer.Buffer = (nint)NativeMemory.AlignedAlloc((nuint)Math.Max(layer.Bytes, 1), 64);
+        layer.Buffer = _buffers.Rent(layer.Bytes);
         _resident.AddLast(index);
         Loads++;
         MaxResidentLayers = Math.Max(MaxResidentLayers, _resident.Count);
@@ -162,7 +179,7 @@ public sealed unsafe class LayerStreamer : IFourBitProjectionFactory, IDisposabl
                 try { layer.Loading?.GetAwaiter().GetResult(); } // never free a buffer under a running copy
                 catch (Exception) { } // the copy's failure no longer matters: its buffer goes
                 layer.Loading = null;
-                NativeMemory.AlignedFree((void*)layer.Buffer);
+                _buffers.Return(layer.Buffer);
                 layer.Buffer = 0;
                 _resident.Remove(node);
                 ResidencyChanged?.Invoke(_resident.ToArray());
@@ -173,13 +190,13 @@ public sealed unsafe class LayerStreamer : IFourBitProjectionFactory, IDisposabl
     }
 
     /// <summary>Copies a layer's parts from the memory map into its buffer (any thread).</summary>
-    private void Copy(StreamedLayerWeights layer)
+    private void Copy(StreamedLayerWeights layer) => _buffers.Fill(layer.Buffer, layer.Bytes, host =>
     {
-        byte* destination = (byte*)layer.Buffer;
+        byte* destination = (byte*)host;
         foreach (var w in layer.Weights)
             foreach (var (key, offset, bytes) in w.Parts)
                 System.Buffer.MemoryCopy((void*)_checkpoint.GetPointer(key), destination + offset, bytes, bytes);
-    }
+    });
 
     private static int LayerIndex(string weightName)
     {
@@ -204,11 +221,12 @@ public sealed unsafe class LayerStreamer : IFourBitProjectionFactory, IDisposabl
                 try { layer.Loading?.GetAwaiter().GetResult(); }
                 catch (Exception) { }
                 layer.Loading = null;
-                NativeMemory.AlignedFree((void*)layer.Buffer);
+                _buffers.Return(layer.Buffer);
                 layer.Buffer = 0;
             }
             _resident.Clear();
             _disposed = true;
+            _buffers.Dispose();
         }
         _checkpoint.Dispose();
     }
