@@ -16,6 +16,7 @@ public sealed unsafe partial class CudaDriver
     private delegate* unmanaged<nint, int> _cuStreamDestroy;
     private delegate* unmanaged<nint, nint, uint, int> _cuStreamWaitEvent;
     private delegate* unmanaged<ulong, void*, nuint, nint, int> _cuMemcpyHtoDAsync;
+    private delegate* unmanaged<void*, ulong, nuint, nint, int> _cuMemcpyDtoHAsync;
     private delegate* unmanaged<void**, nuint, uint, int> _cuMemHostAlloc;
     private delegate* unmanaged<void*, int> _cuMemFreeHost;
 
@@ -47,6 +48,13 @@ public sealed unsafe partial class CudaDriver
     {
         if (_cuMemcpyHtoDAsync == null) _cuMemcpyHtoDAsync = (delegate* unmanaged<ulong, void*, nuint, nint, int>)Symbol("cuMemcpyHtoDAsync_v2");
         Check(_cuMemcpyHtoDAsync(destination, source, (nuint)bytes, stream), "cuMemcpyHtoDAsync");
+    }
+
+    /// <summary>Queues a device → host copy on <paramref name="stream"/>; <paramref name="destination"/> must be page-locked for the copy to be asynchronous.</summary>
+    public void CopyToHostAsync(void* destination, ulong source, long bytes, nint stream)
+    {
+        if (_cuMemcpyDtoHAsync == null) _cuMemcpyDtoHAsync = (delegate* unmanaged<void*, ulong, nuint, nint, int>)Symbol("cuMemcpyDtoHAsync_v2");
+        Check(_cuMemcpyDtoHAsync(destination, source, (nuint)bytes, stream), "cuMemcpyDtoHAsync");
     }
 
     /// <summary>Allocates page-locked host memory the device can copy from asynchronously (pair with <see cref="FreeHost"/>).</summary>

@@ -209,13 +209,16 @@ internal sealed class StepMemorySimulation
         var h = A(fwd, LayerWorkingSet, _n * _h * _c); // embedding rows
         var inputs = new List<Buf>();
         var layerSaved = new List<LayerSaved>();
+        Buf? storing = null; // CUDA: the stored input whose asynchronous copy to the host may still run
         for (int l = 0; l < layers; l++)
         {
             _phase = $"forward: layer {l}";
             if (offload)
             {
                 var next = LayerForward(fwd, h, grad: false, null);
-                Free(h);           // copied to the host by the checkpoint, freed by the caller
+                if (storing is not null) Free(storing); // the next store releases the one before it
+                if (_o.Device == DeviceKind.Cuda) storing = h; // kept until its copy has run (CudaActivationCopies)
+                else Free(h);      // copied to the host by the checkpoint, freed by the caller
                 h = next;
             }
             else if (ckpt)
@@ -230,6 +233,7 @@ internal sealed class StepMemorySimulation
                 h = LayerForward(fwd, h, grad: true, ls);
             }
         }
+        if (storing is not null) Free(storing); // ActivationOffload.FinishStores
         _phase = "forward: final norm";
         var finalSaved = new List<Buf>();
         var hidden = Norm(fwd, h, grad: true, finalSaved);

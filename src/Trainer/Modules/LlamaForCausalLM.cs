@@ -451,6 +451,7 @@ public sealed class LlamaForCausalLM : nn.Module
                 h = l.Forward(h, cos, sin, mask, segments: segments);
             }
         }
+        offload?.FinishStores();
         return model.norm.forward(h).MoveToOuterDisposeScope();
     }
 
