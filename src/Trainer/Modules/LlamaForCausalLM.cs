@@ -448,7 +448,8 @@ public sealed class LlamaForCausalLM : nn.Module
             {
                 streamer?.Acquire(i, i + 1);
                 if (reseed) DeviceRandom.ManualSeed(device, seed);
-                h = l.Forward(h, cos, sin, mask, segments: segments);
+                using var input = h; // autograd keeps what it saved: the handle can go (evaluation keeps one layer's output, not all)
+                h = l.Forward(input, cos, sin, mask, segments: segments);
             }
         }
         offload?.FinishStores();
@@ -474,7 +475,8 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             Streamer?.Acquire(i, (i + 1) % model.layers.Count); // the next token starts again at layer 0
             var (cos, sin) = rope[_ropeOfLayer[i]];
-            h = model.layers[i].Forward(h, cos, sin, null, cache, i);
+            using var input = h;
+            h = model.layers[i].Forward(input, cos, sin, null, cache, i);
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();
     }
@@ -513,7 +515,8 @@ public sealed class LlamaForCausalLM : nn.Module
         {
             Streamer?.Acquire(i, (i + 1) % model.layers.Count);
             var (cos, sin) = rope[_ropeOfLayer[i]];
-            h = model.layers[i].Forward(h, cos, sin, MaskFor(i), cache, i);
+            using var input = h;
+            h = model.layers[i].Forward(input, cos, sin, MaskFor(i), cache, i);
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();
     }
