@@ -235,8 +235,10 @@ public sealed class LlamaForCausalLM : nn.Module
         int hsz = config.HiddenSize, isz = config.IntermediateSize, hd = config.HeadDim;
         int q = config.NumAttentionHeads * hd, kv = config.NumKeyValueHeads * hd;
         var layers = new List<LlamaDecoderLayer>();
+        long allocated = GC.GetTotalAllocatedBytes();
         for (int i = 0; i < config.NumHiddenLayers; i++)
         {
+            ManagedHeap.ReturnFreeMemoryEvery(256L << 20, ref allocated); // the last layer's arrays are garbage now
             string p = $"model.layers.{i}.";
             bool ab = config.AttentionBias;
             nn.Module<Tensor, Tensor> qp = Proj(p + "self_attn.q_proj", q, hsz, ab), kp = Proj(p + "self_attn.k_proj", kv, hsz, ab),
