@@ -242,6 +242,7 @@ public sealed class Linear4bit : nn.Module<Tensor, Tensor>
 
         public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
         {
+            ReturnedGradients.Release(); // e.g. attention by group's q, k, v gradients: RoPE's backward has consumed them
             if (grad.IsInvalid) return [null!, null!];
             try
             {

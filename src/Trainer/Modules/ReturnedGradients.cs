@@ -6,8 +6,9 @@ namespace QLora.Trainer;
 /// The input gradients a custom autograd node's backward returns are TorchSharp handles registered in the dispose scope
 /// open at that moment (inside a checkpoint: the recompute's, until the layer's backward ends), which would hold their
 /// storage long after autograd has used them. Autograd takes its own reference as soon as the callback returns, so the
-/// handles are kept here and dropped when the next such backward on this thread starts (the nodes that use this: the tiled
-/// norm and attention by group; the planner counts their gradients as freed once consumed).
+/// handles are kept here and dropped when the next such backward on this thread starts (the nodes that keep theirs here:
+/// the tiled norm and attention by group; a frozen 4-bit projection's backward also drops them, so attention's q, k and v
+/// gradients go as soon as RoPE's backward has used them, as the planner counts them).
 /// </summary>
 internal static class ReturnedGradients
 {
