@@ -84,6 +84,7 @@ public static class GroupedQueryAttention
                 var result = new List<Tensor> { gq.MoveToOuterDisposeScope(), gk.MoveToOuterDisposeScope(), gv.MoveToOuterDisposeScope() };
                 grad.Dispose(); // our handles: autograd keeps what it still needs
                 foreach (var t in saved) t.Dispose();
+                ctx.Dispose(); // q, k and v: TorchSharp's node would keep them until it goes (inside a checkpoint: the layer's whole backward)
                 return ReturnedGradients.Keep(result);
             }
             catch (Exception e)

@@ -131,6 +131,7 @@ public sealed class RmsNorm : FrozenWeightModule
                 var result = gx.view(x.shape).MoveToOuterDisposeScope();
                 grad.Dispose(); // our handles on the output gradient and the saved tensors: autograd keeps what it still needs
                 foreach (var t in saved) t.Dispose();
+                ctx.Dispose(); // TorchSharp's node keeps what it saved until the node goes (inside a checkpoint: the layer's whole backward)
                 return ReturnedGradients.Keep([result, null!]);
             }
             catch (Exception e)
