@@ -134,6 +134,8 @@ public static class Checkpoint
                 }
                 if (current is not null) torch.random.set_rng_state(current);
                 grad.Dispose(); // our handle on the output gradient: autograd keeps what it still needs
+                foreach (var t in saved_) t.Dispose();
+                ctx.Dispose(); // the saved input (without offloading): TorchSharp's node would keep it until the whole backward ends
                 _returned = inputGrad;
                 return [inputGrad!, null!, null!, null!];
             }
