@@ -413,7 +413,7 @@ public class ReliabilityTests
         Skip.IfNot(OperatingSystem.IsLinux() || OperatingSystem.IsMacOS(), "POSIX signals");
         using var tmp = new TempDir();
         var output = tmp["out"];
-        string[] Args(params string[] more) => ["train", "--config", Job, "--Output:Dir", output, "--Training:MaxSteps", "60",
+        string[] Args(params string[] more) => ["train", "--config", Job, "--Output:Dir", output, "--Training:MaxSteps", "2000", // far more than a signal needs to land: on a fast CPU 60 steps could end first
             "--Eval:ExactMatch", "false", "--Eval:EveryNSteps", "0", "--Data:EvalFile", "", "--Data:EvalFraction", "0", "--Output:SaveEveryNSteps", "0", .. more];
         var timeout = TimeSpan.FromMinutes(4); // a loaded 2-core machine
 
@@ -440,7 +440,7 @@ public class ReliabilityTests
             using var p = new CliProcess(Args("--resume", "latest"));
             Assert.True(p.WaitForOutput("resumed from", timeout), p.Stdout + p.Stderr);
             int at = p.Stdout.Length;
-            Assert.True(p.WaitForOutput("/60 loss", timeout, after: at), p.Stdout + p.Stderr); // a step of the resumed run
+            Assert.True(p.WaitForOutput("/2000 loss", timeout, after: at), p.Stdout + p.Stderr); // a step of the resumed run
             p.Signal("INT");
             Thread.Sleep(10 * attempt);
             p.Signal("INT");
@@ -463,7 +463,7 @@ public class ReliabilityTests
         using (var p = new CliProcess(Args("--resume", "latest")))
         {
             Assert.True(p.WaitForOutput("resumed from", timeout), p.Stdout + p.Stderr);
-            Assert.True(p.WaitForOutput("/60 loss", timeout, after: p.Stdout.Length), p.Stdout + p.Stderr);
+            Assert.True(p.WaitForOutput("/2000 loss", timeout, after: p.Stdout.Length), p.Stdout + p.Stderr);
             killed = p.Id;
             p.Signal("KILL");
             p.WaitForExit(timeout);
