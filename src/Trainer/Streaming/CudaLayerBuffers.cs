@@ -72,9 +72,7 @@ internal sealed unsafe class CudaLayerBuffers : ILayerBuffers
                 if (slot.HasReleased) _driver.SynchronizeEvent(slot.Released);
                 if (slot.Device != 0) _driver.Free(slot.Device);
                 if (slot.Staging != 0) _driver.FreeHost(slot.Staging);
-                slot.Device = 0;
-                slot.Staging = 0;
-                slot.Capacity = 0;
+                (slot.Device, slot.Staging, slot.Capacity) = (0, 0, 0); // nothing left to free twice if an allocation below fails
                 slot.Device = _driver.Allocate(bytes);
                 slot.Staging = _driver.AllocateHost(bytes);
                 slot.Capacity = bytes;
