@@ -14,6 +14,7 @@ internal static class BenchVerb
         bench.Subcommands.Add(EvalBenchmarkVerb.Create(stdout));
         bench.Subcommands.Add(QualityBenchmarkVerb.Create(stdout));
         bench.Subcommands.Add(TokenizerBenchmarkVerb.Create(stdout));
+        bench.Subcommands.Add(AllReduceBenchmarkVerb.Create(stdout));
         return bench;
     }
 }

@@ -19,6 +19,10 @@ public sealed unsafe partial class CudaDriver
     private delegate* unmanaged<void*, ulong, nuint, nint, int> _cuMemcpyDtoHAsync;
     private delegate* unmanaged<void**, nuint, uint, int> _cuMemHostAlloc;
     private delegate* unmanaged<void*, int> _cuMemFreeHost;
+    private delegate* unmanaged<nint, int> _cuEventQuery;
+
+    /// <summary><c>CUDA_ERROR_NOT_READY</c>: the work an event or stream waits for has not completed yet.</summary>
+    public const int ErrorNotReady = 600;
 
     /// <summary>Creates a stream in the current context (<paramref name="flags"/>: e.g. <see cref="StreamNonBlocking"/>).</summary>
     public nint CreateStream(uint flags)
@@ -83,4 +87,17 @@ public sealed unsafe partial class CudaDriver
 
     /// <summary>Blocks the calling thread until the work recorded before <paramref name="ev"/> has completed.</summary>
     public void SynchronizeEvent(nint ev) => Check(_cuEventSynchronize(ev), "cuEventSynchronize");
+
+    /// <summary>
+    /// Whether the work recorded before <paramref name="ev"/> has completed, without blocking (a host thread that must
+    /// give up after a timeout polls this instead of <see cref="SynchronizeEvent"/>).
+    /// </summary>
+    public bool QueryEvent(nint ev)
+    {
+        if (_cuEventQuery == null) _cuEventQuery = (delegate* unmanaged<nint, int>)Symbol("cuEventQuery");
+        int r = _cuEventQuery(ev);
+        if (r == ErrorNotReady) return false;
+        Check(r, "cuEventQuery");
+        return true;
+    }
 }

@@ -24,6 +24,17 @@ public class DeviceTests
         Assert.Equal(ordinal, r.Ordinal);
     }
 
+    [Fact]
+    public void PlainCudaLeavesTheDeviceToTheRankWhileANumberedOneIsKept()
+    {
+        // Under mpirun, "cuda" (and auto) take the local rank's device; "cuda:0" is the user's explicit choice.
+        Assert.False(DeviceRequest.Parse("cuda", "--device").Indexed);
+        Assert.Equal("cuda", DeviceRequest.Parse("gpu", "--device").ToString());
+        Assert.True(DeviceRequest.Parse("cuda:0", "--device").Indexed);
+        Assert.Equal("cuda:0", DeviceRequest.Parse("cuda:0", "--device").ToString());
+        Assert.Null(MpiLaunch.LocalRank); // the test host was not started by an MPI launcher
+    }
+
     [Theory]
     [InlineData("tpu")]
     [InlineData("cuda:")]

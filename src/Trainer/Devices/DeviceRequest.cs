@@ -10,6 +10,12 @@ public sealed record DeviceRequest(DeviceRequestKind Kind, int Ordinal)
     /// <summary>The values a device setting accepts, for messages.</summary>
     public const string Allowed = "auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N";
 
+    /// <summary>
+    /// False for plain <c>cuda</c> (no device number given): under an MPI launcher each rank then takes the device of its
+    /// local rank (see <see cref="DeviceSelector"/>), as <c>cuda:N</c> and the CPU never do.
+    /// </summary>
+    public bool Indexed { get; init; } = true;
+
     /// <summary>The default: the first usable CUDA device, else the CPU.</summary>
     public static DeviceRequest Auto { get; } = new(DeviceRequestKind.Auto, -1);
 
@@ -22,7 +28,7 @@ public sealed record DeviceRequest(DeviceRequestKind Kind, int Ordinal)
         {
             case null or "" or "auto": return true;
             case "cpu": request = new(DeviceRequestKind.Cpu, -1); return true;
-            case "cuda" or "gpu": request = new(DeviceRequestKind.Cuda, 0); return true;
+            case "cuda" or "gpu": request = new(DeviceRequestKind.Cuda, 0) { Indexed = false }; return true;
         }
         if (s.StartsWith("cuda:", StringComparison.Ordinal)
             && int.TryParse(s.AsSpan(5), NumberStyles.None, CultureInfo.InvariantCulture, out int n) && n < 1024)
@@ -42,7 +48,7 @@ public sealed record DeviceRequest(DeviceRequestKind Kind, int Ordinal)
     {
         DeviceRequestKind.Auto => "auto",
         DeviceRequestKind.Cpu => "cpu",
-        _ => $"cuda:{Ordinal}",
+        _ => Indexed ? $"cuda:{Ordinal}" : "cuda",
     };
 }
 

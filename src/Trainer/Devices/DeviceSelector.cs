@@ -8,7 +8,8 @@ namespace QLora.Trainer;
 /// Resolves a device setting (<c>Model:Device</c>, <c>--device</c>) to a <see cref="ComputeDevice"/>: <c>auto</c> is the
 /// first CUDA device when the NVIDIA driver, a CUDA build of libtorch and a device are all there, else the CPU;
 /// <c>cuda</c>/<c>cuda:N</c> is that device or one line saying what is missing and what to do; <c>cpu</c> touches
-/// nothing CUDA at all.
+/// nothing CUDA at all. Under an MPI launcher, <c>auto</c> and plain <c>cuda</c> give each rank the device of its
+/// local rank (modulo the devices it sees), so ranks on one machine spread over its GPUs; <c>cuda:N</c> is kept as given.
 /// </summary>
 public static class DeviceSelector
 {
@@ -29,20 +30,27 @@ public static class DeviceSelector
             {
                 // Cheapest test first: a CPU-only libtorch cannot use a GPU whatever the driver says.
                 if (!cuda.is_available() && !LibTorchHasCuda()) return ComputeDevice.Cpu;
-                var problems = Diagnose(0);
-                if (problems.Count == 0) return Open(0, request, what);
+                int ordinal = RankOrdinal();
+                var problems = Diagnose(ordinal);
+                if (problems.Count == 0) return Open(ordinal, request, what);
                 log?.Invoke($"{what} auto: running on the CPU because CUDA is not usable: {string.Join("; ", problems)}");
                 return ComputeDevice.Cpu;
             }
             default:
             {
-                var problems = Diagnose(request.Ordinal);
+                int ordinal = request.Indexed ? request.Ordinal : RankOrdinal();
+                var problems = Diagnose(ordinal);
                 if (problems.Count > 0)
                     throw new DeviceUnavailableException($"{what} {request}: CUDA cannot be used here: {string.Join("; ", problems)}. Fix that, or run on the CPU ({what} cpu).");
-                return Open(request.Ordinal, request, what);
+                return Open(ordinal, request, what);
             }
         }
     }
+
+    /// <summary>The device an unnumbered request takes: this MPI rank's local rank modulo the devices the driver sees, else 0.</summary>
+    static int RankOrdinal() =>
+        MpiLaunch.LocalRank is int local && local > 0 && CudaDriver.TryGetShared(out var driver, out _) && driver!.DeviceCount() is int count && count > 0
+            ? local % count : 0;
 
     /// <summary>
     /// The device kind a plan is made for, without opening anything: cpu and cuda as asked (a GPU job can be planned on

@@ -9,17 +9,25 @@ namespace QLora.Trainer;
 /// <summary>
 /// Data-parallel training over a group of ranks (<see cref="ICollectives"/>): every rank holds the same frozen base and
 /// adapters, trains on its share of each global step's micro-batches, and after backward the LoRA gradients are summed
-/// across ranks in one flat float32 buffer (one all-reduce per step, staged through host memory), so clipping and the
-/// optimizer step are identical everywhere. Rank 0 alone writes files; what it decides (the output folder, a
+/// across ranks in one flat float32 buffer (one all-reduce per step: device to device with NCCL when the ranks train on
+/// CUDA and every rank can load it, else staged through host memory over MPI), so clipping and the optimizer step are
+/// identical everywhere. Rank 0 alone writes files; what it decides (the output folder, a
 /// checkpoint written) is broadcast so every rank continues or stops with the same error. With one rank every method
 /// leaves the data as it is: a job run without MPI behaves exactly as before.
 /// </summary>
 public sealed class DataParallel : IDisposable
 {
     readonly Stopwatch _reduceTime = new();
+    readonly TimeSpan _timeout;
+    NcclCommunicator? _nccl;
+    bool _ncclTried;
     bool _finished;
 
-    DataParallel(ICollectives collectives) => Collectives = collectives;
+    DataParallel(ICollectives collectives, TimeSpan timeout)
+    {
+        Collectives = collectives;
+        _timeout = timeout;
+    }
 
     /// <summary>The ranks.</summary>
     public ICollectives Collectives { get; }
@@ -33,12 +41,25 @@ public sealed class DataParallel : IDisposable
     public bool Enabled => WorldSize > 1;
     /// <summary>Time spent in the gradient all-reduce so far (including waiting for the slowest rank).</summary>
     public TimeSpan ReduceTime => _reduceTime.Elapsed;
+    /// <summary>Where the ranks say how they exchange gradients (rank 0's lines, and a rank's own reason for having no NCCL).</summary>
+    public Action<string>? Log { get; set; }
+    /// <summary>The NCCL communicator the gradients go through, once CUDA ranks have set one up; null otherwise.</summary>
+    public NcclCommunicator? Nccl => _nccl;
 
     /// <summary>One process: no MPI is loaded.</summary>
-    public static DataParallel Single() => new(SingleProcessCollectives.Instance);
+    public static DataParallel Single() => new(SingleProcessCollectives.Instance, TimeSpan.FromMinutes(10));
 
     /// <summary>Data parallelism over <paramref name="collectives"/> (tests and benchmarks).</summary>
-    public static DataParallel Over(ICollectives collectives) => new(collectives);
+    public static DataParallel Over(ICollectives collectives) => new(collectives, TimeSpan.FromMinutes(10));
+
+    /// <summary>Data parallelism over <paramref name="collectives"/> whose gradients go through <paramref name="nccl"/> whatever their device (tests).</summary>
+    internal static DataParallel Over(ICollectives collectives, Func<DataParallel, NcclCommunicator?> nccl)
+    {
+        var dp = new DataParallel(collectives, TimeSpan.FromMinutes(10));
+        dp._nccl = nccl(dp);
+        dp._ncclTried = true;
+        return dp;
+    }
 
     /// <summary>
     /// The ranks of this job: MPI's world when the process was started by an MPI launcher with more than one rank and
@@ -49,7 +70,7 @@ public sealed class DataParallel : IDisposable
         if (mode.Equals("off", StringComparison.OrdinalIgnoreCase) || !MpiLaunch.IsLaunched || MpiLaunch.AnnouncedWorldSize == 1) return Single();
         var world = MpiCollectives.World;
         world.Timeout = timeout;
-        return world.WorldSize > 1 ? new DataParallel(world) : Single();
+        return world.WorldSize > 1 ? new DataParallel(world, timeout) : Single();
     }
 
     /// <summary>
@@ -72,7 +93,9 @@ public sealed class DataParallel : IDisposable
     /// <summary>
     /// Sums the gradients of <paramref name="parameters"/> and the step's scalars across ranks: one float32 all-reduce of
     /// every gradient flattened in parameter order, one float64 all-reduce of (loss sum, stop votes). A parameter
-    /// without a gradient on this rank contributes zeros. Returns the global loss sum and whether any rank asked to stop.
+    /// without a gradient on this rank contributes zeros. On CUDA the flat buffer stays on the device and NCCL sums it
+    /// (set up at the first step: <see cref="NcclCommunicator.Join(DataParallel, int, Action{string}?)"/>); without
+    /// NCCL it is staged through host memory. Returns the global loss sum and whether any rank asked to stop.
     /// </summary>
     public (double LossSum, bool Stop) ReduceGradients(IReadOnlyList<TorchSharp.Modules.Parameter> parameters, double lossSum, bool stopRequested, int step)
     {
@@ -83,7 +106,8 @@ public sealed class DataParallel : IDisposable
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();
             long total = parameters.Sum(p => p.numel());
-            var flat = zeros(total, ScalarType.Float32);
+            var nccl = DeviceCommunicator(parameters);
+            var flat = zeros(total, ScalarType.Float32, device: nccl is null ? CPU : parameters[0].device);
             long offset = 0;
             foreach (var p in parameters)
             {
@@ -92,7 +116,8 @@ public sealed class DataParallel : IDisposable
                 if (g is not null) flat.narrow(0, offset, n).copy_(g.reshape(n));
                 offset += n;
             }
-            Collectives.AllReduceSum(MemoryMarshal.Cast<byte, float>(flat.bytes), $"the gradient all-reduce of step {step}");
+            if (nccl is not null) nccl.AllReduceSum(flat, $"the gradients of step {step}");
+            else Collectives.AllReduceSum(MemoryMarshal.Cast<byte, float>(flat.bytes), $"the gradient all-reduce of step {step}");
             offset = 0;
             foreach (var p in parameters)
             {
@@ -114,6 +139,20 @@ public sealed class DataParallel : IDisposable
         {
             _reduceTime.Stop();
         }
+    }
+
+    /// <summary>
+    /// The NCCL communicator for gradients on a CUDA device, set up (or found unavailable, which every rank agrees on)
+    /// at the first call; null for gradients on the CPU.
+    /// </summary>
+    NcclCommunicator? DeviceCommunicator(IReadOnlyList<TorchSharp.Modules.Parameter> parameters)
+    {
+        if (_ncclTried) return _nccl;
+        if (parameters.Count == 0 || parameters[0].device_type != TorchSharp.DeviceType.CUDA) return null;
+        _ncclTried = true;
+        _nccl = NcclCommunicator.Join(this, Math.Max(0, (int)parameters[0].device.index), Log);
+        if (_nccl is not null) _nccl.Timeout = _timeout;
+        return _nccl;
     }
 
     /// <summary>Sums <paramref name="values"/> across ranks in place.</summary>
@@ -182,6 +221,8 @@ public sealed class DataParallel : IDisposable
     public void Finish()
     {
         if (Enabled) Collectives.Barrier("the end of the run");
+        _nccl?.Dispose();
+        _nccl = null;
         _finished = true;
         if (Collectives is MpiCollectives mpi) mpi.Finish();
     }
@@ -189,6 +230,8 @@ public sealed class DataParallel : IDisposable
     /// <inheritdoc/>
     public void Dispose()
     {
+        _nccl?.Dispose();
+        _nccl = null;
         if (!_finished && Collectives is MpiCollectives mpi) mpi.Abandon();
     }
 

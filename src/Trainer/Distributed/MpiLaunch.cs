@@ -10,6 +10,7 @@ public static class MpiLaunch
     static readonly string[] SizeVariables = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
     static readonly string[] RankVariables = ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"];
     static readonly string[] LocalSizeVariables = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMIX_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"];
+    static readonly string[] LocalRankVariables = ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK", "SLURM_LOCALID"];
 
     /// <summary>True when an MPI launcher started this process (any of its rank or size variables is set).</summary>
     public static bool IsLaunched => SizeVariables.Concat(RankVariables).Any(v => !string.IsNullOrEmpty(Environment.GetEnvironmentVariable(v)));
@@ -20,10 +21,16 @@ public static class MpiLaunch
     /// <summary>Ranks of this job on this machine, when the launcher says (for dividing the cores among them).</summary>
     public static int? LocalSize => First(LocalSizeVariables);
 
-    static int? First(string[] names)
+    /// <summary>
+    /// This process's rank among the job's ranks on this machine (0 first), when launched by MPI and the launcher says;
+    /// each rank takes the CUDA device of its local rank, as torchrun's LOCAL_RANK does.
+    /// </summary>
+    public static int? LocalRank => IsLaunched ? First(LocalRankVariables, minimum: 0) : null;
+
+    static int? First(string[] names, int minimum = 1)
     {
         foreach (var n in names)
-            if (int.TryParse(Environment.GetEnvironmentVariable(n), out var v) && v > 0) return v;
+            if (int.TryParse(Environment.GetEnvironmentVariable(n), out var v) && v >= minimum) return v;
         return null;
     }
 }

@@ -76,6 +76,7 @@ public sealed class TrainingRun
         var wall = Stopwatch.StartNew();
         using var ranks = _ranks = DataParallel.Start(_job.Training.DataParallel, TimeSpan.FromSeconds(_job.Training.CollectiveTimeoutSeconds));
         if (ranks.Check(_job.Training.GradientAccumulationSteps) is { } rankProblem) throw new InvalidOperationException(rankProblem);
+        ranks.Log = line => _run.Log?.Invoke(line);
         var device = DeviceSelector.Resolve(_job.Model.Device, "Model:Device", Log);
         // The caller's sampler (one that measures more than the run), else the device's: the baseline is the device
         // before anything is loaded.
