@@ -248,7 +248,7 @@ else
   if [ -z "$j" ] || [ -z "$loss" ]; then not_finished quickstart "qlora train"
   elif [ $gpu_ok = 1 ]; then
     ok=$(js "$j" "j['exact_match_after'] >= 0.9 and abs(j['eval_loss'] - $cpu_eval_loss) <= 0.03 * $cpu_eval_loss")
-    record quickstart "$([ "$ok" = True ] && echo pass || echo fail)" "$step_s" "on $cuda: exact match $em (target >= 0.9), eval loss $loss vs the CPU's $cpu_eval_loss (target within 3 %), $(js "$j" "j['tokens_per_s']") tokens/s" "$j" >/dev/null
+    record quickstart "$([ "$ok" = true ] && echo pass || echo fail)" "$step_s" "on $cuda: exact match $em (target >= 0.9), eval loss $loss vs the CPU's $cpu_eval_loss (target within 3 %), $(js "$j" "j['tokens_per_s']") tokens/s" "$j" >/dev/null
   else
     record quickstart info "$step_s" "CPU smoke, 4 steps, exact match on 20 samples: eval loss $loss, exact match $em ($gpu_why: the targets apply to the full job on cuda)" "$j" >/dev/null
   fi
@@ -266,7 +266,7 @@ elif [ $gpu_ok = 1 ]; then
     if [ -z "$ours_tps" ]; then not_finished bench-train "bench train"
     else
       ok=$(js "$j" "j['mfu'] >= 0.40 and j['dequant_overhead'] <= 1.10")
-      record bench-train "$([ "$ok" = True ] && echo pass || echo fail)" "$step_s" "Llama-3.1-8B shape, $train_layers of 32 layers, seq 2048: $ours_tps tokens/s, MFU $(js "$j" "j['mfu']") (target >= 0.40) against $(js "$j" "j['matmul_gflops']") GFLOP/s bf16 matmul, dequant overhead $(js "$j" "j['dequant_overhead']") (target <= 1.10)" "$j" >/dev/null
+      record bench-train "$([ "$ok" = true ] && echo pass || echo fail)" "$step_s" "Llama-3.1-8B shape, $train_layers of 32 layers, seq 2048: $ours_tps tokens/s, MFU $(js "$j" "j['mfu']") (target >= 0.40) against $(js "$j" "j['matmul_gflops']") GFLOP/s bf16 matmul, dequant overhead $(js "$j" "j['dequant_overhead']") (target <= 1.10)" "$j" >/dev/null
     fi
   fi
 else
@@ -327,6 +327,20 @@ else
     --preset llama-3.1-70b --stream --layers 1 --vocab 1024 --seq 32 --scratch "$scratch"
 fi
 rm -rf "$scratch"  # the streamed checkpoint this script had written (several GB); the logs stay
+
+# --- 10. NCCL: a 1-rank all-reduce through the communicator data-parallel CUDA ranks use (one GPU cannot test more) ----
+if [ $torch_ok = 0 ]; then skip_torch nccl
+elif [ $gpu_ok = 0 ]; then record nccl skip 0 "needs cuda ($gpu_why); data-parallel CPU ranks sum over MPI (tests)" >/dev/null
+elif ! supports nccl bench; then record nccl fail 0 "this qlora has no bench nccl: the NCCL half of the data-parallel issue is not in this build" >/dev/null
+else
+  run_step nccl 90 "$app/qlora" bench nccl --device "$cuda" --mib 160 --runs 20
+  j=$(last_json "$logs/nccl.log")
+  if [ -n "$j" ]; then
+    record nccl "$([ "$(js "$j" "j['exact']")" = true ] && echo pass || echo fail)" "$step_s" "$(js "$j" "j['nccl']") ($(js "$j" "j['nccl_library']")), 1 rank on $cuda: 160 MiB float32 all-reduce $(js "$j" "round(j['allreduce_s'] * 1e3, 2)") ms, algbw $(js "$j" "j['algbw_gbps']") GB/s, sum $(js "$j" "'exact' if j['exact'] else 'WRONG'") (one GPU: no inter-GPU bandwidth to measure)" "$j" >/dev/null
+  elif grep -q "NCCL cannot be used" "$logs/nccl.log"; then
+    record nccl skip "$step_s" "no NCCL found: $(grep -m1 "NCCL cannot be used" "$logs/nccl.log" | sed 's/.*NCCL cannot be used: //') (CUDA ranks then sum through host memory over MPI)" >/dev/null
+  else not_finished nccl "bench nccl"; fi
+fi
 
 # --- table and summary --------------------------------------------------------------------------------------------------
 LOGS=$logs MODE=$mode TOTAL=$(elapsed) python3 - "$results" <<'PY' | tee "$logs/table.txt"
