@@ -30,6 +30,7 @@ internal static class DoctorVerb
         o.WriteLine($"driver      {(r.DriverLibrary != null ? $"{r.DriverLibrary}, CUDA {r.DriverVersion / 1000}.{r.DriverVersion % 1000 / 10}" : "none")}");
         foreach (var d in r.Devices)
             o.WriteLine($"  cuda:{d.Ordinal}    {d.Name}, {d.MemoryBytes / (1024.0 * 1024 * 1024):F1} GiB, compute {d.ComputeCapability}, {d.Multiprocessors} SMs, kernels: {d.PtxTarget}");
+        if (r.Devices.Count > 0) o.WriteLine($"nccl        {r.Nccl ?? "not found (see below)"}");
         if (r.Devices.Count == 0) o.WriteLine($"kernels     PTX {r.PtxFallback}, when a device appears");
         foreach (var f in r.Platform) o.WriteLine($"{f.Name,-11} {f.Value}");
         o.WriteLine($"console     {(ConsoleAnsi.Supported ? "ANSI escape codes" : "no ANSI escape codes: the progress bar redraws with spaces")}");
@@ -59,6 +60,7 @@ internal static class DoctorVerb
             cuda_available = r.CudaAvailable,
             cuda_device_count = r.CudaDeviceCount,
             driver = r.DriverLibrary == null ? null : new { library = r.DriverLibrary, cuda_version = r.DriverVersion },
+            nccl = r.Nccl,
             devices = r.Devices.Select(d => new { ordinal = d.Ordinal, name = d.Name, memory_bytes = d.MemoryBytes, compute_capability = d.ComputeCapability, sms = d.Multiprocessors, ptx = d.PtxTarget }),
             ptx_fallback = r.PtxFallback,
             self_check = r.SelfCheck.Select(s => new { name = s.Name, device = s.Device, passed = s.Passed, detail = s.Detail }),

@@ -48,7 +48,7 @@ public sealed record DeviceRequest(DeviceRequestKind Kind, int Ordinal)
     {
         DeviceRequestKind.Auto => "auto",
         DeviceRequestKind.Cpu => "cpu",
-        _ => Indexed ? $"cuda:{Ordinal}" : "cuda",
+        _ => $"cuda:{Ordinal}",
     };
 }
 

@@ -41,7 +41,7 @@ public static class DeviceSelector
                 int ordinal = request.Indexed ? request.Ordinal : RankOrdinal();
                 var problems = Diagnose(ordinal);
                 if (problems.Count > 0)
-                    throw new DeviceUnavailableException($"{what} {request}: CUDA cannot be used here: {string.Join("; ", problems)}. Fix that, or run on the CPU ({what} cpu).");
+                    throw new DeviceUnavailableException($"{what} cuda:{ordinal}: CUDA cannot be used here: {string.Join("; ", problems)}. Fix that, or run on the CPU ({what} cpu).");
                 return Open(ordinal, request, what);
             }
         }

@@ -150,7 +150,15 @@ public sealed class DataParallel : IDisposable
         if (_ncclTried) return _nccl;
         if (parameters.Count == 0 || parameters[0].device_type != TorchSharp.DeviceType.CUDA) return null;
         _ncclTried = true;
-        _nccl = NcclCommunicator.Join(this, Math.Max(0, (int)parameters[0].device.index), Log);
+        try
+        {
+            _nccl = NcclCommunicator.Join(this, Math.Max(0, (int)parameters[0].device.index), Log);
+        }
+        catch (QLora.Kernels.NcclException e)
+        {
+            throw new InvalidOperationException($"rank {Rank}: NCCL could not connect the ranks ({e.Message}); set {QLora.Kernels.NcclLibrary.PathVariable}=" +
+                $"{NcclCommunicator.OffValue} to sum the gradients through host memory over MPI instead", e);
+        }
         if (_nccl is not null) _nccl.Timeout = _timeout;
         return _nccl;
     }

@@ -17,7 +17,7 @@ public sealed record DoctorReport(
     string Os, string DotNet, string TorchSharp, LibTorchPreload Preload, IReadOnlyList<string> MappedLibraries,
     bool? CudaAvailable, int CudaDeviceCount, string? DriverLibrary, int? DriverVersion, IReadOnlyList<DoctorDevice> Devices,
     string PtxFallback, IReadOnlyList<SelfCheckLine> SelfCheck, IReadOnlyList<DoctorFinding> Findings,
-    IReadOnlyList<PlatformFact> Platform)
+    IReadOnlyList<PlatformFact> Platform, string? Nccl = null)
 {
     /// <summary>True when nothing is broken (a machine without a GPU can be healthy).</summary>
     public bool Healthy => Findings.All(f => !f.IsError);
@@ -103,10 +103,18 @@ public static class RuntimeDoctor
                     : new DoctorFinding(false, $"a GPU is present but the libtorch in use is CPU-only ({Describe(preload)})",
                         $"run a qlora published with -p:TorchBackend=external with {LibTorchPreload.EnvironmentVariable}=<a CUDA PyTorch installation's torch/lib> (scripts/publish-gpu-check.sh)"));
         }
+        // NCCL matters only with a GPU: data-parallel CUDA ranks sum their gradients with it.
+        string? nccl = null;
+        if (devices.Count > 0)
+        {
+            var library = NcclLibrary.TryLoad(preload.Directory is { } dir ? [dir] : [], out var ncclReason);
+            if (library is not null) nccl = $"NCCL {library.Version} ({library.Source})";
+            else findings.Add(new DoctorFinding(false, $"NCCL: {ncclReason}", "data-parallel CUDA ranks then sum their gradients through host memory over MPI (one GPU needs no NCCL)"));
+        }
         mapped.AddRange(MappedLibraries());
         return new DoctorReport(RuntimeInformation.OSDescription + " " + RuntimeInformation.OSArchitecture, RuntimeInformation.FrameworkDescription,
             torchSharp, preload, mapped, cudaAvailable, cudaCount, driverLibrary, driverVersion, devices, ptxFallback, selfCheck, findings,
-            PlatformFacts.Collect());
+            PlatformFacts.Collect(), nccl);
     }
 
     /// <summary>Where the libtorch in use comes from, in words.</summary>
