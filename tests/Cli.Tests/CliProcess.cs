@@ -15,7 +15,16 @@ internal sealed class CliProcess : IDisposable
     public CliProcess(params string[] args)
     {
         var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet";
-        var info = new ProcessStartInfo(dotnet) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        // A test run started as a background job (`cmd &`, nohup) ignores SIGINT, and a child inherits that: .NET then
+        // leaves Ctrl-C ignored, as a background program should. The child is what is under test, so it starts with
+        // SIGINT at its default (coreutils env), as under a terminal.
+        bool resetInterrupt = OperatingSystem.IsLinux() && InterruptIgnored();
+        var info = new ProcessStartInfo(resetInterrupt ? "env" : dotnet) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        if (resetInterrupt)
+        {
+            info.ArgumentList.Add("--default-signal=INT");
+            info.ArgumentList.Add(dotnet);
+        }
         info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "qlora.dll"));
         foreach (var a in args) info.ArgumentList.Add(a);
         _process = new Process { StartInfo = info };
@@ -24,6 +33,13 @@ internal sealed class CliProcess : IDisposable
         _process.Start();
         _process.BeginOutputReadLine();
         _process.BeginErrorReadLine();
+    }
+
+    /// <summary>Whether this process ignores SIGINT (bit 2 of <c>SigIgn</c> in /proc/self/status: signal 2).</summary>
+    static bool InterruptIgnored()
+    {
+        var line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("SigIgn:", StringComparison.Ordinal));
+        return line is not null && (Convert.ToUInt64(line["SigIgn:".Length..].Trim(), 16) & 0b10) != 0;
     }
 
     public int Id => _process.Id;
