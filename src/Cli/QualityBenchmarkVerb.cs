@@ -52,6 +52,9 @@ internal static class QualityBenchmarkVerb
             foreach (var line in QualityBenchmark.SeedSummary(rows)) stdout.WriteLine(line);
             if (QualityBenchmark.Targets(rows) is { } t)
                 stdout.WriteLine($"NF4+DQ vs bf16 after training{(seedList is { Count: > 1 } ? " (medians of the per-seed differences)" : "")}: eval loss {t.LossRatio * 100:+0.00;-0.00} % (target within 2 %), exact match {t.ExactMatchPoints:+0.0;-0.0} points (target within 2): {(t.Met ? "met" : "not met")}");
+            if (QualityBenchmark.CompareLoss(rows) is { } cmp)
+                stdout.WriteLine($"NF4+DQ / bf16 eval loss over {cmp.Seeds} seeds: geometric mean {cmp.Change * 100:+0.0;-0.0} %, 95 % interval {cmp.Low * 100:+0.0;-0.0} % to {cmp.High * 100:+0.0;-0.0} % " +
+                    $"(target within 2 %: {cmp.Verdict}{(cmp.Verdict == "undecided" ? ": the seeds' spread is larger than the target; more seeds narrow the interval" : "")})");
             stdout.WriteLine(QualityBenchmark.ToJson(rows, steps));
             return 0;
         });

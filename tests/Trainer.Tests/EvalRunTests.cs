@@ -189,6 +189,43 @@ public class QualityBenchmarkTests
     }
 
     [Fact]
+    public void TheLossTargetIsDecidedByTheIntervalOfTheGeometricMeanRatio()
+    {
+        static QualityBenchmark.Row Row(string name, int seed, double loss) => new(QualityBenchmark.Variants.Single(v => v.Name == name),
+            new EvalRun.Report(), null, new EvalRun.Report { EvalLoss = loss }, null, new TrainSummary(), 1, seed);
+        // Ratios e^0.1, e^0.2, e^0.3 (seed order shuffled): log mean 0.2, SD 0.1, t(2) = 4.303, half-width
+        // 4.303 · 0.1 / √3 = 0.248434; by hand: e^0.2 − 1 = 0.221403, e^-0.048434 − 1 = −0.047280, e^0.448434 − 1 = 0.565858.
+        QualityBenchmark.Row[] rows =
+        [
+            Row("bf16", 7, 1.0), Row("nf4+dq", 9, Math.Exp(0.3)), Row("bf16", 9, 1.0), Row("nf4+dq", 7, Math.Exp(0.1)),
+            Row("bf16", 8, 2.0), Row("nf4+dq", 8, 2.0 * Math.Exp(0.2)), Row("nf4", 8, 5.0),
+        ];
+        var c = QualityBenchmark.CompareLoss(rows)!;
+        Assert.Equal(3, c.Seeds);
+        Assert.Equal(0.221403, c.Change, 5);
+        Assert.Equal(-0.047280, c.Low, 5);
+        Assert.Equal(0.565858, c.High, 5);
+        Assert.Equal("undecided", c.Verdict); // the interval holds both 0 and +2 %
+        Assert.Equal("met", QualityBenchmark.LossComparison.Of([1.01, 0.99, 1.0, 1.005, 0.995]).Verdict); // ±1.3 %
+        Assert.Equal("missed", QualityBenchmark.LossComparison.Of([1.10, 1.12, 1.11]).Verdict);
+        Assert.Equal("missed", QualityBenchmark.LossComparison.Of([0.90, 0.88, 0.89]).Verdict); // lower counts too: "within 2 %"
+        Assert.Null(QualityBenchmark.CompareLoss(rows.Where(r => r.Seed == 7).ToList())); // one seed: no interval
+    }
+
+    [Fact]
+    public void StudentsTQuantilesAreTheTabulatedOnesAndApproachTheNormal()
+    {
+        Assert.Equal(12.706, BenchStatistics.StudentT975(1));
+        Assert.Equal(2.262, BenchStatistics.StudentT975(9));
+        Assert.Equal(2.042, BenchStatistics.StudentT975(30));
+        Assert.Equal(2.021, BenchStatistics.StudentT975(40), 3); // table: 2.021
+        Assert.Equal(1.984, BenchStatistics.StudentT975(100), 3); // table: 1.984
+        var (mean, low, high) = BenchStatistics.MeanInterval95([1.0, 2.0, 3.0]); // SD 1: 2 ± 4.303/√3
+        Assert.Equal((2.0, 2 - 4.303 / Math.Sqrt(3), 2 + 4.303 / Math.Sqrt(3)), (mean, low, high));
+        Assert.Throws<ArgumentException>(() => BenchStatistics.MeanInterval95([1.0]));
+    }
+
+    [Fact]
     public void TheMedianIsTheMiddleValueOrTheMeanOfTheMiddleTwo()
     {
         Assert.Equal(3.0, BenchStatistics.Median([5.0, 1.0, 3.0]));

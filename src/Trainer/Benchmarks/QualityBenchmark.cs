@@ -139,6 +139,42 @@ public static class QualityBenchmark
     }
 
     /// <summary>
+    /// NF4+DQ's after-training eval loss against the 16-bit base's over the seeds that have both, as a ratio per seed
+    /// (the two runs of a seed share the LoRA initialisation and data order): the geometric mean of the ratios and its
+    /// 95 % interval (Student's t over the log ratios), as changes (0.05 = 5 % higher). The 2 % target is decided only
+    /// when the interval says so: met when it lies within ±2 %, missed when it lies wholly outside, else undecided
+    /// (the seeds' spread is too large for that many seeds). Null with fewer than two such seeds.
+    /// </summary>
+    public static LossComparison? CompareLoss(IReadOnlyList<Row> rows)
+    {
+        var ratios = new List<double>();
+        foreach (var seed in rows.Select(r => r.Seed).Distinct())
+        {
+            var bf16 = rows.FirstOrDefault(r => r.Seed == seed && r.Variant.Name == "bf16");
+            var nf4dq = rows.FirstOrDefault(r => r.Seed == seed && r.Variant.Name == "nf4+dq");
+            if (bf16?.Tuned.EvalLoss is double l16 && nf4dq?.Tuned.EvalLoss is double l4 && l16 > 0 && l4 > 0) ratios.Add(l4 / l16);
+        }
+        return ratios.Count < 2 ? null : LossComparison.Of(ratios);
+    }
+
+    /// <summary>A geometric-mean loss ratio with its 95 % interval, as changes, and the verdict on the ±2 % target.</summary>
+    public sealed record LossComparison(int Seeds, double Change, double Low, double High)
+    {
+        /// <summary>The target's half-width: 2 %.</summary>
+        public const double Tolerance = 0.02;
+
+        /// <summary>From per-seed ratios (NF4+DQ loss / 16-bit loss, all positive).</summary>
+        public static LossComparison Of(IReadOnlyList<double> ratios)
+        {
+            var (mean, low, high) = BenchStatistics.MeanInterval95([.. ratios.Select(r => Math.Log(r))]);
+            return new LossComparison(ratios.Count, Math.Exp(mean) - 1, Math.Exp(low) - 1, Math.Exp(high) - 1);
+        }
+
+        /// <summary>met, missed or undecided (see <see cref="CompareLoss"/>).</summary>
+        public string Verdict => Low >= -Tolerance && High <= Tolerance ? "met" : High < -Tolerance || Low > Tolerance ? "missed" : "undecided";
+    }
+
+    /// <summary>
     /// Per variant over its seeds: the medians and ranges of the after-training eval loss, exact match and multiple-choice
     /// accuracy (one line each; empty with one seed).
     /// </summary>
@@ -173,6 +209,7 @@ public static class QualityBenchmark
             mc_acc = c?.MultipleChoiceAccuracy, mc_acc_norm = c?.MultipleChoiceAccuracyNorm,
         };
         var t = Targets(rows);
+        var c = CompareLoss(rows);
         return JsonSerializer.Serialize(new
         {
             bench = "quality", steps, seeds = rows.Select(r => r.Seed).Distinct(),
@@ -185,6 +222,9 @@ public static class QualityBenchmark
             nf4_dq_eval_loss_vs_bf16 = t is { } a ? Math.Round(a.LossRatio, 5) : (double?)null,
             nf4_dq_exact_match_points_vs_bf16 = t is { } b ? Math.Round(b.ExactMatchPoints, 2) : (double?)null,
             targets_met = t?.Met,
+            nf4_dq_eval_loss_geomean_change = c is null ? (double?)null : Math.Round(c.Change, 5),
+            nf4_dq_eval_loss_interval_95 = c is null ? null : new[] { Math.Round(c.Low, 5), Math.Round(c.High, 5) },
+            eval_loss_target = c?.Verdict,
         }, JsonLine);
     }
 }
