@@ -125,11 +125,9 @@ public static class QualityBenchmark
     {
         var ratios = new List<double>();
         var points = new List<double>();
-        foreach (var seed in rows.Select(r => r.Seed).Distinct())
+        foreach (var (bf16, nf4dq) in SeedPairs(rows))
         {
-            var bf16 = rows.FirstOrDefault(r => r.Seed == seed && r.Variant.Name == "bf16");
-            var nf4dq = rows.FirstOrDefault(r => r.Seed == seed && r.Variant.Name == "nf4+dq");
-            if (bf16?.Tuned.EvalLoss is not double l16 || nf4dq?.Tuned.EvalLoss is not double l4) continue;
+            if (bf16.Tuned.EvalLoss is not double l16 || nf4dq.Tuned.EvalLoss is not double l4) continue;
             ratios.Add(l4 / l16 - 1);
             points.Add(100 * ((nf4dq.Tuned.ExactMatch ?? 0) - (bf16.Tuned.ExactMatch ?? 0)));
         }
@@ -148,13 +146,20 @@ public static class QualityBenchmark
     public static LossComparison? CompareLoss(IReadOnlyList<Row> rows)
     {
         var ratios = new List<double>();
+        foreach (var (bf16, nf4dq) in SeedPairs(rows))
+            if (bf16.Tuned.EvalLoss is double l16 && nf4dq.Tuned.EvalLoss is double l4 && l16 > 0 && l4 > 0) ratios.Add(l4 / l16);
+        return ratios.Count < 2 ? null : LossComparison.Of(ratios);
+    }
+
+    /// <summary>The 16-bit and NF4+DQ rows of each seed that has both, in seed order of first appearance (matched by seed, not by position).</summary>
+    static IEnumerable<(Row Bf16, Row Nf4Dq)> SeedPairs(IReadOnlyList<Row> rows)
+    {
         foreach (var seed in rows.Select(r => r.Seed).Distinct())
         {
             var bf16 = rows.FirstOrDefault(r => r.Seed == seed && r.Variant.Name == "bf16");
             var nf4dq = rows.FirstOrDefault(r => r.Seed == seed && r.Variant.Name == "nf4+dq");
-            if (bf16?.Tuned.EvalLoss is double l16 && nf4dq?.Tuned.EvalLoss is double l4 && l16 > 0 && l4 > 0) ratios.Add(l4 / l16);
+            if (bf16 is not null && nf4dq is not null) yield return (bf16, nf4dq);
         }
-        return ratios.Count < 2 ? null : LossComparison.Of(ratios);
     }
 
     /// <summary>A geometric-mean loss ratio with its 95 % interval, as changes, and the verdict on the ±2 % target.</summary>
