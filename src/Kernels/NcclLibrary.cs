@@ -23,8 +23,10 @@ public sealed unsafe class NcclLibrary
     /// <summary><c>ncclSum</c>.</summary>
     public const int Sum = 0;
 
-    /// <summary>The environment variable naming the library file to use.</summary>
+    /// <summary>The environment variable naming the library file to use (or <see cref="OffValue"/>).</summary>
     public const string PathVariable = "QLORA_NCCL";
+    /// <summary><c>QLORA_NCCL=off</c>: load no NCCL (CUDA ranks then sum their gradients through host memory over MPI).</summary>
+    public const string OffValue = "off";
 
     readonly delegate* unmanaged<int*, int> _getVersion;
     readonly delegate* unmanaged<UniqueId*, int> _getUniqueId;
@@ -97,6 +99,11 @@ public sealed unsafe class NcclLibrary
     public static NcclLibrary? TryLoad(IEnumerable<string> torchLibFolders, out string? reason)
     {
         var own = Environment.GetEnvironmentVariable(PathVariable);
+        if (string.Equals(own, OffValue, StringComparison.OrdinalIgnoreCase))
+        {
+            reason = $"{PathVariable}={OffValue}";
+            return null;
+        }
         var candidates = Candidates(own, torchLibFolders);
         if (candidates.Count == 0)
         {

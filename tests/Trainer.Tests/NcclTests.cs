@@ -34,6 +34,22 @@ public unsafe class NcclTests
         Assert.DoesNotContain('\n', reason!);
     }
 
+    [Fact]
+    public void OffLoadsNoLibraryAndSaysSo()
+    {
+        lock (StandIn.Gate) // this class's tests run one at a time; no other test reads QLORA_NCCL
+        {
+            var before = Environment.GetEnvironmentVariable(NcclLibrary.PathVariable);
+            try
+            {
+                Environment.SetEnvironmentVariable(NcclLibrary.PathVariable, "OFF");
+                Assert.Null(NcclLibrary.TryLoad([], out var reason));
+                Assert.Equal("QLORA_NCCL=off", reason);
+            }
+            finally { Environment.SetEnvironmentVariable(NcclLibrary.PathVariable, before); }
+        }
+    }
+
     [Theory]
     [InlineData(22705, "2.27.5")]
     [InlineData(21803, "2.18.3")]

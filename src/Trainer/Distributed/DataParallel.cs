@@ -157,7 +157,7 @@ public sealed class DataParallel : IDisposable
         catch (QLora.Kernels.NcclException e)
         {
             throw new InvalidOperationException($"rank {Rank}: NCCL could not connect the ranks ({e.Message}); set {QLora.Kernels.NcclLibrary.PathVariable}=" +
-                $"{NcclCommunicator.OffValue} to sum the gradients through host memory over MPI instead", e);
+                $"{QLora.Kernels.NcclLibrary.OffValue} to sum the gradients through host memory over MPI instead", e);
         }
         if (_nccl is not null) _nccl.Timeout = _timeout;
         return _nccl;

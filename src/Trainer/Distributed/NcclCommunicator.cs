@@ -14,9 +14,6 @@ namespace QLora.Trainer;
 /// </summary>
 public sealed class NcclCommunicator : IDisposable
 {
-    /// <summary>Set <c>QLORA_NCCL=off</c> to sum the gradients of CUDA ranks through host memory over MPI.</summary>
-    public const string OffValue = "off";
-
     readonly NcclLibrary _nccl;
     readonly Action _makeCurrent;
     readonly Func<Func<bool>> _fence;
@@ -48,12 +45,7 @@ public sealed class NcclCommunicator : IDisposable
     /// </summary>
     public static NcclCommunicator? Join(DataParallel ranks, int ordinal, Action<string>? log)
     {
-        NcclLibrary? nccl = null;
-        string? reason;
-        if (string.Equals(Environment.GetEnvironmentVariable(NcclLibrary.PathVariable), OffValue, StringComparison.OrdinalIgnoreCase))
-            reason = $"{NcclLibrary.PathVariable}={OffValue}";
-        else
-            nccl = NcclLibrary.TryLoad(Runtime.LibTorchPreload.Current?.Directory is { } dir ? [dir] : [], out reason);
+        var nccl = NcclLibrary.TryLoad(Runtime.LibTorchPreload.Current?.Directory is { } dir ? [dir] : [], out var reason);
         var driver = CudaDriver.Shared;
         int device = driver.Device(ordinal);
         nint context = driver.RetainPrimaryContext(device);
